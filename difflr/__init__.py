@@ -1,0 +1,26 @@
+"""difflr: fastai's fine-tuning workflow on PyTorch Lightning.
+
+Layer groups, discriminative learning rates, freezing and gradual unfreezing, the one-cycle
+policy and the LR range test, as a ``Learner`` facade and as drop-in Lightning callbacks.
+"""
+
+from difflr.callbacks import ParamScheduler, Recorder
+from difflr.groups import LayerGroup, split_model
+from difflr.learner import Learner
+from difflr.lr import LRSpec, expand_lrs
+from difflr.metrics import accuracy, error_rate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LRSpec",
+    "LayerGroup",
+    "Learner",
+    "ParamScheduler",
+    "Recorder",
+    "__version__",
+    "accuracy",
+    "error_rate",
+    "expand_lrs",
+    "split_model",
+]

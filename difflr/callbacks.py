@@ -1,0 +1,338 @@
+"""Lightning callbacks: the per-step hyper-parameter scheduler and the recorder.
+
+Both work on any ``Trainer`` whose (single) optimizer has one or more torch param groups per
+layer group, each carrying the layer group's index under ``"layer_group"`` (as
+:func:`difflr.groups.build_param_groups` makes them). An optimizer without that key is treated as
+one layer group per param group, so the callbacks also drop into a hand-written module.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from difflr.groups import GROUP_INDEX_KEY
+from difflr.schedules import Schedule
+
+SMOOTH_BETA = 0.98
+
+
+def momentum_key(optimizer: torch.optim.Optimizer) -> str | None:
+    """The hyper-parameter the one-cycle momentum drives: ``"betas"`` (Adam, AdamW, ...; its
+    first coefficient), ``"momentum"`` (SGD, RMSprop) or ``None``."""
+    group = optimizer.param_groups[0]
+    if "betas" in group:
+        return "betas"
+    if "momentum" in group:
+        return "momentum"
+    return None
+
+
+def layer_group_index(optimizer: torch.optim.Optimizer) -> list[int]:
+    """For each torch param group, the index of the layer group it belongs to."""
+    return [pg.get(GROUP_INDEX_KEY, i) for i, pg in enumerate(optimizer.param_groups)]
+
+
+def layer_group_names(optimizer: torch.optim.Optimizer) -> list[str]:
+    """One name per layer group: the ``"name"`` of its first torch param group."""
+    names: dict[int, str] = {}
+    for i, (index, pg) in enumerate(zip(layer_group_index(optimizer), optimizer.param_groups)):
+        names.setdefault(index, str(pg.get("name", f"group{i}")).split("/")[0])
+    return [names[i] for i in sorted(names)]
+
+
+def read_hypers(optimizer: torch.optim.Optimizer) -> tuple[np.ndarray, np.ndarray]:
+    """Each layer group's current LR and momentum (NaN where the optimizer has no momentum)."""
+    index = layer_group_index(optimizer)
+    n = max(index) + 1
+    lrs = np.full(n, np.nan)
+    moms = np.full(n, np.nan)
+    key = momentum_key(optimizer)
+    for i, pg in zip(index, optimizer.param_groups):
+        if math.isnan(lrs[i]):
+            lrs[i] = pg["lr"]
+            if key is not None:
+                moms[i] = pg[key][0] if key == "betas" else pg[key]
+    return lrs, moms
+
+
+def write_hypers(
+    optimizer: torch.optim.Optimizer,
+    lrs: np.ndarray,
+    moms: np.ndarray | None,
+    index: Sequence[int] | None = None,
+    key: str | None = None,
+) -> None:
+    """Set every torch param group's LR (and momentum) from its layer group's value.
+
+    ``index`` and ``key`` may be passed pre-computed (the scheduler does, once per fit) so that a
+    step does only O(param groups) Python work.
+    """
+    index = layer_group_index(optimizer) if index is None else index
+    for i, pg in zip(index, optimizer.param_groups):
+        pg["lr"] = float(lrs[i])
+        if moms is not None and key is not None:
+            if key == "betas":
+                pg["betas"] = (float(moms[i]), pg["betas"][1])
+            else:
+                pg["momentum"] = float(moms[i])
+
+
+class ParamScheduler(Callback):
+    """Set every layer group's LR (and momentum) before each optimizer step from schedules of pct.
+
+    Step ``i`` of a fit of ``total_steps`` optimizer steps uses ``pct = i / total_steps``. The total
+    is Lightning's ``trainer.estimated_stepping_batches`` (which accounts for
+    ``accumulate_grad_batches``, ``limit_train_batches``, ``max_steps`` and DDP sharding) unless
+    given. Steps past the end keep the final value. The step counter is saved in checkpoints, so a
+    resumed fit continues the same curve.
+
+    Args:
+        lr_sched: ``pct -> array`` of one LR per layer group.
+        mom_sched: ``pct -> momentum`` (a float or one per group), or ``None`` to leave momentum.
+        total_steps: Number of optimizer steps of the fit; ``None`` asks the Trainer.
+
+    Example:
+        >>> from difflr.schedules import one_cycle_lr, one_cycle_mom
+        >>> sched = ParamScheduler(one_cycle_lr([1e-5, 1e-4, 1e-3]), one_cycle_mom())
+    """
+
+    def __init__(
+        self, lr_sched: Schedule, mom_sched: Schedule | None = None, total_steps: int | None = None
+    ) -> None:
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+        self.lr_sched = lr_sched
+        self.mom_sched = mom_sched
+        self.total_steps = total_steps
+        self.step = 0
+        self._index: list[int] = []
+        self._key: str | None = None
+        self._total = 1
+
+    def values(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The LRs and momentums of optimizer step ``step`` (0-based)."""
+        pct = min(step / self._total, 1.0)
+        lrs = np.asarray(self.lr_sched(pct), dtype=float)
+        moms = None if self.mom_sched is None else np.asarray(self.mom_sched(pct), dtype=float)
+        n = len(set(self._index)) if self._index else lrs.size
+        return np.broadcast_to(lrs, (n,)), None if moms is None else np.broadcast_to(moms, (n,))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = _single_optimizer(trainer)
+        self._index = layer_group_index(optimizer)
+        self._key = momentum_key(optimizer)
+        total = self.total_steps or trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                f"cannot schedule over {total} optimizer steps; set max_epochs or max_steps on "
+                "the Trainer."
+            )
+        self._total = int(total)
+        self._apply(optimizer)  # so step 0's values are in place before the first forward
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._apply(optimizer)
+        self.step += 1
+
+    def _apply(self, optimizer: torch.optim.Optimizer) -> None:
+        lrs, moms = self.values(self.step)
+        write_hypers(optimizer, lrs, moms, self._index, self._key)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step = int(state_dict["step"])
+
+
+def _single_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
+    if len(trainer.optimizers) != 1:
+        raise ValueError(
+            f"difflr's callbacks drive one optimizer, the Trainer has {len(trainer.optimizers)}; "
+            "return a single optimizer from configure_optimizers."
+        )
+    return trainer.optimizers[0]
+
+
+def smooth(losses: np.ndarray, beta: float = SMOOTH_BETA, avg: float = 0.0, count: int = 0):
+    """fastai's debiased exponential moving average of ``losses``.
+
+    ``avg = beta*avg + (1-beta)*loss``, reported as ``avg / (1 - beta**count)``. ``avg`` and
+    ``count`` continue a previous run. Returns ``(smoothed, avg, count)``.
+    """
+    out = np.empty(len(losses))
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * float(loss)
+        count += 1
+        out[i] = avg / (1 - beta**count)
+    return out, avg, count
+
+
+class Recorder(Callback):
+    """Record, for every optimizer step, each layer group's LR and momentum and the smoothed loss;
+    and, for every epoch, the train loss, the validation loss and the metrics.
+
+    Per-step losses stay on the device and are read once per epoch, so recording adds no device
+    synchronisation to a step. A Learner keeps one Recorder; :meth:`reset` starts a new record
+    (each public fit call does), and every Trainer in it adds a boundary (fits of ``fine_tune``,
+    stages of ``fit_stages``).
+
+    Attributes:
+        lrs: ``(n_steps, n_groups)`` LRs used at each optimizer step.
+        moms: ``(n_steps, n_groups)`` momentums (NaN for optimizers without one).
+        losses: ``(n_steps,)`` smoothed training loss after each step.
+        values: One dict per epoch: ``epoch``, ``train_loss``, ``valid_loss``, metrics, ``time``.
+        names: The layer groups' names.
+        boundaries: Step indices where each Trainer of the record started.
+        trainable: For each boundary, which layer groups trained.
+    """
+
+    def __init__(self, log_hypers: bool = True) -> None:
+        self.log_hypers = log_hypers
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything recorded."""
+        self._lrs: list[np.ndarray] = []
+        self._moms: list[np.ndarray] = []
+        self._losses: list[float] = []
+        self.values: list[dict[str, float]] = []
+        self.names: list[str] = []
+        self.boundaries: list[int] = []
+        self.trainable: list[list[bool]] = []
+        self.epoch_offset = 0
+        self._begin_run()
+
+    def _begin_run(self) -> None:
+        self._pending: list[torch.Tensor] = []  # per-batch losses of this epoch, on device
+        self._pending_step: list[int] = []  # the optimizer step each of them belongs to
+        self._stepped = False
+        self._avg, self._count = 0.0, 0
+        self._epoch_start = time.perf_counter()
+
+    @property
+    def lrs(self) -> np.ndarray:
+        return np.array(self._lrs).reshape(len(self._lrs), -1)
+
+    @property
+    def moms(self) -> np.ndarray:
+        return np.array(self._moms).reshape(len(self._moms), -1)
+
+    @property
+    def losses(self) -> np.ndarray:
+        return np.array(self._losses)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_losses()
+        optimizer = _single_optimizer(trainer)
+        self.names = layer_group_names(optimizer)
+        self.boundaries.append(len(self._lrs))
+        index = layer_group_index(optimizer)
+        flags = [False] * len(self.names)
+        for i, pg in zip(index, optimizer.param_groups):
+            flags[i] = flags[i] or any(p.requires_grad for p in pg["params"])
+        self.trainable.append(flags)
+        self._begin_run()
+        if self.log_hypers:
+            _log(trainer, {f"trainable/{n}": float(f) for n, f in zip(self.names, flags)}, 0)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        lrs, moms = read_hypers(optimizer)
+        self._lrs.append(lrs)
+        self._moms.append(moms)
+        self._stepped = True
+        if self.log_hypers and trainer.global_step % trainer.log_every_n_steps == 0:
+            metrics = {f"lr/{n}": v for n, v in zip(self.names, lrs)}
+            if not np.isnan(moms).all():
+                metrics.update({f"mom/{n}": v for n, v in zip(self.names, moms)})
+            _log(trainer, metrics, trainer.global_step)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            # Lightning hands over the loss divided by accumulate_grad_batches.
+            self._pending.append(loss.detach() * trainer.accumulate_grad_batches)
+            # The step this batch's gradient went into: the one just recorded if this batch
+            # triggered it, else the next one (gradient accumulation).
+            self._pending_step.append(len(self._lrs) - 1 if self._stepped else len(self._lrs))
+        self._stepped = False
+
+    def _flush_losses(self) -> None:
+        """Turn the epoch's per-batch losses into smoothed per-step losses (one device sync)."""
+        if not self._pending:
+            return
+        batch_losses = torch.stack(self._pending).float().cpu().numpy()
+        steps = np.array(self._pending_step)
+        self._pending, self._pending_step = [], []
+        first_step = len(self._losses)
+        n_new = len(self._lrs) - first_step
+        if n_new <= 0:
+            return
+        # Average the batch losses of each step (several with gradient accumulation).
+        owner = np.clip(steps - first_step, 0, n_new - 1)
+        step_losses = np.bincount(owner, batch_losses, n_new) / np.maximum(
+            np.bincount(owner, minlength=n_new), 1
+        )
+        smoothed, self._avg, self._count = smooth(step_losses, avg=self._avg, count=self._count)
+        self._losses.extend(smoothed.tolist())
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_losses()
+        row = {
+            "epoch": float(self.epoch_offset + trainer.current_epoch),
+            "train_loss": self._losses[-1] if self._losses else math.nan,
+        }
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("train"):
+                continue
+            row[key] = float(value) if isinstance(value, (torch.Tensor, float, int)) else math.nan
+        row["time"] = time.perf_counter() - self._epoch_start
+        self.values.append(row)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_losses()
+        self.epoch_offset += trainer.current_epoch
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._flush_losses()  # keep the steps done before an interrupt or an error
+
+
+def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step)

@@ -1,0 +1,74 @@
+"""Freezing: which layer groups train, and the normalisation-layer policy.
+
+Freezing only flips ``requires_grad``; the optimizer keeps every layer group as a param group for
+the Learner's lifetime and skips parameters whose ``.grad`` is ``None``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+from torch import nn
+
+from difflr.groups import LayerGroup, norm_param_ids
+
+
+def check_freeze_to(n: int, n_groups: int) -> int:
+    """Validate ``n`` for ``freeze_to`` and return it as a non-negative count of frozen groups.
+
+    Raises:
+        TypeError: ``n`` is not an int.
+        ValueError: ``n`` is outside ``[-n_groups, n_groups]``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(
+            f"freeze_to takes an int (the number of layer groups to freeze, negative counts from "
+            f"the end), got {n!r} ({type(n).__name__})."
+        )
+    if not -n_groups <= n <= n_groups:
+        raise ValueError(
+            f"freeze_to({n}) is out of range: the model has {n_groups} layer groups, so n must be "
+            f"in [-{n_groups}, {n_groups}] (0 unfreezes everything, -1 trains the last group only)."
+        )
+    return n if n >= 0 else n_groups + n
+
+
+def frozen_pattern(n: int, n_groups: int) -> list[bool]:
+    """``[True] * k + [False] * (n_groups - k)`` where ``k`` is ``n`` resolved as in fastai.
+
+    Example:
+        >>> frozen_pattern(-1, 3)
+        [True, True, False]
+    """
+    k = check_freeze_to(n, n_groups)
+    return [i < k for i in range(n_groups)]
+
+
+def apply_freeze(
+    model: nn.Module, groups: Sequence[LayerGroup], frozen: Sequence[bool], train_bn: bool = True
+) -> None:
+    """Set ``requires_grad`` for every group's params from the ``frozen`` flags.
+
+    With ``train_bn=True`` normalisation-layer params stay trainable inside frozen groups (their
+    statistics are specific to the new data). Gradients of params that become frozen are dropped
+    so the optimizer skips them.
+    """
+    norm_ids = norm_param_ids(model) if train_bn else set()
+    for group, is_frozen in zip(groups, frozen, strict=True):
+        for p in group.params:
+            trainable = not is_frozen or id(p) in norm_ids
+            p.requires_grad_(trainable)
+            if not trainable:
+                p.grad = None
+    if all(frozen) and not norm_ids:
+        warnings.warn(
+            "every layer group is frozen, so nothing will train; call unfreeze() or freeze_to(n) "
+            "with n < the number of groups.",
+            stacklevel=3,
+        )
+
+
+def trainable_flags(groups: Sequence[LayerGroup]) -> list[bool]:
+    """For each group, whether any of its params requires grad."""
+    return [any(p.requires_grad for p in g.params) for g in groups]

@@ -1,0 +1,240 @@
+"""Layer groups ("splits"): how a model is cut into groups, and the optimizer param groups they become.
+
+A *splitter* is a function ``splitter(model)`` that returns the model's layer groups in forward
+order (stem first, head last), either as a sequence or as a mapping ``{name: group}``. A group is
+an ``nn.Module`` or an iterable of ``nn.Parameter``. Every trainable parameter of the model must be
+in exactly one group.
+
+Each layer group becomes one or two torch param groups of the same optimizer: one for the
+parameters that take weight decay and, while ``wd_bn_bias=False``, one for the biases and the
+normalisation-layer parameters, which take none. Both carry the layer group's name and index, so
+one LR and one momentum per layer group drive them together.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from torch import nn
+
+Group: TypeAlias = "nn.Module | Iterable[nn.Parameter]"
+Splitter: TypeAlias = "Callable[[nn.Module], Sequence[Group] | Mapping[str, Group]]"
+
+#: Layers whose parameters stay trainable in frozen groups (``train_bn=True``) and take no weight
+#: decay (``wd_bn_bias=False``).
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm1d/2d/3d, SyncBatchNorm, InstanceNorm*, LazyBatchNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
+if hasattr(nn, "RMSNorm"):
+    NORM_TYPES = (*NORM_TYPES, nn.RMSNorm)
+
+#: Param-group key holding the layer group's index; torch ignores keys it does not know.
+GROUP_INDEX_KEY = "layer_group"
+
+
+@dataclass(frozen=True, eq=False)
+class LayerGroup:
+    """One layer group: a name and its parameters, in the order the model defines them.
+
+    Attributes:
+        name: Unique, readable name such as ``"0.stem"`` or ``"5.head"``; used as the optimizer
+            param group's ``"name"`` and as the TensorBoard tag.
+        params: The group's parameters (frozen ones included).
+    """
+
+    name: str
+    params: tuple[nn.Parameter, ...]
+
+    @property
+    def n_params(self) -> int:
+        """Number of scalar values in the group."""
+        return sum(p.numel() for p in self.params)
+
+
+def norm_param_ids(model: nn.Module) -> set[int]:
+    """Ids of the parameters owned by normalisation layers (see ``NORM_TYPES``)."""
+    return {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, NORM_TYPES)
+        for p in module.parameters(recurse=False)
+    }
+
+
+def no_decay_param_ids(model: nn.Module) -> set[int]:
+    """Ids of the parameters that take no weight decay when ``wd_bn_bias=False``.
+
+    These are normalisation-layer parameters and every bias (a parameter named ``bias`` or any
+    parameter with a single dimension, as LayerScale gammas and positional offsets are).
+    """
+    ids = norm_param_ids(model)
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] == "bias" or p.ndim <= 1:
+            ids.add(id(p))
+    return ids
+
+
+def _group_params(group: Any, index: int) -> list[nn.Parameter]:
+    if isinstance(group, nn.Parameter):
+        return [group]
+    if isinstance(group, nn.Module):
+        return list(group.parameters())
+    if isinstance(group, Iterable) and not isinstance(group, (str, bytes)):
+        params = []
+        for item in group:
+            if isinstance(item, nn.Module):
+                params.extend(item.parameters())
+            elif isinstance(item, nn.Parameter):
+                params.append(item)
+            else:
+                raise TypeError(
+                    f"layer group {index} holds a {type(item).__name__}; a group must be an "
+                    "nn.Module or an iterable of nn.Parameter/nn.Module."
+                )
+        return params
+    raise TypeError(
+        f"layer group {index} is a {type(group).__name__}; a splitter must return nn.Modules or "
+        "lists of nn.Parameter (or a dict of them keyed by name)."
+    )
+
+
+def _default_name(index: int, group: Any) -> str:
+    if isinstance(group, nn.Module):
+        return f"{index}.{type(group).__name__.lower()}"
+    return f"{index}.group"
+
+
+def split_model(model: nn.Module, splitter: Splitter | None = None) -> list[LayerGroup]:
+    """Cut ``model`` into named layer groups and check that they cover it exactly once.
+
+    The groups come from ``splitter(model)`` if given, else from ``model.model_splits()`` (the
+    method the original ParametersSplitsModule example defined), else from a built-in splitter
+    for known architectures (``difflr.vision``), else the whole model is one group.
+
+    Args:
+        model: The model to split.
+        splitter: ``splitter(model)`` returning the groups in forward order, as a sequence or
+            as a ``{name: group}`` mapping.
+
+    Returns:
+        The layer groups, stem first, head last. Sequence groups are named ``"{i}.{class}"``;
+        mapping groups ``"{i}.{key}"``.
+
+    Raises:
+        ValueError: A trainable parameter is in no group or in several; a group is empty.
+        TypeError: The splitter returned something that is not a group.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> [g.name for g in split_model(model, lambda m: {"body": m[0], "head": m[2]})]
+        ['0.body', '1.head']
+    """
+    raw = _raw_groups(model, splitter)
+    if isinstance(raw, Mapping):
+        items = [(f"{i}.{key}", group) for i, (key, group) in enumerate(raw.items())]
+    else:
+        if isinstance(raw, (nn.Module, str, bytes)) or not isinstance(raw, Iterable):
+            raise TypeError(
+                f"the splitter returned a {type(raw).__name__}; it must return a list of groups "
+                "(nn.Module or list of nn.Parameter) or a dict {name: group}."
+            )
+        items = [(_default_name(i, group), group) for i, group in enumerate(raw)]
+    if not items:
+        raise ValueError("the splitter returned no groups; return at least one group.")
+
+    groups = []
+    owner: dict[int, str] = {}
+    for i, (name, group) in enumerate(items):
+        params = _group_params(group, i)
+        unique = list({id(p): p for p in params}.values())
+        for p in unique:
+            if id(p) in owner:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} ({_param_name(model, p)}) is in "
+                    f"layer groups {owner[id(p)]!r} and {name!r}; each parameter must be in "
+                    "exactly one group."
+                )
+            owner[id(p)] = name
+        if not unique:
+            raise ValueError(f"layer group {name!r} has no parameters; drop it from the splitter.")
+        groups.append(LayerGroup(name, tuple(unique)))
+
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(
+            f"{len(missing)} trainable parameter(s) are in no layer group: {shown}. "
+            "Add them to a group in the splitter (the head usually), or set requires_grad=False."
+        )
+    foreign = [p for p in owner if p not in {id(q) for q in model.parameters()}]
+    if foreign:
+        raise ValueError(
+            f"the splitter returned {len(foreign)} parameter(s) that do not belong to the model; "
+            "split the model that is trained."
+        )
+    return groups
+
+
+def _param_name(model: nn.Module, param: nn.Parameter) -> str:
+    return next((n for n, p in model.named_parameters() if p is param), "unnamed")
+
+
+def _raw_groups(model: nn.Module, splitter: Splitter | None) -> Any:
+    if splitter is not None:
+        if not callable(splitter):
+            raise TypeError(
+                f"splitter must be a function model -> list of groups, got {type(splitter).__name__}."
+            )
+        return splitter(model)
+    if callable(getattr(model, "model_splits", None)):
+        return model.model_splits()
+    from difflr import vision  # lazy: torchvision and timm are only needed for known models
+
+    found = vision.find_splitter(model)
+    if found is not None:
+        return found(model)
+    return [model]
+
+
+def build_param_groups(
+    model: nn.Module, groups: Sequence[LayerGroup], wd_bn_bias: bool = False
+) -> list[dict[str, Any]]:
+    """Torch param groups for ``groups``: one or two per layer group, each named and indexed.
+
+    With ``wd_bn_bias=False`` a layer group's biases and normalisation params go into a second
+    param group named ``"{name}/no_decay"`` whose weight decay is always 0.
+    """
+    no_decay = no_decay_param_ids(model) if not wd_bn_bias else set()
+    param_groups = []
+    for index, group in enumerate(groups):
+        decay = [p for p in group.params if id(p) not in no_decay]
+        plain = [p for p in group.params if id(p) in no_decay]
+        if decay:
+            param_groups.append({"params": decay, "name": group.name, GROUP_INDEX_KEY: index})
+        if plain:
+            param_groups.append(
+                {
+                    "params": plain,
+                    "name": f"{group.name}/no_decay" if decay else group.name,
+                    GROUP_INDEX_KEY: index,
+                    "no_decay": True,
+                }
+            )
+    return param_groups
+
+
+def warn_single_group(groups: Sequence[LayerGroup], action: str) -> None:
+    """Warn that ``action`` is of little use on a model with a single layer group."""
+    if len(groups) == 1:
+        warnings.warn(
+            f"{action} on a model with a single layer group does nothing useful; pass a "
+            "splitter (or define model_splits()) to cut the model into groups.",
+            stacklevel=3,
+        )

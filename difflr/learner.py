@@ -1,0 +1,621 @@
+"""The Learner: fastai's fine-tuning workflow as a facade over a LightningModule and Trainers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from torch import nn
+
+from difflr.callbacks import ParamScheduler, Recorder, momentum_key, read_hypers
+from difflr.freezing import apply_freeze, check_freeze_to, frozen_pattern, trainable_flags
+from difflr.groups import (
+    GROUP_INDEX_KEY,
+    LayerGroup,
+    Splitter,
+    build_param_groups,
+    split_model,
+    warn_single_group,
+)
+from difflr.loggers import ContinuousLogger
+from difflr.lr import LRSpec, expand_lrs
+from difflr.module import LearnerModule
+from difflr.progress import ProgressTable
+from difflr.schedules import flat_cos_lr, one_cycle_lr, one_cycle_mom, sched_const
+
+#: Trainer arguments that each fit method sets itself.
+_RESERVED = ("max_epochs", "max_steps", "min_epochs", "min_steps")
+
+#: Lightning loggers whose INFO lines ("GPU available: ...", "`Trainer.fit` stopped ...") would
+#: repeat at every fit, since each fit has its own Trainer.
+_CHATTY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
+
+
+class Learner:
+    """Fine-tune a model with layer groups, discriminative LRs, freezing and the one-cycle policy.
+
+    The model and one optimizer (with a param group per layer group, frozen ones included) live
+    in the Learner; each fit method builds a fresh Lightning ``Trainer`` and trains for the
+    requested epochs. Successive fits log to one continuous TensorBoard timeline.
+
+    Args:
+        model: An ``nn.Module`` (then ``loss_func`` is required) or a ``LightningModule`` (its
+            ``training_step``/``validation_step`` are used; its ``configure_optimizers`` is
+            superseded by the Learner's optimizer).
+        data: ``(train_dl, valid_dl)`` (``valid_dl`` may be ``None``), a ``LightningDataModule``,
+            or ``None`` when the LightningModule has its own dataloaders.
+        loss_func: ``loss_func(preds, target) -> scalar`` for an ``nn.Module``.
+        splitter: ``splitter(model)`` returning the layer groups (see :mod:`difflr.groups`);
+            else ``model.model_splits()``, else a built-in splitter, else one group.
+        opt_func: Optimizer factory called as ``opt_func(param_groups, lr=lr)``.
+        lr: Default LR spec of the fit methods (float, list per group or ``slice``).
+        wd: Weight decay; ``None`` keeps the optimizer's default.
+        wd_bn_bias: Also decay biases and normalisation-layer params.
+        train_bn: Keep normalisation layers trainable inside frozen groups.
+        moms: One-cycle momentum ``(start, middle, end)``, each in [0, 1).
+        metrics: Functions ``(preds, targets) -> number`` (or torchmetrics metrics) computed on
+            the validation set every epoch (``nn.Module`` models only).
+        path: Folder for logs (and checkpoints).
+        logger: ``True`` for TensorBoard under ``path``, ``False`` for none, or any Lightning
+            logger.
+        callbacks: Extra Lightning callbacks given to every Trainer.
+        **trainer_kwargs: Passed to every ``Trainer`` (``accelerator``, ``devices``,
+            ``strategy``, ``precision``, ``accumulate_grad_batches``, ...).
+
+    Raises:
+        TypeError: ``model``, ``data``, ``opt_func``, ``loss_func`` or ``splitter`` has the wrong
+            type.
+        ValueError: The splitter misses or repeats parameters; a loader is empty; an argument
+            is out of range.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> ds = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> learn = Learner(model, (DataLoader(ds, batch_size=8), None), F.cross_entropy,
+        ...                 splitter=lambda m: [m[0], m[2]], logger=False,
+        ...                 enable_progress_bar=False)
+        >>> [g.name for g in learn.splits]
+        ['0.linear', '1.linear']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any = None,
+        loss_func: Callable[..., torch.Tensor] | None = None,
+        *,
+        splitter: Splitter | None = None,
+        opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+        lr: LRSpec = 1e-3,
+        wd: float | None = None,
+        wd_bn_bias: bool = False,
+        train_bn: bool = True,
+        moms: Sequence[float] = (0.95, 0.85, 0.95),
+        metrics: Any = None,
+        path: str | Path = ".",
+        logger: bool | Logger = True,
+        callbacks: Sequence[pl.Callback] | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        self.module, self.model = _make_module(model, loss_func, metrics, lambda: self.opt)
+        self.train_dl, self.valid_dl, self.datamodule = _check_data(data, self.module)
+        reserved = [k for k in _RESERVED if k in trainer_kwargs]
+        if reserved:
+            raise TypeError(
+                f"Learner got Trainer argument(s) {reserved}; the fit methods set the length of "
+                "training: pass n_epoch to fit/fit_one_cycle instead."
+            )
+        if "callbacks" in trainer_kwargs or "logger" in trainer_kwargs:
+            raise TypeError("pass callbacks= and logger= as the Learner's own arguments.")
+        self.splits: list[LayerGroup] = split_model(model, splitter)
+        expand_lrs(lr, len(self.splits), name="lr")
+        self.lr = lr
+        self.wd = _check_wd(wd)
+        self.wd_bn_bias = bool(wd_bn_bias)
+        self.train_bn = bool(train_bn)
+        self.moms = _check_moms(moms)
+        self.opt = _make_optimizer(opt_func, build_param_groups(model, self.splits, wd_bn_bias), lr, len(self.splits))
+        self._apply_wd(self.wd)
+        self.path = Path(path)
+        self.logger = _make_logger(logger, self.path)
+        self.callbacks = list(callbacks or [])
+        self.trainer_kwargs = trainer_kwargs
+        self.recorder = Recorder(log_hypers=self.logger is not None)
+        self._table = ProgressTable(self.recorder)
+        self.trainer: pl.Trainer | None = None
+        self._frozen = [not t for t in trainable_flags(self.splits)]
+        self._notified_optimizer = False
+
+    # ----------------------------------------------------------------------------- freezing
+    @property
+    def n_groups(self) -> int:
+        """Number of layer groups."""
+        return len(self.splits)
+
+    @property
+    def frozen(self) -> list[bool]:
+        """For each layer group, whether it is frozen."""
+        return list(self._frozen)
+
+    def freeze_to(self, n: int) -> None:
+        """Freeze layer groups ``[:n]`` and train the rest (negative ``n`` counts from the end).
+
+        With ``train_bn=True`` normalisation layers stay trainable in frozen groups. A change of
+        the frozen pattern clears the optimizer's state (momentum buffers), as in fastai.
+
+        Raises:
+            TypeError: ``n`` is not an int.
+            ValueError: ``n`` is outside ``[-n_groups, n_groups]``.
+        """
+        check_freeze_to(n, self.n_groups)
+        warn_single_group(self.splits, f"freeze_to({n})")
+        pattern = frozen_pattern(n, self.n_groups)
+        apply_freeze(self.model, self.splits, pattern, self.train_bn)
+        if pattern != self._frozen:
+            self.opt.state.clear()
+        self._frozen = pattern
+
+    def freeze(self) -> None:
+        """Train the last layer group (the head) only: ``freeze_to(-1)``."""
+        self.freeze_to(-1)
+
+    def unfreeze(self) -> None:
+        """Train every layer group: ``freeze_to(0)``."""
+        self.freeze_to(0)
+
+    # ----------------------------------------------------------------------------- fitting
+    def fit(self, n_epoch: int, lr: LRSpec | None = None, wd: float | None = None) -> None:
+        """Train ``n_epoch`` epochs at a constant LR per group (momentum left as it is).
+
+        Args:
+            n_epoch: Number of epochs (>= 1).
+            lr: LR spec; ``None`` uses the Learner's ``lr``.
+            wd: Weight decay for this and later fits; ``None`` keeps the current one.
+        """
+        _check_epochs(n_epoch)
+        lrs = self._lrs(lr, "lr")
+        wd = _check_wd(wd)
+        self._fit(n_epoch, ParamScheduler(sched_const(lrs)), wd)
+
+    def fit_one_cycle(
+        self,
+        n_epoch: int,
+        lr_max: LRSpec | None = None,
+        div: float = 25.0,
+        div_final: float = 1e5,
+        pct_start: float = 0.25,
+        wd: float | None = None,
+        moms: Sequence[float] | None = None,
+    ) -> None:
+        """Train with the one-cycle policy: per group, LR cosine from ``lr_max/div`` up to
+        ``lr_max`` over ``pct_start`` of the steps, then down to ``lr_max/div_final``; momentum
+        cosine ``moms[0] -> moms[1] -> moms[2]``.
+
+        Args:
+            n_epoch: Number of epochs (>= 1).
+            lr_max: Peak LR spec; ``slice(lo, hi)`` spreads it geometrically from the stem to the
+                head. ``None`` uses the Learner's ``lr``.
+            div: Initial LR is ``lr_max / div`` (> 0).
+            div_final: Final LR is ``lr_max / div_final`` (> 0).
+            pct_start: Fraction of the steps spent warming up, in (0, 1).
+            wd: Weight decay; ``None`` keeps the current one.
+            moms: ``(start, middle, end)`` momentum; ``None`` uses the Learner's ``moms``.
+
+        Example:
+            >>> learn.fit_one_cycle(4, lr_max=slice(1e-5, 1e-3))  # doctest: +SKIP
+        """
+        _check_epochs(n_epoch)
+        lrs = self._lrs(lr_max, "lr_max")
+        _check_positive(div, "div")
+        _check_positive(div_final, "div_final")
+        _check_pct(pct_start)
+        moms = self.moms if moms is None else _check_moms(moms)
+        wd = _check_wd(wd)
+        self._fit(n_epoch, self.one_cycle_scheduler(lrs, div, div_final, pct_start, moms), wd)
+
+    def one_cycle_scheduler(
+        self,
+        lr_max: Sequence[float],
+        div: float = 25.0,
+        div_final: float = 1e5,
+        pct_start: float = 0.25,
+        moms: Sequence[float] | None = None,
+    ) -> ParamScheduler:
+        """The callback that ``fit_one_cycle`` trains with (also for previews)."""
+        return ParamScheduler(
+            one_cycle_lr(np.asarray(lr_max), pct_start, div, div_final),
+            self._mom_sched(one_cycle_mom(self.moms if moms is None else moms, pct_start)),
+        )
+
+    def fit_flat_cos(
+        self,
+        n_epoch: int,
+        lr: LRSpec | None = None,
+        div_final: float = 1e5,
+        pct_start: float = 0.75,
+        wd: float | None = None,
+    ) -> None:
+        """Train at a flat LR for ``pct_start`` of the steps, then cosine down to
+        ``lr/div_final`` (momentum left as it is)."""
+        _check_epochs(n_epoch)
+        lrs = self._lrs(lr, "lr")
+        _check_positive(div_final, "div_final")
+        _check_pct(pct_start)
+        wd = _check_wd(wd)
+        self._fit(n_epoch, ParamScheduler(flat_cos_lr(np.asarray(lrs), pct_start, div_final)), wd)
+
+    def fine_tune(
+        self,
+        epochs: int,
+        base_lr: float = 2e-3,
+        freeze_epochs: int = 1,
+        lr_mult: float = 100,
+        pct_start: float = 0.3,
+        div: float = 5.0,
+        **kwargs: Any,
+    ) -> None:
+        """fastai's transfer-learning recipe: the head alone, then everything with
+        discriminative LRs.
+
+        ``freeze(); fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99)``, then
+        ``unfreeze(); fit_one_cycle(epochs, slice(base_lr/2/lr_mult, base_lr/2),
+        pct_start=pct_start, div=div)``. The recorder holds both phases, with a boundary between.
+
+        Args:
+            epochs: Epochs of the unfrozen phase (>= 1).
+            base_lr: Head LR of the frozen phase (halved for the unfrozen one).
+            freeze_epochs: Epochs of the frozen phase (0 skips it).
+            lr_mult: Ratio of the head's LR to the stem's in the unfrozen phase (>= 1).
+            pct_start: Warm-up fraction of the unfrozen phase.
+            div: Initial LR divisor of the unfrozen phase.
+            **kwargs: Passed to both ``fit_one_cycle`` calls (``div_final``, ``wd``, ``moms``).
+        """
+        _check_epochs(epochs)
+        if isinstance(freeze_epochs, bool) or not isinstance(freeze_epochs, int) or freeze_epochs < 0:
+            raise ValueError(f"freeze_epochs must be an int >= 0, got {freeze_epochs!r}.")
+        _check_positive(base_lr, "base_lr")
+        _check_positive(lr_mult, "lr_mult")
+        _check_positive(div, "div")
+        _check_pct(pct_start)
+        unknown = set(kwargs) - {"div_final", "wd", "moms"}
+        if unknown:
+            raise TypeError(f"fine_tune got unexpected argument(s) {sorted(unknown)}.")
+        self.recorder.reset()
+        self._table.start()
+        if freeze_epochs:
+            self.freeze()
+            lrs = expand_lrs(slice(base_lr), self.n_groups, name="base_lr")
+            self._fit_phase(freeze_epochs, lrs, pct_start=0.99, **kwargs)
+        base_lr /= 2
+        self.unfreeze()
+        lrs = expand_lrs(slice(base_lr / lr_mult, base_lr), self.n_groups, name="base_lr")
+        self._fit_phase(epochs, lrs, pct_start=pct_start, div=div, **kwargs)
+
+    def _fit_phase(
+        self,
+        n_epoch: int,
+        lrs: list[float],
+        pct_start: float,
+        div: float = 25.0,
+        div_final: float = 1e5,
+        wd: float | None = None,
+        moms: Sequence[float] | None = None,
+    ) -> None:
+        _check_positive(div_final, "div_final")
+        moms = self.moms if moms is None else _check_moms(moms)
+        scheduler = self.one_cycle_scheduler(lrs, div, div_final, pct_start, moms)
+        self._fit(n_epoch, scheduler, _check_wd(wd), reset=False)
+
+    # ----------------------------------------------------------------------------- internals
+    def _lrs(self, spec: LRSpec | None, name: str) -> list[float]:
+        return expand_lrs(self.lr if spec is None else spec, self.n_groups, name=name)
+
+    def _mom_sched(self, sched: Callable[[float], Any]) -> Callable[[float], Any] | None:
+        return sched if momentum_key(self.opt) is not None else None
+
+    def _apply_wd(self, wd: float | None) -> None:
+        """Set weight decay on the decayed param groups; the no-decay ones stay at 0."""
+        for pg in self.opt.param_groups:
+            if pg.get("no_decay"):
+                if "weight_decay" in pg:
+                    pg["weight_decay"] = 0.0
+            elif wd is not None:
+                pg["weight_decay"] = wd
+        if wd is not None:
+            self.wd = wd
+
+    def _make_trainer(self, callbacks: Sequence[pl.Callback], **overrides: Any) -> pl.Trainer:
+        kwargs: dict[str, Any] = {
+            "logger": self.logger if self.logger is not None else False,
+            "default_root_dir": str(self.path),
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+        }
+        n_batches = _length(self.train_dl)
+        if n_batches:
+            kwargs["log_every_n_steps"] = max(1, min(50, n_batches))
+        kwargs.update(self.trainer_kwargs)
+        kwargs.update(overrides)
+        kwargs["callbacks"] = [*callbacks, self.recorder, self._table, *self.callbacks]
+        with _quiet_lightning():
+            return pl.Trainer(**kwargs)
+
+    def _data_kwargs(self) -> dict[str, Any]:
+        if self.datamodule is not None:
+            return {"datamodule": self.datamodule}
+        if self.train_dl is not None:
+            return {"train_dataloaders": self.train_dl, "val_dataloaders": self.valid_dl}
+        return {}
+
+    def _fit(
+        self, n_epoch: int, scheduler: ParamScheduler, wd: float | None, reset: bool = True
+    ) -> None:
+        if reset:
+            self.recorder.reset()
+            self._table.start()
+        self._apply_wd(wd)
+        trainer = self._make_trainer([scheduler], max_epochs=n_epoch)
+        self.trainer = trainer
+        self._run(trainer, scheduler)
+
+    def _run(self, trainer: pl.Trainer, scheduler: ParamScheduler, **fit_kwargs: Any) -> None:
+        """``trainer.fit`` with the Learner's optimizer, quiet logs and a clean interrupt."""
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            with _quiet_lightning(), self._supersede_optimizer():
+                trainer.fit(self.module, **self._data_kwargs(), **fit_kwargs)
+        except SystemExit:
+            # Lightning turns Ctrl-C into SystemExit (it would end a notebook's kernel or a
+            # script's later cleanup); give the user back the KeyboardInterrupt they raised.
+            if trainer.interrupted:
+                raise KeyboardInterrupt(
+                    f"fit interrupted after {scheduler.step} optimizer steps; the Learner keeps "
+                    "the weights and the recorder keeps the steps done."
+                ) from None
+            raise
+        finally:
+            # Lightning ignores SIGINT while it shuts down after an interrupt; restore it.
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, handler)
+            if isinstance(self.logger, ContinuousLogger):
+                self.logger.step_offset += scheduler.step
+                self.logger.epoch_offset += trainer.current_epoch
+
+    @contextmanager
+    def _supersede_optimizer(self) -> Iterator[None]:
+        """Make a user's LightningModule train with the Learner's optimizer.
+
+        The module's own ``configure_optimizers`` is shadowed by an instance attribute for the
+        length of one fit and restored afterwards (the class is never touched).
+        """
+        if isinstance(self.module, LearnerModule):
+            yield
+            return
+        if not self._notified_optimizer:
+            warnings.warn(
+                f"{type(self.module).__name__}.configure_optimizers is superseded by the "
+                f"Learner's {type(self.opt).__name__} with one param group per layer group; "
+                "pass opt_func= to the Learner to choose the optimizer.",
+                stacklevel=4,
+            )
+            self._notified_optimizer = True
+        module = self.module
+        own = module.__dict__.get("configure_optimizers")
+        module.configure_optimizers = lambda: self.opt
+        try:
+            yield
+        finally:
+            if own is None:
+                del module.configure_optimizers
+            else:
+                module.configure_optimizers = own
+
+    # ----------------------------------------------------------------------------- inspection
+    def summary(self) -> str:
+        """A table of the layer groups: name, parameter count, trainable state and current LR."""
+        lrs, _ = read_hypers(self.opt)
+        rows = [("group", "params", "trainable", "lr")]
+        for group, frozen, lr in zip(self.splits, self._frozen, lrs):
+            trainable = sum(p.numel() for p in group.params if p.requires_grad)
+            state = "no" if trainable == 0 else ("yes" if not frozen else f"norm only ({trainable:,})")
+            rows.append((group.name, f"{group.n_params:,}", state, f"{lr:.2e}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"Learner({type(self.model).__name__}, {self.n_groups} layer groups, "
+            f"opt={type(self.opt).__name__}, frozen={sum(self._frozen)}/{self.n_groups})"
+        )
+
+
+# --------------------------------------------------------------------------------- validation
+def _make_module(
+    model: Any, loss_func: Any, metrics: Any, optimizer: Callable[[], torch.optim.Optimizer]
+) -> tuple[pl.LightningModule, nn.Module]:
+    if isinstance(model, pl.LightningModule):
+        if loss_func is not None or metrics:
+            warnings.warn(
+                "loss_func and metrics are ignored for a LightningModule: its training_step and "
+                "validation_step compute and log them.",
+                stacklevel=3,
+            )
+        return model, model
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be an nn.Module or a LightningModule, got {type(model).__name__}."
+        )
+    if loss_func is None:
+        raise TypeError(
+            f"a plain nn.Module ({type(model).__name__}) needs a loss_func, e.g. "
+            "Learner(model, data, loss_func=F.cross_entropy); or pass a LightningModule."
+        )
+    if not callable(loss_func):
+        raise TypeError(f"loss_func must be callable (preds, target) -> loss, got {loss_func!r}.")
+    if metrics is None:
+        metrics = []
+    elif callable(metrics) and not isinstance(metrics, nn.Module) or isinstance(metrics, nn.Module):
+        metrics = [metrics]
+    metrics = list(metrics)
+    for m in metrics:
+        if not callable(m) and not hasattr(m, "compute"):
+            raise TypeError(f"metric {m!r} is not callable (preds, targets) -> number.")
+    return LearnerModule(model, loss_func, metrics, optimizer), model
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _check_loader(loader: Any, name: str) -> None:
+    if isinstance(loader, (str, bytes, torch.Tensor, np.ndarray)) or not hasattr(loader, "__iter__"):
+        raise TypeError(
+            f"{name} must be a DataLoader (or an iterable of batches), got "
+            f"{type(loader).__name__}; wrap a Dataset in torch.utils.data.DataLoader."
+        )
+    if _length(loader) == 0:
+        raise ValueError(
+            f"{name} is empty (0 batches); check the dataset's size, batch_size and drop_last."
+        )
+
+
+def _check_data(data: Any, module: pl.LightningModule) -> tuple[Any, Any, Any]:
+    if isinstance(data, pl.LightningDataModule):
+        return None, None, data
+    if data is None:
+        if isinstance(module, LearnerModule):
+            raise TypeError(
+                "data is None, but a plain nn.Module has no dataloaders; pass "
+                "(train_dl, valid_dl) or a LightningDataModule."
+            )
+        return None, None, None
+    if isinstance(data, (tuple, list)) and len(data) in (1, 2):
+        train_dl, valid_dl = (data[0], None) if len(data) == 1 else data
+        _check_loader(train_dl, "the training loader (data[0])")
+        if valid_dl is not None:
+            _check_loader(valid_dl, "the validation loader (data[1])")
+        return train_dl, valid_dl, None
+    if isinstance(data, torch.utils.data.DataLoader):
+        _check_loader(data, "data")
+        return data, None, None
+    raise TypeError(
+        f"data must be (train_dl, valid_dl), a LightningDataModule or None; got "
+        f"{type(data).__name__}" + (f" of length {len(data)}" if isinstance(data, (tuple, list)) else "")
+        + "."
+    )
+
+
+def _make_optimizer(
+    opt_func: Any, param_groups: list[dict[str, Any]], lr: LRSpec, n_groups: int
+) -> torch.optim.Optimizer:
+    if not callable(opt_func) or isinstance(opt_func, torch.optim.Optimizer):
+        raise TypeError(
+            f"opt_func must be an optimizer factory such as torch.optim.AdamW or "
+            f"functools.partial(torch.optim.SGD, momentum=0.9), got {opt_func!r}."
+        )
+    lrs = expand_lrs(lr, n_groups, name="lr")
+    for pg in param_groups:
+        pg["lr"] = lrs[pg[GROUP_INDEX_KEY]]
+    try:
+        opt = opt_func(param_groups, lr=lrs[-1])
+    except TypeError as exc:
+        raise TypeError(
+            f"opt_func {opt_func!r} could not be called as opt_func(param_groups, lr=...): "
+            f"{exc}. Pass a torch optimizer class or a functools.partial of one."
+        ) from exc
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(
+            f"opt_func returned a {type(opt).__name__}, not a torch.optim.Optimizer; pass an "
+            "optimizer class such as torch.optim.AdamW."
+        )
+    return opt
+
+
+def _make_logger(logger: bool | Logger, path: Path) -> ContinuousLogger | None:
+    if logger is True:
+        return ContinuousLogger(TensorBoardLogger(save_dir=str(path), name="lightning_logs"))
+    if logger is False or logger is None:
+        return None
+    if isinstance(logger, Logger):
+        return ContinuousLogger(logger)
+    raise TypeError(f"logger must be True, False or a Lightning Logger, got {logger!r}.")
+
+
+def _check_epochs(n_epoch: Any, name: str = "n_epoch") -> None:
+    if isinstance(n_epoch, bool) or not isinstance(n_epoch, (int, np.integer)) or n_epoch < 1:
+        raise ValueError(f"{name} must be an int >= 1 (a number of epochs), got {n_epoch!r}.")
+
+
+def _check_positive(value: Any, name: str) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.number))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+
+
+def _check_pct(pct_start: Any) -> None:
+    if (
+        isinstance(pct_start, bool)
+        or not isinstance(pct_start, (int, float, np.number))
+        or not 0 < pct_start < 1
+    ):
+        raise ValueError(
+            f"pct_start must be in (0, 1) (the fraction of steps spent warming up), got "
+            f"{pct_start!r}; e.g. 0.25."
+        )
+
+
+def _check_moms(moms: Any) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(m) for m in moms)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(0 <= m < 1 for m in values):
+        raise ValueError(
+            f"moms must be three values (start, middle, end) in [0, 1), got {moms!r}; e.g. "
+            "(0.95, 0.85, 0.95)."
+        )
+    return values  # type: ignore[return-value]
+
+
+def _check_wd(wd: Any) -> float | None:
+    if wd is None:
+        return None
+    if isinstance(wd, bool) or not isinstance(wd, (int, float, np.number)) or not wd >= 0:
+        raise ValueError(f"wd must be a number >= 0 (weight decay), got {wd!r}.")
+    return float(wd)
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Hide Lightning's INFO lines that every fresh Trainer would print again."""
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

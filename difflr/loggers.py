@@ -1,0 +1,77 @@
+"""A logger wrapper that makes the successive fits of one Learner a single timeline."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Any
+
+from lightning.pytorch.loggers import Logger
+from typing_extensions import override
+
+
+class ContinuousLogger(Logger):
+    """Wrap any Lightning logger and shift the step (and epoch) of everything it logs.
+
+    Every fit of a Learner runs in a fresh ``Trainer`` whose step counter starts at 0; the Learner
+    moves ``step_offset`` and ``epoch_offset`` past each fit so that TensorBoard shows the fits one
+    after another instead of on top of each other.
+
+    Args:
+        logger: The logger that writes (``TensorBoardLogger``, ``CSVLogger``, ...).
+    """
+
+    def __init__(self, logger: Logger) -> None:
+        super().__init__()
+        self.logger = logger
+        self.step_offset = 0
+        self.epoch_offset = 0
+
+    @property
+    @override
+    def name(self) -> str | None:
+        return self.logger.name
+
+    @property
+    @override
+    def version(self) -> int | str | None:
+        return self.logger.version
+
+    @property
+    @override
+    def save_dir(self) -> str | None:
+        return self.logger.save_dir
+
+    @property
+    @override
+    def log_dir(self) -> str | None:
+        return getattr(self.logger, "log_dir", self.logger.save_dir)
+
+    @property
+    def experiment(self) -> Any:
+        return self.logger.experiment
+
+    @override
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": metrics["epoch"] + self.epoch_offset}
+        self.logger.log_metrics(metrics, None if step is None else step + self.step_offset)
+
+    @override
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        self.logger.log_hyperparams(params, *args, **kwargs)
+
+    @override
+    def log_graph(self, model: Any, input_array: Any = None) -> None:
+        self.logger.log_graph(model, input_array)
+
+    @override
+    def save(self) -> None:
+        self.logger.save()
+
+    @override
+    def finalize(self, status: str) -> None:
+        self.logger.finalize(status)
+
+    @override
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self.logger.after_save_checkpoint(checkpoint_callback)

@@ -1,0 +1,146 @@
+"""The LightningModule a Learner builds around a plain ``nn.Module`` and a loss function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from typing_extensions import override
+
+Metric = Callable[[torch.Tensor, torch.Tensor], Any]
+
+
+def metric_name(metric: Any, index: int) -> str:
+    """``accuracy`` for a function, ``multiclassaccuracy`` for a torchmetrics object, ``metric{i}``
+    for a lambda."""
+    name = getattr(metric, "__name__", None) or type(metric).__name__
+    return f"metric{index}" if name == "<lambda>" else name.lower()
+
+
+def is_stateful_metric(metric: Any) -> bool:
+    """A torchmetrics-like object: ``update`` per batch, ``compute`` and ``reset`` per epoch."""
+    return all(callable(getattr(metric, m, None)) for m in ("update", "compute", "reset"))
+
+
+def split_batch(batch: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """``(x, y)`` → ``((x,), (y,))``; ``(x1, x2, y)`` → ``((x1, x2), (y,))`` (the last item is the
+    target, as in fastai).
+
+    Raises:
+        TypeError: The batch is not a tuple or list of at least two items.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return tuple(batch[:-1]), (batch[-1],)
+    raise TypeError(
+        f"a batch must be a tuple (inputs..., target) for a model with a loss_func; got "
+        f"{describe(batch)}. Make the dataset return (x, y) pairs, or pass a LightningModule "
+        "whose training_step reads this batch."
+    )
+
+
+def describe(obj: Any) -> str:
+    """A short structural description of a batch: types and tensor shapes."""
+    if isinstance(obj, torch.Tensor):
+        return f"Tensor{tuple(obj.shape)}:{str(obj.dtype).removeprefix('torch.')}"
+    if isinstance(obj, (tuple, list)):
+        inner = ", ".join(describe(o) for o in obj[:6]) + (", ..." if len(obj) > 6 else "")
+        return f"{type(obj).__name__}[{inner}]"
+    if isinstance(obj, dict):
+        return "dict{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in list(obj.items())[:6]) + "}"
+    return type(obj).__name__
+
+
+class LearnerModule(pl.LightningModule):
+    """Train ``model`` with ``loss_func`` and evaluate ``metrics`` on the validation set.
+
+    The optimizer is the Learner's (one for its lifetime), handed to every Trainer through
+    ``configure_optimizers``. The module's state dict is the model's, under ``model.``.
+
+    Args:
+        model: The network; called as ``model(*inputs)``.
+        loss_func: ``loss_func(preds, target) -> scalar tensor``.
+        metrics: Functions ``(preds, targets) -> number``, computed on the whole validation set,
+            or torchmetrics-like objects (``update``/``compute``/``reset``).
+        optimizer: Returns the optimizer to train with.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_func: Callable[..., torch.Tensor],
+        metrics: Sequence[Any] = (),
+        optimizer: Callable[[], torch.optim.Optimizer] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_func = loss_func
+        self.metric_names = [metric_name(m, i) for i, m in enumerate(metrics)]
+        # Stateful metrics are modules that must follow the model to its device.
+        self.stateful_metrics = nn.ModuleDict(
+            {n: m for n, m in zip(self.metric_names, metrics) if isinstance(m, nn.Module)}
+        )
+        self.metrics = list(metrics)
+        self._optimizer = optimizer
+        self._preds: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+
+    @override
+    def forward(self, *inputs: Any) -> Any:
+        return self.model(*inputs)
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, target = split_batch(batch)
+        loss = self.loss_func(self.model(*inputs), *target)
+        self.log("train_loss", loss, on_step=True, prog_bar=True)
+        return loss
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        inputs, target = split_batch(batch)
+        preds = self.model(*inputs)
+        loss = self.loss_func(preds, *target)
+        self.log("valid_loss", loss, on_epoch=True, prog_bar=True, batch_size=_batch_size(target))
+        if not self.metrics:
+            return
+        for metric in self.metrics:
+            if is_stateful_metric(metric):
+                metric.update(preds, *target)
+        self._preds.append(preds.detach())
+        self._targets.append(target[0].detach())
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._preds, self._targets = [], []
+        for metric in self.metrics:
+            if is_stateful_metric(metric):
+                metric.reset()
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        if not self._preds:
+            return
+        preds, targets = torch.cat(self._preds), torch.cat(self._targets)
+        for name, metric in zip(self.metric_names, self.metrics):
+            value = metric.compute() if is_stateful_metric(metric) else metric(preds, targets)
+            self.log(name, torch.as_tensor(value, dtype=torch.float32), prog_bar=True)
+        self._preds, self._targets = [], []
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        inputs = split_batch(batch)[0] if isinstance(batch, (tuple, list)) else (batch,)
+        return self.model(*inputs)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            raise RuntimeError("LearnerModule has no optimizer; it is trained through a Learner.")
+        return self._optimizer()
+
+
+def _batch_size(target: tuple[Any, ...]) -> int | None:
+    first = target[0]
+    return len(first) if hasattr(first, "__len__") else None

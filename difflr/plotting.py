@@ -1,0 +1,295 @@
+"""Matplotlib figures of a training run: schedules, losses and the LR range test.
+
+matplotlib is imported inside the functions, so ``import difflr`` stays light. The figures are
+``matplotlib.figure.Figure`` objects made without ``pyplot``: pyplot never holds a reference to
+them (no figure piles up over a long notebook session, and none is shown a second time by
+Jupyter's inline backend at the end of a cell). Display one with `show`, or save it with
+``fig.savefig(path)``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from io import BytesIO
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from numpy.typing import ArrayLike
+
+__all__ = ["plot_loss", "plot_lr_find", "plot_sched", "show"]
+
+_SUBPLOT_SIZE = (6.0, 4.0)  # inches, per axes
+
+
+def _new_figure(n_axes: int) -> tuple[Figure, list[Any]]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(_SUBPLOT_SIZE[0] * n_axes, _SUBPLOT_SIZE[1]), layout="constrained")
+    axes = fig.subplots(1, n_axes, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _as_array(values: ArrayLike, name: str, ndim: int) -> np.ndarray:
+    """``values`` as a float64 array of ``ndim`` dimensions; for ``ndim=2`` a 1-D array becomes
+    one column (one layer group)."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"{name} must be an array of numbers; got {type(values).__name__}: {error}"
+        ) from error
+    if ndim == 2 and array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got shape {array.shape}.")
+    return array
+
+
+def _check_count(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0 (steps); got {value!r}.")
+
+
+def plot_sched(
+    lrs: ArrayLike,
+    moms: ArrayLike | None = None,
+    names: Sequence[str] | None = None,
+    boundaries: Sequence[int] = (),
+) -> Figure:
+    """Plot every layer group's learning rate and momentum at each optimizer step.
+
+    The left axes show the LRs on a log scale, one line per group, with a legend of the group
+    names; the right axes show the momentum (SGD ``momentum`` or Adam's ``beta1``), one line per
+    group. Dashed vertical lines mark ``boundaries``, the first step of each fit after the first.
+
+    Args:
+        lrs: LR per step and group, shape ``(n_steps, n_groups)``; a 1-D array is one group.
+        moms: Momentum per step and group, the shape of ``lrs``. ``None`` or all-NaN (an
+            optimizer without momentum) leaves the momentum axes out.
+        names: One name per group, e.g. ``["0.stem", "1.head"]``; default ``"group 0"``, ...
+        boundaries: Steps at which a new fit or stage starts.
+
+    Returns:
+        The figure, with one axes (no momentum) or two.
+
+    Raises:
+        ValueError: If the shapes of ``lrs`` and ``moms`` differ, ``lrs`` has no step, or
+            ``names`` does not have one name per group.
+
+    Example:
+        >>> fig = plot_sched([[1e-4, 1e-3], [2e-4, 2e-3]], names=["stem", "head"])
+        >>> [line.get_label() for line in fig.axes[0].get_lines()]
+        ['stem', 'head']
+    """
+    lr_array = _as_array(lrs, "lrs", ndim=2)
+    n_steps, n_groups = lr_array.shape
+    if n_steps == 0:
+        raise ValueError("lrs has no step to plot; fit the model first.")
+    group_names = [f"group {i}" for i in range(n_groups)] if names is None else list(names)
+    if len(group_names) != n_groups:
+        raise ValueError(
+            f"names has {len(group_names)} entries but lrs has {n_groups} groups (columns); "
+            "pass one name per layer group."
+        )
+    mom_array = None
+    if moms is not None:
+        mom_array = _as_array(moms, "moms", ndim=2)
+        if mom_array.shape != lr_array.shape:
+            raise ValueError(
+                f"moms has shape {mom_array.shape} but lrs has shape {lr_array.shape}; pass one "
+                "momentum per step and group, or moms=None."
+            )
+        if np.isnan(mom_array).all():
+            mom_array = None
+
+    fig, axes = _new_figure(1 if mom_array is None else 2)
+    steps = np.arange(n_steps)
+    lr_ax = axes[0]
+    for group, name in enumerate(group_names):
+        lr_ax.plot(steps, lr_array[:, group], label=name)
+    lr_ax.set_yscale("log")
+    lr_ax.set_xlabel("optimizer step")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.legend(loc="best")
+    if mom_array is not None:
+        mom_ax = axes[1]
+        for group, name in enumerate(group_names):
+            mom_ax.plot(steps, mom_array[:, group], label=name)
+        mom_ax.set_xlabel("optimizer step")
+        mom_ax.set_ylabel("momentum")
+    for ax in axes:
+        for step in boundaries:
+            ax.axvline(step, color="grey", linestyle="--", linewidth=1)
+    return fig
+
+
+def plot_loss(
+    losses: ArrayLike,
+    valid_losses: Sequence[tuple[int, float]] = (),
+    skip_start: int = 0,
+) -> Figure:
+    """Plot the smoothed training loss at each optimizer step, and the validation losses.
+
+    Args:
+        losses: Smoothed training loss per step, shape ``(n_steps,)`` (``Recorder.losses``).
+        valid_losses: ``(step, loss)`` pairs, e.g. one per epoch at its last step.
+        skip_start: Steps left out at the start (the first losses are often far higher).
+
+    Returns:
+        The figure: a ``"train"`` line at steps ``skip_start ... n_steps - 1`` and, when there
+        are any at or after ``skip_start``, ``"valid"`` points joined by a line.
+
+    Raises:
+        ValueError: If ``losses`` is empty, ``skip_start`` is not in ``[0, n_steps)``, or a
+            validation entry is not a ``(step, loss)`` pair.
+
+    Example:
+        >>> fig = plot_loss([2.0, 1.5, 1.2, 1.0], valid_losses=[(1, 1.6), (3, 1.1)])
+        >>> fig.axes[0].get_lines()[1].get_xydata().tolist()
+        [[1.0, 1.6], [3.0, 1.1]]
+    """
+    loss_array = _as_array(losses, "losses", ndim=1)
+    _check_count(skip_start, "skip_start")
+    if len(loss_array) == 0:
+        raise ValueError("losses is empty; there is no training loss to plot. Fit first.")
+    if skip_start >= len(loss_array):
+        raise ValueError(
+            f"skip_start={skip_start} leaves nothing of the {len(loss_array)} recorded steps; "
+            f"pass a skip_start below {len(loss_array)}."
+        )
+    valid_array = np.asarray(valid_losses, dtype=np.float64).reshape(-1, 2)
+    if len(valid_array) != len(valid_losses):
+        raise ValueError(
+            f"valid_losses must be (step, loss) pairs; got {valid_losses!r}. "
+            "Pass e.g. [(99, 0.52), (199, 0.41)]."
+        )
+    valid_array = valid_array[valid_array[:, 0] >= skip_start]
+
+    fig, (ax,) = _new_figure(1)
+    ax.plot(np.arange(skip_start, len(loss_array)), loss_array[skip_start:], label="train")
+    if len(valid_array):
+        ax.plot(valid_array[:, 0], valid_array[:, 1], marker="o", label="valid")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend(loc="best")
+    return fig
+
+
+def plot_lr_find(
+    lrs: ArrayLike,
+    losses: ArrayLike,
+    suggestions: Mapping[str, tuple[float, float]] | None = None,
+    skip_end: int = 5,
+) -> Figure:
+    """Plot the loss against the learning rate of an LR range test, with the suggestions.
+
+    Args:
+        lrs: Learning rate at each sweep iteration, shape ``(n,)``.
+        losses: Smoothed loss at each iteration, shape ``(n,)``; non-finite values leave gaps.
+        suggestions: ``{name: (lr, loss)}``, the points ``make_suggestions`` returns. Each one
+            is marked and labelled ``"name: 1.9e-04"`` in the legend; points that are not
+            finite are left out.
+        skip_end: Iterations left out at the end, where the loss diverges.
+
+    Returns:
+        The figure: the curve first, then one marker line per suggestion; log-scaled LR axis.
+
+    Raises:
+        ValueError: If the lengths differ or ``skip_end`` leaves no point.
+
+    Example:
+        >>> fig = plot_lr_find([1e-4, 1e-3, 1e-2], [1.0, 0.5, 2.0], {"valley": (1e-3, 0.5)}, 0)
+        >>> fig.axes[0].get_legend().get_texts()[0].get_text()
+        'valley: 1.0e-03'
+    """
+    lr_array = _as_array(lrs, "lrs", ndim=1)
+    loss_array = _as_array(losses, "losses", ndim=1)
+    if len(lr_array) != len(loss_array):
+        raise ValueError(
+            f"lrs has {len(lr_array)} values but losses has {len(loss_array)}; pass one loss "
+            "per learning rate."
+        )
+    _check_count(skip_end, "skip_end")
+    stop = len(lr_array) - skip_end
+    if stop <= 0:
+        raise ValueError(
+            f"skip_end={skip_end} leaves nothing of the {len(lr_array)} points; pass a "
+            f"skip_end below {len(lr_array)}."
+        )
+
+    fig, (ax,) = _new_figure(1)
+    curve_losses = np.where(np.isfinite(loss_array[:stop]), loss_array[:stop], np.nan)
+    ax.plot(lr_array[:stop], curve_losses)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    marked = 0
+    for name, (lr, loss) in (suggestions or {}).items():
+        if not (math.isfinite(lr) and lr > 0 and math.isfinite(loss)):
+            continue
+        marked += 1
+        # Colour C0 is the curve's; each suggestion takes the next colour of the cycle.
+        ax.plot(
+            [lr],
+            [loss],
+            marker="o",
+            linestyle="none",
+            color=f"C{marked}",
+            label=f"{name}: {lr:.1e}",
+        )
+    if marked:
+        ax.legend(loc="best")
+    return fig
+
+
+def show(fig: Figure) -> None:
+    """Display ``fig`` inline once when running in a Jupyter (IPython) kernel; else do nothing.
+
+    In a plain script or a terminal IPython this returns at once (it never opens a window or
+    blocks): save the figure with ``fig.savefig(path)`` there. IPython need not be installed.
+
+    Args:
+        fig: The figure to display.
+    """
+    shell = _kernel_shell()
+    if shell is None:
+        return
+    from IPython.display import Image, display
+
+    if _kernel_renders_figures(shell, fig):
+        display(fig)  # honours the user's inline settings (format, dpi)
+    else:
+        # The inline backend registers its figure formatter only once pyplot is imported.
+        buffer = BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+        display(Image(data=buffer.getvalue(), format="png"))
+
+
+def _kernel_shell() -> Any | None:
+    """The running IPython shell if it is a kernel (Jupyter), else None; never imports IPython."""
+    ipython = sys.modules.get("IPython")  # not imported: certainly not running in IPython
+    get_ipython = getattr(ipython, "get_ipython", None)
+    if get_ipython is None:
+        return None
+    shell = get_ipython()
+    return shell if getattr(shell, "kernel", None) is not None else None
+
+
+def _kernel_renders_figures(shell: Any, fig: Figure) -> bool:
+    formatters = getattr(getattr(shell, "display_formatter", None), "formatters", None) or {}
+    for mime, formatter in formatters.items():
+        if mime == "text/plain":
+            continue
+        if not getattr(formatter, "enabled", True):
+            continue
+        try:
+            formatter.lookup(fig)
+        except (KeyError, AttributeError):
+            continue
+        return True
+    return False

@@ -1,0 +1,30 @@
+"""Shared fixtures; the Agg backend; fixed seeds."""
+
+from __future__ import annotations
+
+import warnings
+
+import matplotlib
+import pytest
+from torch.utils.data import DataLoader
+
+from tests.helpers import make_loaders, three_groups
+
+matplotlib.use("Agg")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+@pytest.fixture
+def loaders() -> tuple[DataLoader, DataLoader]:
+    return make_loaders()
+
+
+@pytest.fixture
+def learner_kwargs(tmp_path) -> dict:
+    return {
+        "splitter": three_groups,
+        "path": tmp_path,
+        "logger": False,
+        "enable_progress_bar": False,
+    }
