@@ -168,7 +168,9 @@ def split_model(model: nn.Module, splitter: Splitter | None = None) -> list[Laye
 
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise ValueError(
             f"{len(missing)} trainable parameter(s) are in no layer group: {shown}. "
             "Add them to a group in the splitter (the head usually), or set requires_grad=False."

@@ -128,7 +128,9 @@ class Learner:
         self.wd_bn_bias = bool(wd_bn_bias)
         self.train_bn = bool(train_bn)
         self.moms = _check_moms(moms)
-        self.opt = _make_optimizer(opt_func, build_param_groups(model, self.splits, wd_bn_bias), lr, len(self.splits))
+        self.opt = _make_optimizer(
+            opt_func, build_param_groups(model, self.splits, wd_bn_bias), lr, len(self.splits)
+        )
         self._apply_wd(self.wd)
         self.path = Path(path)
         self.logger = _make_logger(logger, self.path)
@@ -285,7 +287,11 @@ class Learner:
             **kwargs: Passed to both ``fit_one_cycle`` calls (``div_final``, ``wd``, ``moms``).
         """
         _check_epochs(epochs)
-        if isinstance(freeze_epochs, bool) or not isinstance(freeze_epochs, int) or freeze_epochs < 0:
+        if (
+            isinstance(freeze_epochs, bool)
+            or not isinstance(freeze_epochs, int)
+            or freeze_epochs < 0
+        ):
             raise ValueError(f"freeze_epochs must be an int >= 0, got {freeze_epochs!r}.")
         _check_positive(base_lr, "base_lr")
         _check_positive(lr_mult, "lr_mult")
@@ -377,7 +383,11 @@ class Learner:
         """``trainer.fit`` with the Learner's optimizer, quiet logs and a clean interrupt."""
         handler = signal.getsignal(signal.SIGINT)
         try:
-            with _quiet_lightning(), self._supersede_optimizer():
+            with _quiet_lightning(), self._supersede_optimizer(), warnings.catch_warnings():
+                # LearnerModule always defines validation_step; no valid_dl is not a mistake.
+                warnings.filterwarnings(
+                    "ignore", ".*`validation_step` but have no `val_dataloader`"
+                )
                 trainer.fit(self.module, **self._data_kwargs(), **fit_kwargs)
         except SystemExit:
             # Lightning turns Ctrl-C into SystemExit (it would end a notebook's kernel or a
@@ -432,7 +442,9 @@ class Learner:
         rows = [("group", "params", "trainable", "lr")]
         for group, frozen, lr in zip(self.splits, self._frozen, lrs):
             trainable = sum(p.numel() for p in group.params if p.requires_grad)
-            state = "no" if trainable == 0 else ("yes" if not frozen else f"norm only ({trainable:,})")
+            state = (
+                "no" if trainable == 0 else ("yes" if not frozen else f"norm only ({trainable:,})")
+            )
             rows.append((group.name, f"{group.n_params:,}", state, f"{lr:.2e}"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
@@ -469,7 +481,9 @@ def _make_module(
         raise TypeError(f"loss_func must be callable (preds, target) -> loss, got {loss_func!r}.")
     if metrics is None:
         metrics = []
-    elif callable(metrics) and not isinstance(metrics, nn.Module) or isinstance(metrics, nn.Module):
+    elif (callable(metrics) and not isinstance(metrics, nn.Module)) or isinstance(
+        metrics, nn.Module
+    ):
         metrics = [metrics]
     metrics = list(metrics)
     for m in metrics:
@@ -486,7 +500,9 @@ def _length(loader: Any) -> int | None:
 
 
 def _check_loader(loader: Any, name: str) -> None:
-    if isinstance(loader, (str, bytes, torch.Tensor, np.ndarray)) or not hasattr(loader, "__iter__"):
+    if isinstance(loader, (str, bytes, torch.Tensor, np.ndarray)) or not hasattr(
+        loader, "__iter__"
+    ):
         raise TypeError(
             f"{name} must be a DataLoader (or an iterable of batches), got "
             f"{type(loader).__name__}; wrap a Dataset in torch.utils.data.DataLoader."
@@ -518,7 +534,8 @@ def _check_data(data: Any, module: pl.LightningModule) -> tuple[Any, Any, Any]:
         return data, None, None
     raise TypeError(
         f"data must be (train_dl, valid_dl), a LightningDataModule or None; got "
-        f"{type(data).__name__}" + (f" of length {len(data)}" if isinstance(data, (tuple, list)) else "")
+        f"{type(data).__name__}"
+        + (f" of length {len(data)}" if isinstance(data, (tuple, list)) else "")
         + "."
     )
 

@@ -57,7 +57,9 @@ class ContinuousLogger(Logger):
         self.logger.log_metrics(metrics, None if step is None else step + self.step_offset)
 
     @override
-    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+    def log_hyperparams(
+        self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any
+    ) -> None:
         self.logger.log_hyperparams(params, *args, **kwargs)
 
     @override

@@ -73,7 +73,11 @@ def expand_lrs(
     if isinstance(spec, slice):
         return _expand_slice(spec, n_groups, name)
     if isinstance(spec, (Sequence, np.ndarray)) and not isinstance(spec, (str, bytes)):
-        values = list(np.asarray(spec, dtype=object).ravel()) if isinstance(spec, np.ndarray) else list(spec)
+        values = (
+            list(np.asarray(spec, dtype=object).ravel())
+            if isinstance(spec, np.ndarray)
+            else list(spec)
+        )
         if len(values) == 1:
             values = values * n_groups
         if len(values) != n_groups:
@@ -81,9 +85,7 @@ def expand_lrs(
                 f"{name} has {len(values)} values but the model has {n_groups} layer groups; "
                 f"pass a float, a slice(lo, hi) or {n_groups} values."
             )
-        return [
-            _check_value(v, f"{name}[{i}]", n_groups, allow_zero) for i, v in enumerate(values)
-        ]
+        return [_check_value(v, f"{name}[{i}]", n_groups, allow_zero) for i, v in enumerate(values)]
     return [_check_value(spec, name, n_groups, allow_zero=False)] * n_groups
 
 

@@ -71,11 +71,15 @@ class ProgressTable(Callback):
 
         head = "".join(f"<th>{c}</th>" for c in self._columns)
         body = "".join(
-            "<tr>" + "".join(f"<td>{_format(r.get(c, math.nan))}</td>" for c in self._columns) + "</tr>"
+            "<tr>"
+            + "".join(f"<td>{_format(r.get(c, math.nan))}</td>" for c in self._columns)
+            + "</tr>"
             for r in rows
         )
-        html = HTML(f'<table border="1" class="dataframe"><thead><tr>{head}</tr></thead>'
-                    f"<tbody>{body}</tbody></table>")
+        html = HTML(
+            f'<table border="1" class="dataframe"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table>"
+        )
         if self._handle is None:
             self._handle = display(html, display_id=True)
         else:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import matplotlib
 import pytest
 from torch.utils.data import DataLoader
@@ -11,8 +9,6 @@ from torch.utils.data import DataLoader
 from tests.helpers import make_loaders, three_groups
 
 matplotlib.use("Agg")
-warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ from torch import nn
 
 from difflr.freezing import apply_freeze, frozen_pattern
 from difflr.groups import split_model
-
 from tests.helpers import make_model, three_groups
 
 
@@ -41,8 +40,14 @@ def test_train_bn_keeps_batchnorm_trainable_in_frozen_groups():
     model = make_model()
     apply_freeze(model, split_model(model, three_groups), [True, True, False], train_bn=True)
     assert _flags(model) == {
-        "0.weight": False, "0.bias": False, "1.weight": True, "1.bias": True,
-        "3.weight": False, "3.bias": False, "5.weight": True, "5.bias": True,
+        "0.weight": False,
+        "0.bias": False,
+        "1.weight": True,
+        "1.bias": True,
+        "3.weight": False,
+        "3.bias": False,
+        "5.weight": True,
+        "5.bias": True,
     }
 
 
@@ -53,7 +58,8 @@ def test_without_train_bn_batchnorm_freezes_with_its_group():
 
 
 @pytest.mark.parametrize(
-    "norm", [nn.LayerNorm(4), nn.GroupNorm(2, 4), nn.InstanceNorm1d(4, affine=True), nn.BatchNorm1d(4)]
+    "norm",
+    [nn.LayerNorm(4), nn.GroupNorm(2, 4), nn.InstanceNorm1d(4, affine=True), nn.BatchNorm1d(4)],
 )
 def test_every_normalisation_layer_type_stays_trainable(norm):
     model = nn.Sequential(nn.Linear(4, 4), norm, nn.Linear(4, 2))

@@ -3,7 +3,6 @@ import torch
 from torch import nn
 
 from difflr.groups import build_param_groups, no_decay_param_ids, split_model
-
 from tests.helpers import make_model, three_groups
 
 
@@ -86,7 +85,12 @@ def test_param_groups_split_decay_from_no_decay_within_a_layer_group():
     model = make_model()
     pgs = build_param_groups(model, split_model(model, three_groups), wd_bn_bias=False)
     assert [pg["name"] for pg in pgs] == [
-        "0.stem", "0.stem/no_decay", "1.body", "1.body/no_decay", "2.head", "2.head/no_decay",
+        "0.stem",
+        "0.stem/no_decay",
+        "1.body",
+        "1.body/no_decay",
+        "2.head",
+        "2.head/no_decay",
     ]
     assert [pg["layer_group"] for pg in pgs] == [0, 0, 1, 1, 2, 2]
     assert pgs[1]["params"] == [model[0].bias, model[1].weight, model[1].bias]
