@@ -8,6 +8,7 @@ from difflr.callbacks import ParamScheduler, Recorder
 from difflr.groups import LayerGroup, split_model
 from difflr.learner import Learner
 from difflr.lr import LRSpec, expand_lrs
+from difflr.lr_finder import SuggestedLRs, minimum, slide, steep, valley
 from difflr.metrics import accuracy, error_rate
 
 __version__ = "0.1.0"
@@ -18,9 +19,14 @@ __all__ = [
     "Learner",
     "ParamScheduler",
     "Recorder",
+    "SuggestedLRs",
     "__version__",
     "accuracy",
     "error_rate",
     "expand_lrs",
+    "minimum",
+    "slide",
     "split_model",
+    "steep",
+    "valley",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -21,6 +21,9 @@ from typing_extensions import override
 
 from difflr.groups import GROUP_INDEX_KEY
 from difflr.schedules import Schedule
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SMOOTH_BETA = 0.98
 
@@ -216,6 +219,8 @@ class Recorder(Callback):
         self.boundaries: list[int] = []
         self.trainable: list[list[bool]] = []
         self.epoch_offset = 0
+        self._epoch_steps: list[int] = []
+        self.lr_find_points: dict[str, tuple[float, float]] = {}
         self._begin_run()
 
     def _begin_run(self) -> None:
@@ -320,6 +325,35 @@ class Recorder(Callback):
             row[key] = float(value) if isinstance(value, (torch.Tensor, float, int)) else math.nan
         row["time"] = time.perf_counter() - self._epoch_start
         self.values.append(row)
+        self._epoch_steps.append(len(self._lrs) - 1)
+
+    # ----------------------------------------------------------------------------- plots
+    def plot_sched(self) -> Figure:
+        """Every layer group's LR (log scale) and momentum at each step, fits marked."""
+        from difflr.plotting import plot_sched
+
+        return plot_sched(self.lrs, self.moms, self.names, self.boundaries[1:])
+
+    def plot_loss(self, skip_start: int = 0) -> Figure:
+        """The smoothed training loss per step and the validation loss per epoch."""
+        from difflr.plotting import plot_loss
+
+        valid = [
+            (step, row["valid_loss"])
+            for step, row in zip(self._epoch_steps, self.values)
+            if "valid_loss" in row and math.isfinite(row["valid_loss"])
+        ]
+        return plot_loss(self.losses, valid, skip_start)
+
+    def plot_lr_find(self, skip_end: int = 5) -> Figure:
+        """The last ``lr_find``'s loss against the head group's LR, suggestions marked."""
+        from difflr.plotting import plot_lr_find
+
+        if not self.lr_find_points and not len(self._lrs):
+            raise ValueError("nothing recorded yet; run learn.lr_find() first.")
+        lrs, losses = self.lrs[:, -1], self.losses
+        n = min(len(lrs), len(losses))
+        return plot_lr_find(lrs[:n], losses[:n], self.lr_find_points, min(skip_end, n - 1))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

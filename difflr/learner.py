@@ -30,6 +30,7 @@ from difflr.groups import (
 )
 from difflr.loggers import ContinuousLogger
 from difflr.lr import LRSpec, expand_lrs
+from difflr.lr_finder import SuggestedLRs, valley
 from difflr.module import LearnerModule
 from difflr.progress import ProgressTable
 from difflr.schedules import flat_cos_lr, one_cycle_lr, one_cycle_mom, sched_const
@@ -344,7 +345,14 @@ class Learner:
         if wd is not None:
             self.wd = wd
 
-    def _make_trainer(self, callbacks: Sequence[pl.Callback], **overrides: Any) -> pl.Trainer:
+    def _make_trainer(
+        self,
+        callbacks: Sequence[pl.Callback],
+        standard_callbacks: bool = True,
+        **overrides: Any,
+    ) -> pl.Trainer:
+        """A fresh Trainer with the Learner's arguments; ``standard_callbacks`` adds the
+        recorder, the epoch table and the user's callbacks after ``callbacks``."""
         kwargs: dict[str, Any] = {
             "logger": self.logger if self.logger is not None else False,
             "default_root_dir": str(self.path),
@@ -357,7 +365,10 @@ class Learner:
             kwargs["log_every_n_steps"] = max(1, min(50, n_batches))
         kwargs.update(self.trainer_kwargs)
         kwargs.update(overrides)
-        kwargs["callbacks"] = [*callbacks, self.recorder, self._table, *self.callbacks]
+        standard = [self.recorder, self._table, *self.callbacks] if standard_callbacks else []
+        kwargs["callbacks"] = [*callbacks, *standard]
+        if not standard_callbacks:
+            kwargs["callbacks"].append(self.recorder)
         with _quiet_lightning():
             return pl.Trainer(**kwargs)
 
@@ -379,9 +390,15 @@ class Learner:
         self.trainer = trainer
         self._run(trainer, scheduler)
 
-    def _run(self, trainer: pl.Trainer, scheduler: ParamScheduler, **fit_kwargs: Any) -> None:
-        """``trainer.fit`` with the Learner's optimizer, quiet logs and a clean interrupt."""
+    def _run(
+        self, trainer: pl.Trainer, scheduler: ParamScheduler, log: bool = True, **fit_kwargs: Any
+    ) -> None:
+        """``trainer.fit`` with the Learner's optimizer, quiet logs and a clean interrupt.
+
+        ``log=False`` keeps the run off the TensorBoard timeline (``lr_find``)."""
         handler = signal.getsignal(signal.SIGINT)
+        # Lightning 2 keeps the module's train/eval mode; a fit trains (as fastai's does).
+        self.module.train()
         try:
             with _quiet_lightning(), self._supersede_optimizer(), warnings.catch_warnings():
                 # LearnerModule always defines validation_step; no valid_dl is not a mistake.
@@ -402,7 +419,7 @@ class Learner:
             # Lightning ignores SIGINT while it shuts down after an interrupt; restore it.
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, handler)
-            if isinstance(self.logger, ContinuousLogger):
+            if log and isinstance(self.logger, ContinuousLogger):
                 self.logger.step_offset += scheduler.step
                 self.logger.epoch_offset += trainer.current_epoch
 
@@ -434,6 +451,49 @@ class Learner:
                 del module.configure_optimizers
             else:
                 module.configure_optimizers = own
+
+    # ----------------------------------------------------------------------------- lr_find
+    def lr_find(
+        self,
+        start_lr: LRSpec = 1e-7,
+        end_lr: LRSpec = 10.0,
+        num_it: int = 100,
+        stop_div: bool = True,
+        show_plot: bool = True,
+        suggest_funcs: Any = (valley,),
+        snapshot: str = "memory",
+    ) -> SuggestedLRs:
+        """The LR range test: train ``num_it`` steps with an exponentially growing LR, suggest an
+        LR from the loss curve, and leave the Learner exactly as it was.
+
+        The LR of step ``i`` is ``start * (end / start) ** (i / num_it)`` for every layer group,
+        so bounds given as lists or slices keep the ratios between groups (frozen groups do not
+        move). Weights, buffers, optimizer state and hyper-parameters, ``requires_grad`` flags,
+        train/eval modes and the torch/numpy/python RNG states are restored bit for bit
+        afterwards, also when the sweep diverges, raises or is interrupted. Nothing is logged or
+        written to disk (unless ``snapshot="disk"``).
+
+        Args:
+            start_lr: First LR: a float, a list per group or a slice (see ``expand_lrs``).
+            end_lr: LR that the sweep would reach at step ``num_it``; above ``start_lr``.
+            num_it: Number of steps (>= 2); the training loader is repeated as needed.
+            stop_div: Stop once the smoothed loss exceeds 4x the best or is not finite.
+            show_plot: Show the loss-vs-LR figure inline (in Jupyter; nothing in a script).
+            suggest_funcs: Functions ``(lrs, losses) -> lr`` applied to the curve without its
+                first ``num_it // 10`` and last 5 points, on the head group's LR.
+            snapshot: ``"memory"`` (fast) or ``"disk"`` (a file under ``path``, removed after;
+                for a model too large to hold twice).
+
+        Returns:
+            A ``SuggestedLRs`` namedtuple, one field per suggestion function (``res.valley``).
+            ``learn.recorder`` holds the sweep (``lrs``, ``losses``, ``plot_lr_find()``).
+
+        Raises:
+            ValueError: ``start_lr >= end_lr`` for a group, a non-positive bound, ``num_it < 2``.
+        """
+        from difflr.lr_finder import lr_find
+
+        return lr_find(self, start_lr, end_lr, num_it, stop_div, show_plot, suggest_funcs, snapshot)
 
     # ----------------------------------------------------------------------------- inspection
     def summary(self) -> str:

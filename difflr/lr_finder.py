@@ -23,16 +23,23 @@ import math
 import warnings
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, TypeAlias
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
+    from difflr.learner import Learner
+    from difflr.lr import LRSpec
+
 __all__ = [
     "SuggestedLRs",
     "SuggestionFunc",
+    "lr_find",
     "make_suggestions",
     "minimum",
     "slide",
@@ -333,8 +340,6 @@ def _suggested_lrs_class(names: tuple[str, ...]) -> type[SuggestedLRs]:
                 f"{name!r} cannot be a SuggestedLRs field; use an identifier that is not a "
                 "keyword and does not start with an underscore."
             )
-    if len(set(names)) != len(names):
-        raise ValueError(f"SuggestedLRs field names must be unique; got {list(names)}.")
     fields = namedtuple("SuggestedLRs", names)  # the field names are only known at run time
     return type(
         "SuggestedLRs",
@@ -477,3 +482,166 @@ def _loss_at(lr: float, lrs: np.ndarray, losses: np.ndarray) -> float:
     if not (math.isfinite(lr) and lr > 0):
         return math.nan
     return float(np.interp(math.log10(lr), np.log10(lrs), losses))
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------------
+
+
+class _Snapshot:
+    """Everything an LR range test can change, held so that it can be put back bit for bit.
+
+    Parameters and buffers are copied into the same tensors (so the optimizer's references stay
+    valid), the optimizer through its state dict (state and hyper-parameters), plus the
+    ``requires_grad`` flags, gradients, train/eval modes and the torch, CUDA, numpy and python RNG
+    states. ``to_disk`` keeps the tensor copies in a file instead of memory, for a model too
+    large to hold twice.
+    """
+
+    def __init__(
+        self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, to_disk: Path | None
+    ):
+        import copy
+        import random
+
+        self.tensors = dict(module.named_parameters()) | {
+            f"buffer:{k}": v for k, v in module.named_buffers()
+        }
+        values = {k: v.detach().clone() for k, v in self.tensors.items()}
+        grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+        opt_state = copy.deepcopy(optimizer.state_dict())
+        self.file = to_disk
+        if to_disk is not None:
+            torch.save({"values": values, "grads": grads, "opt": opt_state}, to_disk)
+            values, grads, opt_state = {}, {}, {}
+        self.values, self.grads, self.opt_state = values, grads, opt_state
+        self.flags = {k: p.requires_grad for k, p in module.named_parameters()}
+        self.modes = {k: m.training for k, m in module.named_modules()}
+        self.rng = (
+            torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            np.random.get_state(),
+            random.getstate(),
+        )
+
+    def restore(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        import random
+
+        values, grads, opt_state = self.values, self.grads, self.opt_state
+        if self.file is not None:
+            saved = torch.load(self.file, weights_only=False)
+            values, grads, opt_state = saved["values"], saved["grads"], saved["opt"]
+            self.file.unlink(missing_ok=True)
+        with torch.no_grad():
+            for key, tensor in self.tensors.items():
+                tensor.copy_(values[key])
+        for key, p in module.named_parameters():
+            p.requires_grad_(self.flags[key])
+            p.grad = grads.get(key)
+        optimizer.load_state_dict(opt_state)
+        for key, m in module.named_modules():
+            m.training = self.modes[key]
+        torch_rng, cuda_rng, np_rng, py_rng = self.rng
+        torch.set_rng_state(torch_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        np.random.set_state(np_rng)
+        random.setstate(py_rng)
+
+
+class _StopOnDivergence(Callback):
+    """Stop the sweep once the smoothed loss exceeds ``factor`` times the best, or is not finite.
+
+    Reads each step's loss on the host (one synchronisation per step, as any LR finder must).
+    """
+
+    def __init__(self, factor: float = 4.0) -> None:
+        self.factor = factor
+        self.best = math.inf
+        self.avg, self.count = 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        self.avg = 0.98 * self.avg + 0.02 * float(loss) * trainer.accumulate_grad_batches
+        self.count += 1
+        smoothed = self.avg / (1 - 0.98**self.count)
+        if not math.isfinite(smoothed) or smoothed > self.factor * self.best:
+            trainer.should_stop = True
+        self.best = min(self.best, smoothed)
+
+
+def _bounds(value: Any, n_groups: int, name: str) -> np.ndarray:
+    from difflr.lr import expand_lrs
+
+    return np.array(expand_lrs(value, n_groups, name=name))
+
+
+def lr_find(
+    learn: Learner,
+    start_lr: LRSpec = 1e-7,
+    end_lr: LRSpec = 10.0,
+    num_it: int = 100,
+    stop_div: bool = True,
+    show_plot: bool = True,
+    suggest_funcs: SuggestionFunc | Sequence[SuggestionFunc] = (valley,),
+    snapshot: str = "memory",
+) -> SuggestedLRs:
+    """Run the LR range test on ``learn`` and put everything back as it was.
+
+    See :meth:`difflr.Learner.lr_find` for the arguments.
+    """
+    from difflr.callbacks import ParamScheduler
+    from difflr.schedules import exp_range
+
+    n_groups = learn.n_groups
+    starts, ends = _bounds(start_lr, n_groups, "start_lr"), _bounds(end_lr, n_groups, "end_lr")
+    if np.any(starts >= ends):
+        raise ValueError(
+            f"start_lr must be below end_lr for every layer group, got start_lr={start_lr!r} "
+            f"and end_lr={end_lr!r}; e.g. lr_find(start_lr=1e-7, end_lr=10)."
+        )
+    if isinstance(num_it, bool) or not isinstance(num_it, (int, np.integer)) or num_it < 2:
+        raise ValueError(f"num_it must be an int >= 2 (sweep iterations), got {num_it!r}.")
+    if snapshot not in ("memory", "disk"):
+        raise ValueError(f"snapshot must be 'memory' or 'disk', got {snapshot!r}.")
+    funcs = (suggest_funcs,) if callable(suggest_funcs) else tuple(suggest_funcs)
+    if not funcs or not all(callable(f) for f in funcs):
+        raise ValueError(
+            f"suggest_funcs must be suggestion functions (lrs, losses) -> lr, got {suggest_funcs!r}."
+        )
+
+    scheduler = ParamScheduler(exp_range(starts, ends), None, total_steps=int(num_it))
+    callbacks = [scheduler, *([_StopOnDivergence()] if stop_div else [])]
+    trainer = learn._make_trainer(
+        callbacks,
+        standard_callbacks=False,
+        max_steps=int(num_it),
+        max_epochs=-1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    to_disk = learn.path / ".lr_find_snapshot.pt" if snapshot == "disk" else None
+    if to_disk is not None:
+        to_disk.parent.mkdir(parents=True, exist_ok=True)
+    saved = _Snapshot(learn.module, learn.opt, to_disk)
+    learn.recorder.reset()
+    try:
+        learn._run(trainer, scheduler, log=False)
+    finally:
+        saved.restore(learn.module, learn.opt)
+
+    rec = learn.recorder
+    lrs, losses = rec.lrs[:, -1], rec.losses
+    n = min(len(lrs), len(losses))
+    suggested, points = make_suggestions(funcs, lrs[:n], losses[:n], skip_start=num_it // 10)
+    rec.lr_find_points = points
+    if show_plot:
+        from difflr.plotting import show
+
+        show(rec.plot_lr_find())
+    return suggested

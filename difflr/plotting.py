@@ -162,12 +162,14 @@ def plot_loss(
             f"skip_start={skip_start} leaves nothing of the {len(loss_array)} recorded steps; "
             f"pass a skip_start below {len(loss_array)}."
         )
-    valid_array = np.asarray(valid_losses, dtype=np.float64).reshape(-1, 2)
-    if len(valid_array) != len(valid_losses):
+    try:
+        pairs = [(float(step), float(loss)) for step, loss in valid_losses]
+    except (TypeError, ValueError) as error:
         raise ValueError(
             f"valid_losses must be (step, loss) pairs; got {valid_losses!r}. "
             "Pass e.g. [(99, 0.52), (199, 0.41)]."
-        )
+        ) from error
+    valid_array = np.array(pairs, dtype=np.float64).reshape(-1, 2)
     valid_array = valid_array[valid_array[:, 0] >= skip_start]
 
     fig, (ax,) = _new_figure(1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -244,16 +244,20 @@ def _timm_classifier_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _readable_name(param_names: Sequence[str], index: int) -> str:
-    """The module path the parameters share ("layer1", "blocks_3"), else that of the first one."""
+    """The module path the parameters share, up to its first index ("layer1", "blocks_3")."""
     paths = [name.split(".")[:-1] for name in param_names]
-    common = os.path.commonprefix(paths)
-    if not common:
-        # A group that merged a block with a following norm ("blocks.11.*" and "norm.*"): name it
-        # after the block, up to its index.
-        first = paths[0]
-        digits = [i for i, part in enumerate(first) if part.isdigit()]
-        common = first[: digits[0] + 1] if digits else first[:1]
-    return "_".join(common) or f"group{index}"
+    common: list[str] = []
+    for parts in zip(*paths):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    # A group that merged a block with a following norm ("blocks.11.*" and "norm.*") shares no
+    # path: name it after its first block.
+    path = common or paths[0]
+    digits = [i for i, part in enumerate(path) if part.isdigit()]
+    if digits:
+        path = path[: digits[0] + 1]
+    return "_".join(path) or f"group{index}"
 
 
 _FAMILIES: tuple[tuple[str, type[nn.Module], Callable[[nn.Module], NamedGroups]], ...] = (
@@ -415,7 +419,9 @@ def find_splitter(model: nn.Module) -> Splitter | None:
 # --------------------------------------------------------------------------------------------
 
 
-def create_head(n_in: int, n_out: int, hidden: int | None = 512, dropout: float = 0.25) -> nn.Module:
+def create_head(
+    n_in: int, n_out: int, hidden: int | None = 512, dropout: float = 0.25
+) -> nn.Module:
     """A fastai-style classifier head for pooled, flattened features.
 
     ``BatchNorm1d(n_in) → Dropout(dropout/2) → Linear(n_in, hidden) → ReLU → BatchNorm1d(hidden)
