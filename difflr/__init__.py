@@ -10,15 +10,18 @@ from difflr.learner import Learner
 from difflr.lr import LRSpec, expand_lrs
 from difflr.lr_finder import SuggestedLRs, minimum, slide, steep, valley
 from difflr.metrics import accuracy, error_rate
+from difflr.stages import GradualUnfreezing, Stage
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradualUnfreezing",
     "LRSpec",
     "LayerGroup",
     "Learner",
     "ParamScheduler",
     "Recorder",
+    "Stage",
     "SuggestedLRs",
     "__version__",
     "accuracy",

@@ -118,21 +118,38 @@ class ParamScheduler(Callback):
         self.total_steps = total_steps
         self.step = 0
         self._index: list[int] = []
+        self._n_groups = 0
         self._key: str | None = None
         self._total = 1
 
     def values(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The LRs and momentums of optimizer step ``step`` (0-based)."""
+        """The LRs and momentums (one per layer group) of optimizer step ``step`` (0-based)."""
         pct = min(step / self._total, 1.0)
         lrs = np.asarray(self.lr_sched(pct), dtype=float)
         moms = None if self.mom_sched is None else np.asarray(self.mom_sched(pct), dtype=float)
-        n = len(set(self._index)) if self._index else lrs.size
+        n = self._n_groups or lrs.size
         return np.broadcast_to(lrs, (n,)), None if moms is None else np.broadcast_to(moms, (n,))
+
+    def schedule(
+        self, total_steps: int, index: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every step's values for a fit of ``total_steps`` steps, computed by :meth:`values`
+        (what training uses), for an optimizer whose param groups map to layer groups
+        ``index``. Returns ``(lrs, moms)`` of shape ``(total_steps, n_groups)``."""
+        self._configure(total_steps, index)
+        steps = [self.values(i) for i in range(total_steps)]
+        lrs = np.array([s[0] for s in steps])
+        moms = None if self.mom_sched is None else np.array([s[1] for s in steps])
+        return lrs, moms
+
+    def _configure(self, total_steps: int, index: Sequence[int]) -> None:
+        self._total = int(total_steps)
+        self._index = list(index)
+        self._n_groups = max(self._index) + 1
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = _single_optimizer(trainer)
-        self._index = layer_group_index(optimizer)
         self._key = momentum_key(optimizer)
         total = self.total_steps or trainer.estimated_stepping_batches
         if not math.isfinite(total) or total < 1:
@@ -140,7 +157,7 @@ class ParamScheduler(Callback):
                 f"cannot schedule over {total} optimizer steps; set max_epochs or max_steps on "
                 "the Trainer."
             )
-        self._total = int(total)
+        self._configure(total, layer_group_index(optimizer))
         self._apply(optimizer)  # so step 0's values are in place before the first forward
 
     @override

@@ -9,8 +9,9 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -18,7 +19,14 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import nn
 
-from difflr.callbacks import ParamScheduler, Recorder, momentum_key, read_hypers
+from difflr.callbacks import (
+    ParamScheduler,
+    Recorder,
+    layer_group_index,
+    momentum_key,
+    read_hypers,
+)
+from difflr.checks import check_epochs, check_moms, check_pct, check_positive, check_wd
 from difflr.freezing import apply_freeze, check_freeze_to, frozen_pattern, trainable_flags
 from difflr.groups import (
     GROUP_INDEX_KEY,
@@ -33,6 +41,11 @@ from difflr.lr import LRSpec, expand_lrs
 from difflr.lr_finder import SuggestedLRs, valley
 from difflr.module import LearnerModule
 from difflr.progress import ProgressTable
+from difflr.stages import Stage, check_plan
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 from difflr.schedules import flat_cos_lr, one_cycle_lr, one_cycle_mom, sched_const
 
 #: Trainer arguments that each fit method sets itself.
@@ -41,6 +54,41 @@ _RESERVED = ("max_epochs", "max_steps", "min_epochs", "min_steps")
 #: Lightning loggers whose INFO lines ("GPU available: ...", "`Trainer.fit` stopped ...") would
 #: repeat at every fit, since each fit has its own Trainer.
 _CHATTY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
+
+
+@dataclass
+class Phase:
+    """One Trainer's worth of a plan: a frozen pattern, a number of epochs and a scheduler."""
+
+    n_epoch: int
+    scheduler: ParamScheduler
+    freeze_to: int | None = None
+    wd: float | None = None
+
+
+@dataclass
+class SchedulePreview:
+    """The schedule a fit would follow, per optimizer step and layer group.
+
+    Attributes:
+        lrs: ``(n_steps, n_groups)`` LRs.
+        moms: ``(n_steps, n_groups)`` momentums (NaN for optimizers without one).
+        names: The layer groups' names.
+        boundaries: First step of each Trainer (fit phase or stage).
+        trainable: Which groups train in each phase.
+    """
+
+    lrs: np.ndarray
+    moms: np.ndarray
+    names: list[str]
+    boundaries: list[int]
+    trainable: list[list[bool]]
+
+    def plot_sched(self) -> Figure:
+        """Every group's LR and momentum, as ``Recorder.plot_sched`` draws a finished fit."""
+        from difflr.plotting import plot_sched
+
+        return plot_sched(self.lrs, self.moms, self.names, self.boundaries[1:])
 
 
 class Learner:
@@ -125,10 +173,10 @@ class Learner:
         self.splits: list[LayerGroup] = split_model(model, splitter)
         expand_lrs(lr, len(self.splits), name="lr")
         self.lr = lr
-        self.wd = _check_wd(wd)
+        self.wd = check_wd(wd)
         self.wd_bn_bias = bool(wd_bn_bias)
         self.train_bn = bool(train_bn)
-        self.moms = _check_moms(moms)
+        self.moms = check_moms(moms)
         self.opt = _make_optimizer(
             opt_func, build_param_groups(model, self.splits, wd_bn_bias), lr, len(self.splits)
         )
@@ -181,6 +229,10 @@ class Learner:
         self.freeze_to(0)
 
     # ----------------------------------------------------------------------------- fitting
+    # Each fit method validates its arguments, turns them into a plan of phases (a frozen
+    # pattern, epochs, a scheduler) and runs it; ``preview_*`` evaluates the same plan's
+    # schedulers without training, so a preview and the training cannot disagree.
+
     def fit(self, n_epoch: int, lr: LRSpec | None = None, wd: float | None = None) -> None:
         """Train ``n_epoch`` epochs at a constant LR per group (momentum left as it is).
 
@@ -189,10 +241,12 @@ class Learner:
             lr: LR spec; ``None`` uses the Learner's ``lr``.
             wd: Weight decay for this and later fits; ``None`` keeps the current one.
         """
-        _check_epochs(n_epoch)
+        self._execute(self._plan_fit(n_epoch, lr, wd))
+
+    def _plan_fit(self, n_epoch: int, lr: LRSpec | None, wd: float | None) -> list[Phase]:
+        check_epochs(n_epoch)
         lrs = self._lrs(lr, "lr")
-        wd = _check_wd(wd)
-        self._fit(n_epoch, ParamScheduler(sched_const(lrs)), wd)
+        return [Phase(n_epoch, ParamScheduler(sched_const(np.array(lrs))), wd=check_wd(wd))]
 
     def fit_one_cycle(
         self,
@@ -221,28 +275,31 @@ class Learner:
         Example:
             >>> learn.fit_one_cycle(4, lr_max=slice(1e-5, 1e-3))  # doctest: +SKIP
         """
-        _check_epochs(n_epoch)
-        lrs = self._lrs(lr_max, "lr_max")
-        _check_positive(div, "div")
-        _check_positive(div_final, "div_final")
-        _check_pct(pct_start)
-        moms = self.moms if moms is None else _check_moms(moms)
-        wd = _check_wd(wd)
-        self._fit(n_epoch, self.one_cycle_scheduler(lrs, div, div_final, pct_start, moms), wd)
+        self._execute(self._plan_one_cycle(n_epoch, lr_max, div, div_final, pct_start, wd, moms))
 
-    def one_cycle_scheduler(
+    def _plan_one_cycle(
         self,
-        lr_max: Sequence[float],
+        n_epoch: int,
+        lr_max: LRSpec | None = None,
         div: float = 25.0,
         div_final: float = 1e5,
         pct_start: float = 0.25,
+        wd: float | None = None,
         moms: Sequence[float] | None = None,
-    ) -> ParamScheduler:
-        """The callback that ``fit_one_cycle`` trains with (also for previews)."""
-        return ParamScheduler(
-            one_cycle_lr(np.asarray(lr_max), pct_start, div, div_final),
-            self._mom_sched(one_cycle_mom(self.moms if moms is None else moms, pct_start)),
+        freeze_to: int | None = None,
+        name: str = "lr_max",
+    ) -> list[Phase]:
+        check_epochs(n_epoch)
+        lrs = self._lrs(lr_max, name)
+        check_positive(div, "div")
+        check_positive(div_final, "div_final")
+        check_pct(pct_start)
+        moms = self.moms if moms is None else check_moms(moms)
+        scheduler = ParamScheduler(
+            one_cycle_lr(np.array(lrs), pct_start, div, div_final),
+            self._mom_sched(one_cycle_mom(moms, pct_start)),
         )
+        return [Phase(n_epoch, scheduler, freeze_to, check_wd(wd))]
 
     def fit_flat_cos(
         self,
@@ -254,12 +311,17 @@ class Learner:
     ) -> None:
         """Train at a flat LR for ``pct_start`` of the steps, then cosine down to
         ``lr/div_final`` (momentum left as it is)."""
-        _check_epochs(n_epoch)
+        self._execute(self._plan_flat_cos(n_epoch, lr, div_final, pct_start, wd))
+
+    def _plan_flat_cos(
+        self, n_epoch: int, lr: LRSpec | None, div_final: float, pct_start: float, wd: float | None
+    ) -> list[Phase]:
+        check_epochs(n_epoch)
         lrs = self._lrs(lr, "lr")
-        _check_positive(div_final, "div_final")
-        _check_pct(pct_start)
-        wd = _check_wd(wd)
-        self._fit(n_epoch, ParamScheduler(flat_cos_lr(np.asarray(lrs), pct_start, div_final)), wd)
+        check_positive(div_final, "div_final")
+        check_pct(pct_start)
+        scheduler = ParamScheduler(flat_cos_lr(np.array(lrs), pct_start, div_final))
+        return [Phase(n_epoch, scheduler, wd=check_wd(wd))]
 
     def fine_tune(
         self,
@@ -282,52 +344,163 @@ class Learner:
             epochs: Epochs of the unfrozen phase (>= 1).
             base_lr: Head LR of the frozen phase (halved for the unfrozen one).
             freeze_epochs: Epochs of the frozen phase (0 skips it).
-            lr_mult: Ratio of the head's LR to the stem's in the unfrozen phase (>= 1).
+            lr_mult: Ratio of the head's LR to the stem's in the unfrozen phase (> 0).
             pct_start: Warm-up fraction of the unfrozen phase.
             div: Initial LR divisor of the unfrozen phase.
-            **kwargs: Passed to both ``fit_one_cycle`` calls (``div_final``, ``wd``, ``moms``).
+            **kwargs: Passed to both one-cycles (``div_final``, ``wd``, ``moms``).
         """
-        _check_epochs(epochs)
+        self._execute(
+            self._plan_fine_tune(epochs, base_lr, freeze_epochs, lr_mult, pct_start, div, **kwargs)
+        )
+
+    def _plan_fine_tune(
+        self,
+        epochs: int,
+        base_lr: float = 2e-3,
+        freeze_epochs: int = 1,
+        lr_mult: float = 100,
+        pct_start: float = 0.3,
+        div: float = 5.0,
+        **kwargs: Any,
+    ) -> list[Phase]:
+        check_epochs(epochs)
         if (
             isinstance(freeze_epochs, bool)
             or not isinstance(freeze_epochs, int)
             or freeze_epochs < 0
         ):
             raise ValueError(f"freeze_epochs must be an int >= 0, got {freeze_epochs!r}.")
-        _check_positive(base_lr, "base_lr")
-        _check_positive(lr_mult, "lr_mult")
-        _check_positive(div, "div")
-        _check_pct(pct_start)
+        check_positive(base_lr, "base_lr")
+        check_positive(lr_mult, "lr_mult")
         unknown = set(kwargs) - {"div_final", "wd", "moms"}
         if unknown:
-            raise TypeError(f"fine_tune got unexpected argument(s) {sorted(unknown)}.")
+            raise TypeError(
+                f"fine_tune got unexpected argument(s) {sorted(unknown)}; it passes div_final, "
+                "wd and moms to its one-cycles."
+            )
+        phases = []
+        if freeze_epochs:
+            phases += self._plan_one_cycle(
+                freeze_epochs,
+                slice(base_lr),
+                pct_start=0.99,
+                freeze_to=-1,
+                name="base_lr",
+                **kwargs,
+            )
+        half = base_lr / 2
+        phases += self._plan_one_cycle(
+            epochs,
+            slice(half / lr_mult, half),
+            div=div,
+            pct_start=pct_start,
+            freeze_to=0,
+            name="base_lr",
+            **kwargs,
+        )
+        return phases
+
+    def fit_stages(self, stages: Sequence[Stage]) -> None:
+        """Run a gradual-unfreezing plan: for each stage, ``freeze_to(stage.freeze_to)`` and a
+        one-cycle over ``stage.epochs`` with the stage's peak LRs (a fresh Trainer per stage).
+
+        The recorder and TensorBoard show the whole plan as one timeline, with every group's LR,
+        momentum and trainable state, and a boundary at each stage.
+
+        Args:
+            stages: A list of ``Stage``, e.g. ``Stage.from_milestones(milestones)``.
+
+        Raises:
+            ValueError: A stage does not fit the model (``freeze_to`` out of range, ``lr_max``
+                of the wrong length); nothing has run then.
+
+        Example:
+            >>> learn.fit_stages(Stage.from_milestones(milestones))  # doctest: +SKIP
+        """
+        self._execute(self._plan_stages(stages))
+
+    def _plan_stages(self, stages: Sequence[Stage]) -> list[Phase]:
+        stages = check_plan(stages, self.n_groups)
+        return [
+            Phase(
+                stage.epochs,
+                ParamScheduler(
+                    stage.lr_schedule(self.n_groups), self._mom_sched(stage.mom_schedule(self.moms))
+                ),
+                stage.freeze_to,
+                stage.wd,
+            )
+            for stage in stages
+        ]
+
+    # ----------------------------------------------------------------------------- previews
+    def preview_one_cycle(
+        self, n_epoch: int, lr_max: LRSpec | None = None, **kwargs: Any
+    ) -> SchedulePreview:
+        """The per-step, per-group LRs and momentums ``fit_one_cycle`` would use, without
+        training (same arguments)."""
+        return self._preview(self._plan_one_cycle(n_epoch, lr_max, **kwargs))
+
+    def preview_fine_tune(self, epochs: int, **kwargs: Any) -> SchedulePreview:
+        """The schedule ``fine_tune`` would use (both phases), without training."""
+        return self._preview(self._plan_fine_tune(epochs, **kwargs))
+
+    def preview_stages(self, stages: Sequence[Stage]) -> SchedulePreview:
+        """The schedule ``fit_stages`` would use, stage by stage, without training."""
+        return self._preview(self._plan_stages(stages))
+
+    def _preview(self, phases: list[Phase]) -> SchedulePreview:
+        steps_per_epoch = self._steps_per_epoch()
+        index = layer_group_index(self.opt)
+        lrs, moms, boundaries, trainable = [], [], [], []
+        for phase in phases:
+            boundaries.append(sum(len(x) for x in lrs))
+            pattern = (
+                self._frozen
+                if phase.freeze_to is None
+                else frozen_pattern(phase.freeze_to, self.n_groups)
+            )
+            trainable.append([not f for f in pattern])
+            phase_lrs, phase_moms = phase.scheduler.schedule(phase.n_epoch * steps_per_epoch, index)
+            if phase_moms is None:
+                phase_moms = np.tile(read_hypers(self.opt)[1], (len(phase_lrs), 1))
+            lrs.append(phase_lrs)
+            moms.append(phase_moms)
+        names = [g.name for g in self.splits]
+        return SchedulePreview(
+            np.concatenate(lrs), np.concatenate(moms), names, boundaries, trainable
+        )
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch in one process, as the Trainer will count them."""
+        loader = self.train_dl
+        if loader is None and self.datamodule is not None:
+            loader = self.datamodule.train_dataloader()
+        n = _length(loader)
+        if n is None:
+            raise ValueError(
+                "cannot preview: the training data has no length; preview needs len(train_dl)."
+            )
+        limit = self.trainer_kwargs.get("limit_train_batches")
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            n = min(n, limit)
+        elif isinstance(limit, float):
+            n = int(n * limit)
+        return max(1, math.ceil(n / self.trainer_kwargs.get("accumulate_grad_batches", 1)))
+
+    # ----------------------------------------------------------------------------- running
+    def _execute(self, phases: list[Phase]) -> None:
+        """Run a validated plan: a fresh Trainer per phase, one record for all of them."""
         self.recorder.reset()
         self._table.start()
-        if freeze_epochs:
-            self.freeze()
-            lrs = expand_lrs(slice(base_lr), self.n_groups, name="base_lr")
-            self._fit_phase(freeze_epochs, lrs, pct_start=0.99, **kwargs)
-        base_lr /= 2
-        self.unfreeze()
-        lrs = expand_lrs(slice(base_lr / lr_mult, base_lr), self.n_groups, name="base_lr")
-        self._fit_phase(epochs, lrs, pct_start=pct_start, div=div, **kwargs)
+        for phase in phases:
+            if phase.freeze_to is not None:
+                self.freeze_to(phase.freeze_to)
+            self._apply_wd(phase.wd)
+            trainer = self._make_trainer([phase.scheduler], max_epochs=phase.n_epoch)
+            self.trainer = trainer
+            self._run(trainer, phase.scheduler)
 
-    def _fit_phase(
-        self,
-        n_epoch: int,
-        lrs: list[float],
-        pct_start: float,
-        div: float = 25.0,
-        div_final: float = 1e5,
-        wd: float | None = None,
-        moms: Sequence[float] | None = None,
-    ) -> None:
-        _check_positive(div_final, "div_final")
-        moms = self.moms if moms is None else _check_moms(moms)
-        scheduler = self.one_cycle_scheduler(lrs, div, div_final, pct_start, moms)
-        self._fit(n_epoch, scheduler, _check_wd(wd), reset=False)
-
-    # ----------------------------------------------------------------------------- internals
     def _lrs(self, spec: LRSpec | None, name: str) -> list[float]:
         return expand_lrs(self.lr if spec is None else spec, self.n_groups, name=name)
 
@@ -378,17 +551,6 @@ class Learner:
         if self.train_dl is not None:
             return {"train_dataloaders": self.train_dl, "val_dataloaders": self.valid_dl}
         return {}
-
-    def _fit(
-        self, n_epoch: int, scheduler: ParamScheduler, wd: float | None, reset: bool = True
-    ) -> None:
-        if reset:
-            self.recorder.reset()
-            self._table.start()
-        self._apply_wd(wd)
-        trainer = self._make_trainer([scheduler], max_epochs=n_epoch)
-        self.trainer = trainer
-        self._run(trainer, scheduler)
 
     def _run(
         self, trainer: pl.Trainer, scheduler: ParamScheduler, log: bool = True, **fit_kwargs: Any
@@ -634,54 +796,6 @@ def _make_logger(logger: bool | Logger, path: Path) -> ContinuousLogger | None:
     if isinstance(logger, Logger):
         return ContinuousLogger(logger)
     raise TypeError(f"logger must be True, False or a Lightning Logger, got {logger!r}.")
-
-
-def _check_epochs(n_epoch: Any, name: str = "n_epoch") -> None:
-    if isinstance(n_epoch, bool) or not isinstance(n_epoch, (int, np.integer)) or n_epoch < 1:
-        raise ValueError(f"{name} must be an int >= 1 (a number of epochs), got {n_epoch!r}.")
-
-
-def _check_positive(value: Any, name: str) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.number))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-
-
-def _check_pct(pct_start: Any) -> None:
-    if (
-        isinstance(pct_start, bool)
-        or not isinstance(pct_start, (int, float, np.number))
-        or not 0 < pct_start < 1
-    ):
-        raise ValueError(
-            f"pct_start must be in (0, 1) (the fraction of steps spent warming up), got "
-            f"{pct_start!r}; e.g. 0.25."
-        )
-
-
-def _check_moms(moms: Any) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(m) for m in moms)
-    except (TypeError, ValueError):
-        values = ()
-    if len(values) != 3 or not all(0 <= m < 1 for m in values):
-        raise ValueError(
-            f"moms must be three values (start, middle, end) in [0, 1), got {moms!r}; e.g. "
-            "(0.95, 0.85, 0.95)."
-        )
-    return values  # type: ignore[return-value]
-
-
-def _check_wd(wd: Any) -> float | None:
-    if wd is None:
-        return None
-    if isinstance(wd, bool) or not isinstance(wd, (int, float, np.number)) or not wd >= 0:
-        raise ValueError(f"wd must be a number >= 0 (weight decay), got {wd!r}.")
-    return float(wd)
 
 
 @contextmanager

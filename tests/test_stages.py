@@ -1,0 +1,324 @@
+"""Stage plans: the original milestone dict, fit_stages, and the GradualUnfreezing callback."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from difflr import GradualUnfreezing, Learner, Recorder, Stage
+from difflr.schedules import one_cycle_lr, one_cycle_mom
+from tests.helpers import make_loaders
+
+# The original example's plan for a ResNet-18 in 6 groups (ORIGINAL_EXAMPLE.md), verbatim.
+MILESTONES = {
+    1: {"freeze_to": -1, "duration": 1, "pct_start": 0.3, "lrs": [0.0, 0.0, 0.0, 0.0, 0.0, 1e-3]},
+    2: {"freeze_to": -2, "duration": 1, "pct_start": 0.3, "lrs": [0.0, 0.0, 0.0, 0.0, 5e-4, 5e-4]},
+    3: {"freeze_to": -3, "duration": 1, "pct_start": 0.3, "lrs": [0.0, 0.0, 0.0, 5e-5, 1e-4, 1e-4]},
+    4: {
+        "freeze_to": -4,
+        "duration": 1,
+        "pct_start": 0.3,
+        "lrs": [0.0, 0.0, 1e-5, 1e-5, 5e-5, 5e-5],
+    },
+    5: {
+        "freeze_to": -5,
+        "duration": 1,
+        "pct_start": 0.3,
+        "lrs": [0.0, 1e-5, 1e-5, 1e-5, 1e-5, 1e-5],
+    },
+    6: {"freeze_to": 0, "duration": 1, "pct_start": 0.3, "lrs": [1e-6] * 6},
+}
+
+
+def six_group_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 12),
+        nn.BatchNorm1d(12),
+        nn.ReLU(),
+        nn.Linear(12, 12),
+        nn.ReLU(),
+        nn.Linear(12, 12),
+        nn.ReLU(),
+        nn.Linear(12, 12),
+        nn.ReLU(),
+        nn.Linear(12, 12),
+        nn.ReLU(),
+        nn.Linear(12, 3),
+    )
+
+
+def six_groups(model: nn.Module) -> list[nn.Module]:
+    net = model.net if hasattr(model, "net") else model
+    return [net[0:3], net[3:5], net[5:7], net[7:9], net[9:11], net[11]]
+
+
+def make_learner(tmp_path, **kwargs) -> Learner:
+    return Learner(
+        six_group_model(),
+        make_loaders(),
+        F.cross_entropy,
+        splitter=six_groups,
+        path=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        **kwargs,
+    )
+
+
+def test_from_milestones_reads_the_original_plan():
+    plan = Stage.from_milestones(MILESTONES)
+    assert [s.freeze_to for s in plan] == [-1, -2, -3, -4, -5, 0]
+    assert [s.epochs for s in plan] == [1] * 6
+    assert all(s.pct_start == 0.3 for s in plan)
+    assert plan[2].lrs(6) == [0.0, 0.0, 0.0, 5e-5, 1e-4, 1e-4]
+    # torch's OneCycleLR defaults: div_factor 25, final_div_factor 1e4 of the *initial* LR.
+    assert plan[0].div == 25.0 and plan[0].div_final == 25.0 * 1e4
+
+
+def test_from_milestones_maps_the_one_cycle_knobs():
+    (stage,) = Stage.from_milestones(
+        {
+            1: {
+                "freeze_to": 0,
+                "duration": 2,
+                "lrs": [1e-3],
+                "div_factor": 10.0,
+                "final_div_factor": 100.0,
+                "base_momentum": 0.8,
+                "max_momentum": 0.9,
+            }
+        }
+    )
+    assert (stage.div, stage.div_final, stage.moms) == (10.0, 1000.0, (0.9, 0.8, 0.9))
+
+
+@pytest.mark.parametrize(
+    ("milestones", "words"),
+    [
+        (
+            {1: {**MILESTONES[1]}, 3: {**MILESTONES[2]}},
+            r"milestones\[3\] starts at epoch 3.*epochs 2\.\.2",
+        ),
+        ({2: {**MILESTONES[1]}}, r"milestones\[2\] starts at epoch 2.*first milestone is epoch 1"),
+        ({1: {**MILESTONES[1], "duration": 2}, 2: MILESTONES[2]}, r"milestones\[2\].*overlap"),
+        ({1: {**MILESTONES[1], "lr": 1e-3}}, r"milestones\[1\] has unknown key\(s\) \['lr'\]"),
+        ({1: {"freeze_to": -1, "duration": 1}}, r"milestones\[1\] lacks key\(s\) \['lrs'\]"),
+        (
+            {1: MILESTONES[1], 2: {**MILESTONES[2], "lrs": [1e-3] * 5}},
+            r"milestones\[2\]\['lrs'\] has 5 values but earlier milestones have 6",
+        ),
+        (
+            {1: {**MILESTONES[1], "pct_start": 1.5}},
+            r"milestones\[1\]: pct_start must be in \(0, 1\)",
+        ),
+        ({}, "non-empty dict"),
+    ],
+)
+def test_malformed_milestones_are_refused_naming_the_key(milestones, words):
+    with pytest.raises(ValueError, match=words):
+        Stage.from_milestones(milestones)
+
+
+def test_a_plan_of_the_wrong_length_for_the_model_is_refused_before_training(tmp_path, loaders):
+    learn = Learner(
+        six_group_model(),
+        loaders,
+        F.cross_entropy,
+        splitter=lambda m: [m[:5], m[5:]],
+        path=tmp_path,
+        logger=False,
+    )
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    with pytest.raises(
+        ValueError, match=r"milestones\[1\]\['lrs'\] has 6 values but the model has 2"
+    ):
+        learn.fit_stages(Stage.from_milestones(MILESTONES))
+    with pytest.raises(ValueError, match=r"freeze_to\(-5\) is out of range"):
+        learn.fit_stages([Stage(-5, 1, 1e-3)])
+    assert all(torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))
+    assert learn.frozen == [False, False] and learn.trainer is None
+
+
+def test_a_dict_is_pointed_to_from_milestones(tmp_path):
+    learn = make_learner(tmp_path)
+    with pytest.raises(TypeError, match="Stage.from_milestones"):
+        learn.fit_stages(MILESTONES)
+
+
+def closed_form(plan, steps_per_epoch, moms=(0.95, 0.85, 0.95)):
+    lrs, mom_values = [], []
+    for stage in plan:
+        n = stage.epochs * steps_per_epoch
+        lr_sched = one_cycle_lr(np.array(stage.lrs(6)), stage.pct_start, stage.div, stage.div_final)
+        mom_sched = one_cycle_mom(stage.moms or moms, stage.pct_start)
+        lrs += [lr_sched(i / n) for i in range(n)]
+        mom_values += [[mom_sched(i / n)] * 6 for i in range(n)]
+    return np.array(lrs), np.array(mom_values)
+
+
+def test_fit_stages_runs_the_original_plan_step_by_step(tmp_path):
+    learn = make_learner(tmp_path, train_bn=False)
+    plan = Stage.from_milestones(MILESTONES)
+    snapshots = []
+
+    class Snap(Callback):
+        def on_train_start(self, trainer, pl_module):
+            snapshots.append([p.detach().clone() for p in learn.model.parameters()])
+
+    learn.callbacks.append(Snap())
+    learn.fit_stages(plan)
+    snapshots.append([p.detach().clone() for p in learn.model.parameters()])
+    rec, steps = learn.recorder, 6
+    assert rec.boundaries == [0, 6, 12, 18, 24, 30]
+    assert rec.trainable == [[i >= 6 - k for i in range(6)] for k in (1, 2, 3, 4, 5)] + [[True] * 6]
+    lrs, moms = closed_form(plan, steps)
+    np.testing.assert_allclose(rec.lrs, lrs, rtol=1e-12)
+    np.testing.assert_allclose(rec.moms, moms, rtol=1e-12)
+    # Per stage: frozen groups did not move, trainable ones did.
+    params_of_group = [
+        [i for i, p in enumerate(learn.model.parameters()) if any(p is q for q in g.params)]
+        for g in learn.splits
+    ]
+    for stage_index, trainable in enumerate(rec.trainable):
+        before, after = snapshots[stage_index], snapshots[stage_index + 1]
+        for group, flag in enumerate(trainable):
+            moved = any(not torch.equal(before[i], after[i]) for i in params_of_group[group])
+            assert moved == flag, (stage_index, group)
+
+
+class LitSix(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = six_group_model()
+
+    def model_splits(self):
+        return six_groups(self)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def plain_trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    options = {"max_epochs": 6, "enable_checkpointing": False, **kwargs}
+    return pl.Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **options,
+    )
+
+
+def test_the_callback_on_a_plain_trainer_matches_fit_stages(tmp_path):
+    plan = Stage.from_milestones(MILESTONES)
+    learn = make_learner(tmp_path)
+    learn.fit_stages(plan)
+
+    module, recorder = LitSix(), Recorder(log_hypers=False)
+    trainer = plain_trainer(tmp_path, [GradualUnfreezing(plan), recorder])
+    trainer.fit(module, train_dataloaders=make_loaders()[0])
+    np.testing.assert_allclose(recorder.lrs, learn.recorder.lrs, rtol=1e-12)
+    np.testing.assert_allclose(recorder.moms, learn.recorder.moms, rtol=1e-12)
+    names = [pg["name"] for pg in trainer.optimizers[0].param_groups]
+    assert names == [pg["name"] for pg in learn.opt.param_groups]
+    for a, b in zip(module.net.parameters(), learn.model.parameters()):
+        assert torch.equal(a, b)
+
+
+class _Crash(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 2 and batch_idx == 3:  # the middle of stage 3
+            raise RuntimeError("simulated crash")
+
+
+def test_the_callback_resumes_mid_plan_to_the_same_weights(tmp_path):
+    plan = Stage.from_milestones(MILESTONES)
+    full = LitSix()
+    plain_trainer(tmp_path / "a", [GradualUnfreezing(plan)]).fit(full, make_loaders()[0])
+
+    crashed = LitSix()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        plain_trainer(
+            tmp_path / "b", [GradualUnfreezing(plan), ckpt, _Crash()], enable_checkpointing=True
+        ).fit(crashed, make_loaders()[0])
+    resumed = LitSix()
+    callback = GradualUnfreezing(plan)
+    plain_trainer(tmp_path / "c", [callback]).fit(
+        resumed, make_loaders()[0], ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert callback.stage == 5
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_callback_refuses_to_start_under_several_processes():
+    callback = GradualUnfreezing([Stage(-1, 1, 1e-3), Stage(0, 1, 1e-3)])
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace())
+    with pytest.raises(ValueError, match="fit_stages"):
+        callback.setup(trainer, LitSix(), "fit")
+
+
+def test_the_callback_refuses_a_user_lr_scheduler(tmp_path):
+    class WithScheduler(LitSix):
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters())
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1)]
+
+    trainer = plain_trainer(tmp_path, [GradualUnfreezing([Stage(0, 1, 1e-3)])], max_epochs=1)
+    with pytest.raises(ValueError, match="no LR scheduler"):
+        trainer.fit(WithScheduler(), make_loaders()[0])
+
+
+def test_lr_monitor_shows_group_names(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    monitor = LearningRateMonitor(logging_interval="step")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[GradualUnfreezing([Stage(-1, 1, 1e-3), Stage(0, 1, 1e-3)]), monitor],
+    )
+    trainer.fit(LitSix(), make_loaders()[0])
+    assert "lr-AdamW/0.sequential" in monitor.lrs and "lr-AdamW/5.linear" in monitor.lrs
+
+
+@pytest.mark.parametrize(
+    ("preview", "fit"),
+    [
+        (
+            lambda L: L.preview_one_cycle(2, slice(1e-5, 1e-3), pct_start=0.4),
+            lambda L: L.fit_one_cycle(2, slice(1e-5, 1e-3), pct_start=0.4),
+        ),
+        (lambda L: L.preview_fine_tune(2, base_lr=1e-3), lambda L: L.fine_tune(2, base_lr=1e-3)),
+        (
+            lambda L: L.preview_stages(Stage.from_milestones(MILESTONES)),
+            lambda L: L.fit_stages(Stage.from_milestones(MILESTONES)),
+        ),
+    ],
+)
+def test_a_preview_equals_the_recorded_schedule_of_the_same_fit(tmp_path, preview, fit):
+    learn = make_learner(tmp_path, accumulate_grad_batches=2)
+    planned = preview(learn)
+    fit(learn)
+    np.testing.assert_allclose(planned.lrs, learn.recorder.lrs, rtol=1e-12)
+    np.testing.assert_allclose(planned.moms, learn.recorder.moms, rtol=1e-12)
+    assert planned.boundaries == learn.recorder.boundaries
+    assert planned.names == learn.recorder.names
