@@ -238,6 +238,7 @@ class Recorder(Callback):
         self.epoch_offset = 0
         self._epoch_steps: list[int] = []
         self.lr_find_points: dict[str, tuple[float, float]] = {}
+        self._resumed = False
         self._begin_run()
 
     def _begin_run(self) -> None:
@@ -264,11 +265,17 @@ class Recorder(Callback):
         self._flush_losses()
         optimizer = _single_optimizer(trainer)
         self.names = layer_group_names(optimizer)
-        self.boundaries.append(len(self._lrs))
+        resumed, self._resumed = getattr(self, "_resumed", False), False
         index = layer_group_index(optimizer)
         flags = [False] * len(self.names)
         for i, pg in zip(index, optimizer.param_groups):
             flags[i] = flags[i] or any(p.requires_grad for p in pg["params"])
+        if resumed:  # keep the interrupted run's boundary and its smoothed-loss average
+            avg, count = self._avg, self._count
+            self._begin_run()
+            self._avg, self._count = avg, count
+            return
+        self.boundaries.append(len(self._lrs))
         self.trainable.append(flags)
         self._begin_run()
         if self.log_hypers:
@@ -343,6 +350,39 @@ class Recorder(Callback):
         row["time"] = time.perf_counter() - self._epoch_start
         self.values.append(row)
         self._epoch_steps.append(len(self._lrs) - 1)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    _STATE = (
+        "_lrs",
+        "_moms",
+        "_losses",
+        "values",
+        "names",
+        "boundaries",
+        "trainable",
+        "epoch_offset",
+        "_epoch_steps",
+        "_avg",
+        "_count",
+    )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        self._flush_losses()
+        # Plain python values only: Lightning loads checkpoints with weights_only=True.
+        state = {key: getattr(self, key) for key in self._STATE}
+        state["_lrs"] = [row.tolist() for row in self._lrs]
+        state["_moms"] = [row.tolist() for row in self._moms]
+        state["_avg"] = float(self._avg)
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key in self._STATE:
+            setattr(self, key, state_dict[key])
+        self._lrs = [np.array(row) for row in self._lrs]
+        self._moms = [np.array(row) for row in self._moms]
+        self._resumed = True  # the next on_train_start continues this run, not a new one
 
     # ----------------------------------------------------------------------------- plots
     def plot_sched(self) -> Figure:

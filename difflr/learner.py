@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import nn
 
@@ -91,6 +92,33 @@ class SchedulePreview:
         return plot_sched(self.lrs, self.moms, self.names, self.boundaries[1:])
 
 
+class PlanState(Callback):
+    """Saves, in every checkpoint, which phase of a plan ran and with which frozen pattern."""
+
+    def __init__(self, phase: int, n_phases: int, frozen: Sequence[bool]) -> None:
+        self.phase, self.n_phases, self.frozen = phase, n_phases, list(frozen)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "n_phases": self.n_phases, "frozen": self.frozen}
+
+
+def _read_plan_state(path: Path, n_phases: int) -> tuple[int, list[bool]]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("PlanState")]
+    if not states:
+        raise ValueError(
+            f"{path} was not written by a Learner fit (no plan state in it); resume it with "
+            "trainer.fit(..., ckpt_path=...) or load weights with learn.load()."
+        )
+    state = states[0]
+    if state["n_phases"] != n_phases:
+        raise ValueError(
+            f"{path} was written by a call of {state['n_phases']} phase(s) but this call has "
+            f"{n_phases}; resume with the same method and arguments that wrote it."
+        )
+    return int(state["phase"]), list(state["frozen"])
+
+
 class Learner:
     """Fine-tune a model with layer groups, discriminative LRs, freezing and the one-cycle policy.
 
@@ -119,6 +147,10 @@ class Learner:
         logger: ``True`` for TensorBoard under ``path``, ``False`` for none, or any Lightning
             logger.
         callbacks: Extra Lightning callbacks given to every Trainer.
+        checkpoint: Keep ``path/checkpoints/last.ckpt`` (written at each epoch end) so that an
+            interrupted fit can resume with ``ckpt_path="last"``.
+        monitor: Also keep ``path/checkpoints/best.ckpt``, the best epoch by this logged metric
+            (``"valid_loss"`` is minimised, anything else maximised).
         **trainer_kwargs: Passed to every ``Trainer`` (``accelerator``, ``devices``,
             ``strategy``, ``precision``, ``accumulate_grad_batches``, ...).
 
@@ -158,6 +190,8 @@ class Learner:
         path: str | Path = ".",
         logger: bool | Logger = True,
         callbacks: Sequence[pl.Callback] | None = None,
+        checkpoint: bool = True,
+        monitor: str | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         self.module, self.model = _make_module(model, loss_func, metrics, lambda: self.opt)
@@ -184,6 +218,8 @@ class Learner:
         self.path = Path(path)
         self.logger = _make_logger(logger, self.path)
         self.callbacks = list(callbacks or [])
+        self.checkpoint = bool(checkpoint)
+        self.monitor = monitor
         self.trainer_kwargs = trainer_kwargs
         self.recorder = Recorder(log_hypers=self.logger is not None)
         self._table = ProgressTable(self.recorder)
@@ -233,7 +269,13 @@ class Learner:
     # pattern, epochs, a scheduler) and runs it; ``preview_*`` evaluates the same plan's
     # schedulers without training, so a preview and the training cannot disagree.
 
-    def fit(self, n_epoch: int, lr: LRSpec | None = None, wd: float | None = None) -> None:
+    def fit(
+        self,
+        n_epoch: int,
+        lr: LRSpec | None = None,
+        wd: float | None = None,
+        ckpt_path: str | Path | None = None,
+    ) -> None:
         """Train ``n_epoch`` epochs at a constant LR per group (momentum left as it is).
 
         Args:
@@ -241,7 +283,7 @@ class Learner:
             lr: LR spec; ``None`` uses the Learner's ``lr``.
             wd: Weight decay for this and later fits; ``None`` keeps the current one.
         """
-        self._execute(self._plan_fit(n_epoch, lr, wd))
+        self._execute(self._plan_fit(n_epoch, lr, wd), ckpt_path)
 
     def _plan_fit(self, n_epoch: int, lr: LRSpec | None, wd: float | None) -> list[Phase]:
         check_epochs(n_epoch)
@@ -257,6 +299,7 @@ class Learner:
         pct_start: float = 0.25,
         wd: float | None = None,
         moms: Sequence[float] | None = None,
+        ckpt_path: str | Path | None = None,
     ) -> None:
         """Train with the one-cycle policy: per group, LR cosine from ``lr_max/div`` up to
         ``lr_max`` over ``pct_start`` of the steps, then down to ``lr_max/div_final``; momentum
@@ -271,11 +314,16 @@ class Learner:
             pct_start: Fraction of the steps spent warming up, in (0, 1).
             wd: Weight decay; ``None`` keeps the current one.
             moms: ``(start, middle, end)`` momentum; ``None`` uses the Learner's ``moms``.
+            ckpt_path: Resume this fit from a checkpoint written by the same call (a path, or
+                ``"last"`` for ``path/checkpoints/last.ckpt``): weights, optimizer state, freeze
+                pattern, schedule position and recorder continue where it stopped.
 
         Example:
             >>> learn.fit_one_cycle(4, lr_max=slice(1e-5, 1e-3))  # doctest: +SKIP
         """
-        self._execute(self._plan_one_cycle(n_epoch, lr_max, div, div_final, pct_start, wd, moms))
+        self._execute(
+            self._plan_one_cycle(n_epoch, lr_max, div, div_final, pct_start, wd, moms), ckpt_path
+        )
 
     def _plan_one_cycle(
         self,
@@ -308,10 +356,11 @@ class Learner:
         div_final: float = 1e5,
         pct_start: float = 0.75,
         wd: float | None = None,
+        ckpt_path: str | Path | None = None,
     ) -> None:
         """Train at a flat LR for ``pct_start`` of the steps, then cosine down to
         ``lr/div_final`` (momentum left as it is)."""
-        self._execute(self._plan_flat_cos(n_epoch, lr, div_final, pct_start, wd))
+        self._execute(self._plan_flat_cos(n_epoch, lr, div_final, pct_start, wd), ckpt_path)
 
     def _plan_flat_cos(
         self, n_epoch: int, lr: LRSpec | None, div_final: float, pct_start: float, wd: float | None
@@ -331,6 +380,7 @@ class Learner:
         lr_mult: float = 100,
         pct_start: float = 0.3,
         div: float = 5.0,
+        ckpt_path: str | Path | None = None,
         **kwargs: Any,
     ) -> None:
         """fastai's transfer-learning recipe: the head alone, then everything with
@@ -350,7 +400,8 @@ class Learner:
             **kwargs: Passed to both one-cycles (``div_final``, ``wd``, ``moms``).
         """
         self._execute(
-            self._plan_fine_tune(epochs, base_lr, freeze_epochs, lr_mult, pct_start, div, **kwargs)
+            self._plan_fine_tune(epochs, base_lr, freeze_epochs, lr_mult, pct_start, div, **kwargs),
+            ckpt_path,
         )
 
     def _plan_fine_tune(
@@ -400,7 +451,7 @@ class Learner:
         )
         return phases
 
-    def fit_stages(self, stages: Sequence[Stage]) -> None:
+    def fit_stages(self, stages: Sequence[Stage], ckpt_path: str | Path | None = None) -> None:
         """Run a gradual-unfreezing plan: for each stage, ``freeze_to(stage.freeze_to)`` and a
         one-cycle over ``stage.epochs`` with the stage's peak LRs (a fresh Trainer per stage).
 
@@ -409,6 +460,7 @@ class Learner:
 
         Args:
             stages: A list of ``Stage``, e.g. ``Stage.from_milestones(milestones)``.
+            ckpt_path: Resume the same plan from a checkpoint (a path, or ``"last"``).
 
         Raises:
             ValueError: A stage does not fit the model (``freeze_to`` out of range, ``lr_max``
@@ -417,7 +469,7 @@ class Learner:
         Example:
             >>> learn.fit_stages(Stage.from_milestones(milestones))  # doctest: +SKIP
         """
-        self._execute(self._plan_stages(stages))
+        self._execute(self._plan_stages(stages), ckpt_path)
 
     def _plan_stages(self, stages: Sequence[Stage]) -> list[Phase]:
         stages = check_plan(stages, self.n_groups)
@@ -489,17 +541,44 @@ class Learner:
         return max(1, math.ceil(n / self.trainer_kwargs.get("accumulate_grad_batches", 1)))
 
     # ----------------------------------------------------------------------------- running
-    def _execute(self, phases: list[Phase]) -> None:
-        """Run a validated plan: a fresh Trainer per phase, one record for all of them."""
+    def _execute(self, phases: list[Phase], ckpt_path: str | Path | None = None) -> None:
+        """Run a validated plan: a fresh Trainer per phase, one record for all of them.
+
+        With ``ckpt_path`` the phases the checkpoint's run had finished are skipped and the
+        phase it was in resumes from it (weights, optimizer state, freeze pattern, schedule
+        position, recorder, epoch)."""
+        first, resume = 0, None
+        if ckpt_path is not None:
+            resume = self._resolve_ckpt(ckpt_path)
+            first, pattern = _read_plan_state(resume, len(phases))
         self.recorder.reset()
         self._table.start()
-        for phase in phases:
-            if phase.freeze_to is not None:
+        for k in range(first, len(phases)):
+            phase = phases[k]
+            if k == first and resume is not None:
+                self._set_frozen(pattern)
+            elif phase.freeze_to is not None:
                 self.freeze_to(phase.freeze_to)
             self._apply_wd(phase.wd)
-            trainer = self._make_trainer([phase.scheduler], max_epochs=phase.n_epoch)
+            marker = PlanState(k, len(phases), self._frozen)
+            trainer = self._make_trainer([phase.scheduler, marker], max_epochs=phase.n_epoch)
             self.trainer = trainer
-            self._run(trainer, phase.scheduler)
+            self._run(
+                trainer, phase.scheduler, ckpt_path=str(resume) if k == first and resume else None
+            )
+
+    def _resolve_ckpt(self, ckpt_path: str | Path) -> Path:
+        path = self.path / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"ckpt_path={str(ckpt_path)!r}: no checkpoint at {path}; pass the path of a .ckpt "
+                "file, or 'last' for the Learner's path/checkpoints/last.ckpt."
+            )
+        return path
+
+    def _set_frozen(self, pattern: Sequence[bool]) -> None:
+        apply_freeze(self.model, self.splits, list(pattern), self.train_bn)
+        self._frozen = list(pattern)
 
     def _lrs(self, spec: LRSpec | None, name: str) -> list[float]:
         return expand_lrs(self.lr if spec is None else spec, self.n_groups, name=name)
@@ -539,11 +618,36 @@ class Learner:
         kwargs.update(self.trainer_kwargs)
         kwargs.update(overrides)
         standard = [self.recorder, self._table, *self.callbacks] if standard_callbacks else []
+        if standard_callbacks and self.checkpoint:
+            standard += self._checkpoint_callbacks()
+            kwargs["enable_checkpointing"] = True
         kwargs["callbacks"] = [*callbacks, *standard]
         if not standard_callbacks:
             kwargs["callbacks"].append(self.recorder)
         with _quiet_lightning():
             return pl.Trainer(**kwargs)
+
+    def _checkpoint_callbacks(self) -> list[pl.Callback]:
+        folder = self.path / "checkpoints"
+        callbacks: list[pl.Callback] = [
+            # One file, overwritten at each epoch end (save_last alone only writes at fit end).
+            ModelCheckpoint(
+                dirpath=folder, filename="last", save_top_k=1, enable_version_counter=False
+            )
+        ]
+        if self.monitor is not None:
+            mode = "min" if "loss" in self.monitor else "max"
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=folder,
+                    filename="best",
+                    monitor=self.monitor,
+                    mode=mode,
+                    save_top_k=1,
+                    enable_version_counter=False,
+                )
+            )
+        return callbacks
 
     def _data_kwargs(self) -> dict[str, Any]:
         if self.datamodule is not None:
@@ -656,6 +760,49 @@ class Learner:
         from difflr.lr_finder import lr_find
 
         return lr_find(self, start_lr, end_lr, num_it, stop_div, show_plot, suggest_funcs, snapshot)
+
+    # ----------------------------------------------------------------------------- persistence
+    def save(self, name: str, with_opt: bool = True) -> Path:
+        """Save the model's weights (and the optimizer state and freeze pattern) to
+        ``path/models/{name}.pth``; returns the file's path."""
+        file = self.path / "models" / f"{name}.pth"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        state: dict[str, Any] = {"model": self.model.state_dict(), "frozen": self._frozen}
+        if with_opt:
+            state["opt"] = self.opt.state_dict()
+        torch.save(state, file)
+        return file
+
+    def load(self, name: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
+        """Load what :meth:`save` wrote (a name under ``path/models`` or a file path).
+
+        Raises:
+            FileNotFoundError: No such file.
+            ValueError: The file's optimizer state does not match this Learner's groups.
+        """
+        file = Path(name) if Path(name).suffix else self.path / "models" / f"{name}.pth"
+        if not file.is_file():
+            raise FileNotFoundError(f"no saved Learner state at {file}; see Learner.save(name).")
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"], strict=strict)
+        if len(state.get("frozen", ())) == self.n_groups:
+            self._set_frozen(state["frozen"])
+        if with_opt and "opt" in state:
+            self.opt.load_state_dict(state["opt"])
+        return self
+
+    def export(self, fname: str = "export.pt") -> Path:
+        """Write the model (architecture and weights, in eval mode) for inference to
+        ``path/fname``; read it back with ``torch.load(file, weights_only=False)``."""
+        file = self.path / fname
+        file.parent.mkdir(parents=True, exist_ok=True)
+        training = self.model.training
+        self.model.eval()
+        try:
+            torch.save(self.model, file)
+        finally:
+            self.model.train(training)
+        return file
 
     # ----------------------------------------------------------------------------- inspection
     def summary(self) -> str:

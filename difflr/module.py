@@ -65,6 +65,8 @@ class LearnerModule(pl.LightningModule):
         metrics: Functions ``(preds, targets) -> number``, computed on the whole validation set,
             or torchmetrics-like objects (``update``/``compute``/``reset``).
         optimizer: Returns the optimizer to train with.
+        check_finite: Stop with a ``FloatingPointError`` at a NaN or infinite loss, before the
+            step's backward and update (one host read of the loss per step).
     """
 
     def __init__(
@@ -73,8 +75,10 @@ class LearnerModule(pl.LightningModule):
         loss_func: Callable[..., torch.Tensor],
         metrics: Sequence[Any] = (),
         optimizer: Callable[[], torch.optim.Optimizer] | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
+        self.check_finite = check_finite
         self.model = model
         self.loss_func = loss_func
         self.metric_names = [metric_name(m, i) for i, m in enumerate(metrics)]
@@ -94,14 +98,42 @@ class LearnerModule(pl.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs, target = split_batch(batch)
-        loss = self.loss_func(self.model(*inputs), *target)
+        loss = self.loss_func(self._forward(inputs, batch), *target)
+        if self.check_finite and not torch.isfinite(loss):
+            raise FloatingPointError(self._non_finite_message(loss, batch_idx))
         self.log("train_loss", loss, on_step=True, prog_bar=True)
         return loss
+
+    def _forward(self, inputs: tuple[Any, ...], batch: Any) -> Any:
+        try:
+            return self.model(*inputs)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            # Say what the model was given: most such errors are a batch of the wrong shape.
+            raise type(exc)(
+                f"{exc}\n(the model was called as model(*batch[:-1]) on a batch "
+                f"{describe(batch)}; make the data match the model's input)"
+            ) from exc
+
+    def _non_finite_message(self, loss: torch.Tensor, batch_idx: int) -> str:
+        from difflr.callbacks import layer_group_names, read_hypers
+
+        optimizer = self.trainer.optimizers[0]
+        lrs = ", ".join(
+            f"{name}={lr:.3g}"
+            for name, lr in zip(layer_group_names(optimizer), read_hypers(optimizer)[0])
+        )
+        return (
+            f"the training loss is {loss.item()} at optimizer step {self.trainer.global_step} "
+            f"(epoch {self.trainer.current_epoch}, batch {batch_idx}); training stopped before "
+            f"this step's update, so the weights are still finite. LRs: {lrs}. Lower the LR "
+            "(learn.lr_find() helps), check the data for NaN/inf, or clip gradients "
+            "(gradient_clip_val=...)."
+        )
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         inputs, target = split_batch(batch)
-        preds = self.model(*inputs)
+        preds = self._forward(inputs, batch)
         loss = self.loss_func(preds, *target)
         self.log("valid_loss", loss, on_epoch=True, prog_bar=True, batch_size=_batch_size(target))
         if not self.metrics:

@@ -23,4 +23,5 @@ def learner_kwargs(tmp_path) -> dict:
         "path": tmp_path,
         "logger": False,
         "enable_progress_bar": False,
+        "checkpoint": False,
     }
