@@ -10,12 +10,13 @@ Jupyter's inline backend at the end of a cell). Display one with `show`, or save
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from difflr.display import kernel_shell
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -258,7 +259,7 @@ def show(fig: Figure) -> None:
     Args:
         fig: The figure to display.
     """
-    shell = _kernel_shell()
+    shell = kernel_shell()
     if shell is None:
         return
     from IPython.display import Image, display
@@ -270,16 +271,6 @@ def show(fig: Figure) -> None:
         buffer = BytesIO()
         fig.savefig(buffer, format="png", bbox_inches="tight")
         display(Image(data=buffer.getvalue(), format="png"))
-
-
-def _kernel_shell() -> Any | None:
-    """The running IPython shell if it is a kernel (Jupyter), else None; never imports IPython."""
-    ipython = sys.modules.get("IPython")  # not imported: certainly not running in IPython
-    get_ipython = getattr(ipython, "get_ipython", None)
-    if get_ipython is None:
-        return None
-    shell = get_ipython()
-    return shell if getattr(shell, "kernel", None) is not None else None
 
 
 def _kernel_renders_figures(shell: Any, fig: Figure) -> bool:

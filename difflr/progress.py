@@ -10,16 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from difflr.callbacks import Recorder
-
-
-def in_notebook() -> bool:
-    """Whether the code runs in a Jupyter kernel (where rich HTML output is shown)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+from difflr.display import in_notebook
 
 
 def _format(value: Any) -> str:
