@@ -526,8 +526,9 @@ class Learner:
     def _steps_per_epoch(self) -> int:
         """Optimizer steps per epoch in one process, as the Trainer will count them."""
         loader = self.train_dl
-        if loader is None and self.datamodule is not None:
-            loader = self.datamodule.train_dataloader()
+        if loader is None:
+            source = self.datamodule if self.datamodule is not None else self.module
+            loader = source.train_dataloader()
         n = _length(loader)
         if n is None:
             raise ValueError(

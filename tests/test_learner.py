@@ -448,3 +448,21 @@ def test_summary_lists_groups_with_trainable_state(loaders, learner_kwargs):
     assert lines[0].split() == ["group", "params", "trainable", "lr"]
     assert lines[1].startswith("0.stem") and "norm only (32)" in lines[1]
     assert lines[2].split()[2] == "no" and lines[3].split()[2] == "yes"
+
+
+def test_a_lightning_module_with_its_own_loaders_needs_no_data(tmp_path):
+    train, valid = make_loaders()
+
+    class WithData(LitModel):
+        def train_dataloader(self):
+            return train
+
+        def val_dataloader(self):
+            return valid
+
+    learn = Learner(WithData(), path=tmp_path, logger=False, enable_progress_bar=False)
+    planned = learn.preview_one_cycle(1, 1e-3)
+    with pytest.warns(UserWarning, match="superseded"):
+        learn.fit_one_cycle(1, 1e-3)
+    np.testing.assert_allclose(planned.lrs, learn.recorder.lrs)
+    assert "val_loss" in learn.recorder.values[-1]
