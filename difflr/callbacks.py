@@ -250,11 +250,15 @@ class Recorder(Callback):
 
     @property
     def lrs(self) -> np.ndarray:
-        return np.array(self._lrs).reshape(len(self._lrs), -1)
+        if not self._lrs:
+            return np.empty((0, len(self.names)))
+        return np.array(self._lrs)
 
     @property
     def moms(self) -> np.ndarray:
-        return np.array(self._moms).reshape(len(self._moms), -1)
+        if not self._moms:
+            return np.empty((0, len(self.names)))
+        return np.array(self._moms)
 
     @property
     def losses(self) -> np.ndarray:

@@ -28,6 +28,12 @@ from difflr.callbacks import (
     read_hypers,
 )
 from difflr.checks import check_epochs, check_moms, check_pct, check_positive, check_wd
+from difflr.distributed import (
+    SyncBuffers,
+    batches_per_process,
+    check_fit_in_process,
+    planned_world_size,
+)
 from difflr.freezing import apply_freeze, check_freeze_to, frozen_pattern, trainable_flags
 from difflr.groups import (
     GROUP_INDEX_KEY,
@@ -529,11 +535,16 @@ class Learner:
         if loader is None:
             source = self.datamodule if self.datamodule is not None else self.module
             loader = source.train_dataloader()
-        n = _length(loader)
-        if n is None:
+        if _length(loader) is None:
             raise ValueError(
                 "cannot preview: the training data has no length; preview needs len(train_dl)."
             )
+        # Under a distributed strategy each process trains on its shard of the data.
+        with _quiet_lightning():
+            world_size = planned_world_size(self.trainer_kwargs)
+        n = batches_per_process(
+            loader, world_size, self.trainer_kwargs.get("use_distributed_sampler", True)
+        )
         limit = self.trainer_kwargs.get("limit_train_batches")
         if isinstance(limit, int) and not isinstance(limit, bool):
             n = min(n, limit)
@@ -622,11 +633,14 @@ class Learner:
         if standard_callbacks and self.checkpoint:
             standard += self._checkpoint_callbacks()
             kwargs["enable_checkpointing"] = True
-        kwargs["callbacks"] = [*callbacks, *standard]
+        # SyncBuffers: every DDP rank ends the fit with rank 0's BatchNorm statistics.
+        kwargs["callbacks"] = [SyncBuffers(), *callbacks, *standard]
         if not standard_callbacks:
             kwargs["callbacks"].append(self.recorder)
         with _quiet_lightning():
-            return pl.Trainer(**kwargs)
+            trainer = pl.Trainer(**kwargs)
+        check_fit_in_process(trainer)
+        return trainer
 
     def _checkpoint_callbacks(self) -> list[pl.Callback]:
         folder = self.path / "checkpoints"

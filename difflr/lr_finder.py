@@ -554,6 +554,8 @@ class _StopOnDivergence(Callback):
     """Stop the sweep once the smoothed loss exceeds ``factor`` times the best, or is not finite.
 
     Reads each step's loss on the host (one synchronisation per step, as any LR finder must).
+    Under DDP, global rank 0 decides from its own loss and every rank follows at the same batch
+    (a rank that stopped alone would leave the others waiting in DDP's all-reduce).
     """
 
     def __init__(self, factor: float = 4.0) -> None:
@@ -568,7 +570,10 @@ class _StopOnDivergence(Callback):
         self.avg = 0.98 * self.avg + 0.02 * float(loss) * trainer.accumulate_grad_batches
         self.count += 1
         smoothed = self.avg / (1 - 0.98**self.count)
-        if not math.isfinite(smoothed) or smoothed > self.factor * self.best:
+        stop = not math.isfinite(smoothed) or smoothed > self.factor * self.best
+        if trainer.world_size > 1:
+            stop = trainer.strategy.broadcast(stop, src=0)
+        if stop:
             trainer.should_stop = True
         self.best = min(self.best, smoothed)
 
@@ -594,6 +599,7 @@ def lr_find(
     See :meth:`difflr.Learner.lr_find` for the arguments.
     """
     from difflr.callbacks import ParamScheduler
+    from difflr.distributed import decide_on_rank_zero
     from difflr.schedules import exp_range
 
     n_groups = learn.n_groups
@@ -630,17 +636,29 @@ def lr_find(
         to_disk.parent.mkdir(parents=True, exist_ok=True)
     saved = _Snapshot(learn.module, learn.opt, to_disk)
     learn.recorder.reset()
+    # The sweep's own rule handles a loss that is not finite (stop_div, or points dropped from
+    # the suggestions); a module that raises at such a loss is told not to for the sweep.
+    check_finite = getattr(learn.module, "check_finite", None)
+    if check_finite:
+        learn.module.check_finite = False
     try:
         learn._run(trainer, scheduler, log=False)
     finally:
         saved.restore(learn.module, learn.opt)
+        if check_finite:
+            learn.module.check_finite = check_finite
 
     rec = learn.recorder
-    lrs, losses = rec.lrs[:, -1], rec.losses
-    n = min(len(lrs), len(losses))
-    suggested, points = make_suggestions(funcs, lrs[:n], losses[:n], skip_start=num_it // 10)
+
+    def suggest() -> tuple[SuggestedLRs, dict[str, tuple[float, float]]]:
+        lrs, losses = rec.lrs[:, -1], rec.losses
+        n = min(len(lrs), len(losses))
+        return make_suggestions(funcs, lrs[:n], losses[:n], skip_start=num_it // 10)
+
+    # Under DDP each rank recorded the loss of its own shard: rank 0's curve decides, for all.
+    suggested, points = decide_on_rank_zero(trainer, suggest)
     rec.lr_find_points = points
-    if show_plot:
+    if show_plot and trainer.is_global_zero:
         from difflr.plotting import show
 
         show(rec.plot_lr_find())

@@ -135,7 +135,14 @@ class LearnerModule(pl.LightningModule):
         inputs, target = split_batch(batch)
         preds = self._forward(inputs, batch)
         loss = self.loss_func(preds, *target)
-        self.log("valid_loss", loss, on_epoch=True, prog_bar=True, batch_size=_batch_size(target))
+        self.log(
+            "valid_loss",
+            loss,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=_batch_size(target),
+            sync_dist=True,  # under DDP each rank sees a shard of the validation set
+        )
         if not self.metrics:
             return
         for metric in self.metrics:
@@ -158,7 +165,11 @@ class LearnerModule(pl.LightningModule):
         preds, targets = torch.cat(self._preds), torch.cat(self._targets)
         for name, metric in zip(self.metric_names, self.metrics):
             value = metric.compute() if is_stateful_metric(metric) else metric(preds, targets)
-            self.log(name, torch.as_tensor(value, dtype=torch.float32), prog_bar=True)
+            # Under DDP: the mean of the ranks' values (exact for accuracy-like metrics over equal
+            # shards; torchmetrics objects already compute over every rank).
+            self.log(
+                name, torch.as_tensor(value, dtype=torch.float32), prog_bar=True, sync_dist=True
+            )
         self._preds, self._targets = [], []
 
     @override
