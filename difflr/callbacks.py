@@ -2,7 +2,7 @@
 
 Both work on any ``Trainer`` whose (single) optimizer has one or more torch param groups per
 layer group, each carrying the layer group's index under ``"layer_group"`` (as
-:func:`difflr.groups.build_param_groups` makes them). An optimizer without that key is treated as
+`difflr.groups.build_param_groups` makes them). An optimizer without that key is treated as
 one layer group per param group, so the callbacks also drop into a hand-written module.
 """
 
@@ -103,7 +103,7 @@ class ParamScheduler(Callback):
         mom_sched: ``pct -> momentum`` (a float or one per group), or ``None`` to leave momentum.
         total_steps: Number of optimizer steps of the fit; ``None`` asks the Trainer.
 
-    Example:
+    Examples:
         >>> from difflr.schedules import one_cycle_lr, one_cycle_mom
         >>> sched = ParamScheduler(one_cycle_lr([1e-5, 1e-4, 1e-3]), one_cycle_mom())
     """
@@ -117,6 +117,7 @@ class ParamScheduler(Callback):
         self.mom_sched = mom_sched
         self.total_steps = total_steps
         self.step = 0
+        self._stepped = False
         self._index: list[int] = []
         self._n_groups = 0
         self._key: str | None = None
@@ -133,7 +134,7 @@ class ParamScheduler(Callback):
     def schedule(
         self, total_steps: int, index: Sequence[int]
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Every step's values for a fit of ``total_steps`` steps, computed by :meth:`values`
+        """Every step's values for a fit of ``total_steps`` steps, computed by `values`
         (what training uses), for an optimizer whose param groups map to layer groups
         ``index``. Returns ``(lrs, moms)`` of shape ``(total_steps, n_groups)``."""
         self._configure(total_steps, index)
@@ -158,14 +159,29 @@ class ParamScheduler(Callback):
                 "the Trainer."
             )
         self._configure(total, layer_group_index(optimizer))
-        self._apply(optimizer)  # so step 0's values are in place before the first forward
+        self._apply(optimizer)  # the first step's values, in place before its first batch
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._apply(optimizer)
+        # The optimizer already holds this step's values (written when the previous step ended),
+        # so monitors reading it during the batch (LearningRateMonitor) see what the step uses.
         self.step += 1
+        self._stepped = True
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._stepped:
+            self._apply(trainer.optimizers[0])
+            self._stepped = False
 
     def _apply(self, optimizer: torch.optim.Optimizer) -> None:
         lrs, moms = self.values(self.step)
@@ -208,7 +224,7 @@ class Recorder(Callback):
     and, for every epoch, the train loss, the validation loss and the metrics.
 
     Per-step losses stay on the device and are read once per epoch, so recording adds no device
-    synchronisation to a step. A Learner keeps one Recorder; :meth:`reset` starts a new record
+    synchronisation to a step. A Learner keeps one Recorder; `reset` starts a new record
     (each public fit call does), and every Trainer in it adds a boundary (fits of ``fine_tune``,
     stages of ``fit_stages``).
 

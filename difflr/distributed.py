@@ -3,15 +3,15 @@
 A Learner builds a fresh ``Trainer`` per fit and freezes before it, so DDP wraps exactly the
 params that train in that fit. What is left for difflr to do under DDP is small, and lives here:
 
-- :func:`decide_on_rank_zero`: a decision taken from data that differs between ranks (the LR
+- `decide_on_rank_zero`: a decision taken from data that differs between ranks (the LR
   finder's loss curve is rank 0's shard) is made on global rank 0 and sent to every rank.
-- :class:`SyncBuffers`: at the end of a fit every rank takes rank 0's buffers (BatchNorm running
+- `SyncBuffers`: at the end of a fit every rank takes rank 0's buffers (BatchNorm running
   statistics are updated from each rank's own batches; DDP only re-synchronises them at the next
   forward), so that every replica ends a fit bit-identical to rank 0, whose model is checkpointed.
-- :func:`check_fit_in_process`: refuse the launchers that run ``trainer.fit`` in worker processes
+- `check_fit_in_process`: refuse the launchers that run ``trainer.fit`` in worker processes
   (``ddp_spawn``, ``ddp_notebook``/``ddp_fork``): only rank 0's weights come back from them, not
   the optimizer state, the recorder or the schedule position that a Learner keeps.
-- :func:`planned_world_size` and :func:`batches_per_process`: the number of optimizer steps a
+- `planned_world_size` and `batches_per_process`: the number of optimizer steps a
   fit will make in each process, for schedule previews (the sampler shards the data).
 """
 
@@ -91,7 +91,7 @@ class SyncBuffers(Callback):
     validation loop after the last training step the ranks would end the fit with different
     statistics. One broadcast per buffer per fit; nothing happens in a single process.
 
-    Example:
+    Examples:
         >>> trainer = pl.Trainer(strategy="ddp", devices=2, callbacks=[SyncBuffers()])  # doctest: +SKIP
     """
 
@@ -163,7 +163,7 @@ def batches_per_process(loader: Any, world_size: int, use_distributed_sampler: b
         world_size: Number of processes (>= 1).
         use_distributed_sampler: The Trainer argument of the same name.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> loader = DataLoader(TensorDataset(torch.zeros(100, 1)), batch_size=16)

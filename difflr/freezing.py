@@ -37,7 +37,7 @@ def check_freeze_to(n: int, n_groups: int) -> int:
 def frozen_pattern(n: int, n_groups: int) -> list[bool]:
     """``[True] * k + [False] * (n_groups - k)`` where ``k`` is ``n`` resolved as in fastai.
 
-    Example:
+    Examples:
         >>> frozen_pattern(-1, 3)
         [True, True, False]
     """

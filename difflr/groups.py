@@ -130,7 +130,7 @@ def split_model(model: nn.Module, splitter: Splitter | None = None) -> list[Laye
         ValueError: A trainable parameter is in no group or in several; a group is empty.
         TypeError: The splitter returned something that is not a group.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> [g.name for g in split_model(model, lambda m: {"body": m[0], "head": m[2]})]

@@ -28,6 +28,7 @@ from difflr.callbacks import (
     read_hypers,
 )
 from difflr.checks import check_epochs, check_moms, check_pct, check_positive, check_wd
+from difflr.display import in_notebook
 from difflr.distributed import (
     SyncBuffers,
     batches_per_process,
@@ -139,7 +140,7 @@ class Learner:
         data: ``(train_dl, valid_dl)`` (``valid_dl`` may be ``None``), a ``LightningDataModule``,
             or ``None`` when the LightningModule has its own dataloaders.
         loss_func: ``loss_func(preds, target) -> scalar`` for an ``nn.Module``.
-        splitter: ``splitter(model)`` returning the layer groups (see :mod:`difflr.groups`);
+        splitter: ``splitter(model)`` returning the layer groups (see `difflr.groups`);
             else ``model.model_splits()``, else a built-in splitter, else one group.
         opt_func: Optimizer factory called as ``opt_func(param_groups, lr=lr)``.
         lr: Default LR spec of the fit methods (float, list per group or ``slice``).
@@ -166,7 +167,7 @@ class Learner:
         ValueError: The splitter misses or repeats parameters; a loader is empty; an argument
             is out of range.
 
-    Example:
+    Examples:
         >>> import torch, torch.nn.functional as F
         >>> from torch import nn
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -324,7 +325,7 @@ class Learner:
                 ``"last"`` for ``path/checkpoints/last.ckpt``): weights, optimizer state, freeze
                 pattern, schedule position and recorder continue where it stopped.
 
-        Example:
+        Examples:
             >>> learn.fit_one_cycle(4, lr_max=slice(1e-5, 1e-3))  # doctest: +SKIP
         """
         self._execute(
@@ -472,7 +473,7 @@ class Learner:
             ValueError: A stage does not fit the model (``freeze_to`` out of range, ``lr_max``
                 of the wrong length); nothing has run then.
 
-        Example:
+        Examples:
             >>> learn.fit_stages(Stage.from_milestones(milestones))  # doctest: +SKIP
         """
         self._execute(self._plan_stages(stages), ckpt_path)
@@ -624,6 +625,10 @@ class Learner:
             "enable_model_summary": False,
             "num_sanity_val_steps": 0,
         }
+        if in_notebook():
+            # Lightning's text bar would print a line per refresh in a notebook; the epoch table
+            # updates in place instead (pass enable_progress_bar=True to have both).
+            kwargs["enable_progress_bar"] = False
         n_batches = _length(self.train_dl)
         if n_batches:
             kwargs["log_every_n_steps"] = max(1, min(50, n_batches))
@@ -685,6 +690,12 @@ class Learner:
                 # LearnerModule always defines validation_step; no valid_dl is not a mistake.
                 warnings.filterwarnings(
                     "ignore", ".*`validation_step` but have no `val_dataloader`"
+                )
+                # Raised inside Lightning itself on recent torch; nothing a user can act on.
+                warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)")
+                # Every fit writes path/checkpoints/last.ckpt anew, by design.
+                warnings.filterwarnings(
+                    "ignore", r"Checkpoint directory .* exists and is not empty"
                 )
                 trainer.fit(self.module, **self._data_kwargs(), **fit_kwargs)
         except SystemExit:
@@ -789,7 +800,7 @@ class Learner:
         return file
 
     def load(self, name: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
-        """Load what :meth:`save` wrote (a name under ``path/models`` or a file path).
+        """Load what `save` wrote (a name under ``path/models`` or a file path).
 
         Raises:
             FileNotFoundError: No such file.

@@ -62,7 +62,7 @@ def expand_lrs(
             has a step.
         TypeError: ``spec`` is not a number, a sequence of numbers or a slice.
 
-    Example:
+    Examples:
         >>> expand_lrs(slice(1e-5, 1e-3), 3)
         [1e-05, 0.0001, 0.001]
         >>> expand_lrs(slice(1e-3), 3)

@@ -145,7 +145,7 @@ def valley(lrs: ArrayLike, losses: ArrayLike) -> float:
         ValueError: If the lengths differ, fewer than 2 losses are finite, or ``lrs`` is not
             positive and strictly increasing.
 
-    Example:
+    Examples:
         >>> lrs = [10.0**e for e in range(-7, 1)]  # 1e-07 ... 1.0
         >>> valley(lrs, [2.0, 2.0, 1.9, 1.5, 1.0, 0.6, 0.5, 4.0])  # 6 points down to index 6
         0.0001
@@ -205,7 +205,7 @@ def slide(
         ValueError: If the lengths differ, fewer than 2 losses are finite, ``lrs`` is not
             positive and strictly increasing, or a parameter is out of range.
 
-    Example:
+    Examples:
         >>> lrs = [10.0**e for e in range(-6, 1)]
         >>> slide(lrs, [3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0], lr_diff=3)  # a straight line
         0.001
@@ -246,7 +246,7 @@ def minimum(lrs: ArrayLike, losses: ArrayLike) -> float:
         ValueError: If the lengths differ, fewer than 2 losses are finite, or ``lrs`` is not
             positive and strictly increasing.
 
-    Example:
+    Examples:
         >>> minimum([1e-4, 1e-3, 1e-2, 1e-1], [1.0, 0.5, 0.2, 0.9])
         0.001
     """
@@ -274,7 +274,7 @@ def steep(lrs: ArrayLike, losses: ArrayLike) -> float:
         ValueError: If the lengths differ, fewer than 2 losses are finite, or ``lrs`` is not
             positive and strictly increasing.
 
-    Example:
+    Examples:
         >>> steep([1e-4, 1e-3, 1e-2, 1e-1], [1.0, 0.9, 0.3, 0.2])
         0.001
     """
@@ -298,7 +298,7 @@ class SuggestedLRs(tuple):
     annotations and ``isinstance`` checks, and build one with `SuggestedLRs.from_dict`.
     Instances pickle and copy like plain tuples.
 
-    Example:
+    Examples:
         >>> suggested = SuggestedLRs.from_dict({"valley": 1e-3, "steep": 3e-3})
         >>> suggested.valley
         0.001
@@ -363,7 +363,7 @@ def suggestion_name(func: Callable[..., object], position: int = 0) -> str:
     Returns:
         ``func.__name__`` (of the wrapped function for a partial), else ``f"func{position}"``.
 
-    Example:
+    Examples:
         >>> suggestion_name(valley), suggestion_name(lambda lrs, losses: 1e-3, 2)
         ('valley', 'func2')
     """
@@ -411,7 +411,7 @@ def make_suggestions(
             strictly increasing, or a skip count is negative.
         TypeError: If a function is not callable or returns something that is not a number.
 
-    Example:
+    Examples:
         >>> lrs = [10.0**e for e in range(-6, 2)]  # 1e-06 ... 10.0
         >>> losses = [2.3, 2.3, 2.1, 1.6, 1.0, 0.8, 1.9, 9.0]
         >>> make_suggestions((minimum, steep), lrs, losses, skip_start=1, skip_end=1)
@@ -596,7 +596,7 @@ def lr_find(
 ) -> SuggestedLRs:
     """Run the LR range test on ``learn`` and put everything back as it was.
 
-    See :meth:`difflr.Learner.lr_find` for the arguments.
+    See `difflr.Learner.lr_find` for the arguments.
     """
     from difflr.callbacks import ParamScheduler
     from difflr.distributed import decide_on_rank_zero

@@ -8,7 +8,7 @@ import torch
 def accuracy(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Fraction of rows whose arg-max class equals the target (targets as class indices).
 
-    Example:
+    Examples:
         >>> float(accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1])))
         0.5
     """

@@ -32,7 +32,25 @@ def _new_figure(n_axes: int) -> tuple[Figure, list[Any]]:
 
     fig = Figure(figsize=(_SUBPLOT_SIZE[0] * n_axes, _SUBPLOT_SIZE[1]), layout="constrained")
     axes = fig.subplots(1, n_axes, squeeze=False)[0]
+    _teach_kernel_figures(fig)
     return fig, list(axes)
+
+
+def _teach_kernel_figures(fig: Figure) -> None:
+    """In a Jupyter kernel, make a returned Figure render as an image (once, as the cell's
+    result) even when pyplot's inline backend has not registered its formatter yet."""
+    shell = kernel_shell()
+    if shell is None or _kernel_renders_figures(shell, fig):
+        return
+    formatter = shell.display_formatter.formatters.get("image/png")
+    if formatter is not None and hasattr(formatter, "for_type"):
+        formatter.for_type(type(fig), _png_bytes)
+
+
+def _png_bytes(fig: Figure) -> bytes:
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
 
 
 def _as_array(values: ArrayLike, name: str, ndim: int) -> np.ndarray:
@@ -82,7 +100,7 @@ def plot_sched(
         ValueError: If the shapes of ``lrs`` and ``moms`` differ, ``lrs`` has no step, or
             ``names`` does not have one name per group.
 
-    Example:
+    Examples:
         >>> fig = plot_sched([[1e-4, 1e-3], [2e-4, 2e-3]], names=["stem", "head"])
         >>> [line.get_label() for line in fig.axes[0].get_lines()]
         ['stem', 'head']
@@ -149,7 +167,7 @@ def plot_loss(
         ValueError: If ``losses`` is empty, ``skip_start`` is not in ``[0, n_steps)``, or a
             validation entry is not a ``(step, loss)`` pair.
 
-    Example:
+    Examples:
         >>> fig = plot_loss([2.0, 1.5, 1.2, 1.0], valid_losses=[(1, 1.6), (3, 1.1)])
         >>> fig.axes[0].get_lines()[1].get_xydata().tolist()
         [[1.0, 1.6], [3.0, 1.1]]
@@ -205,7 +223,7 @@ def plot_lr_find(
     Raises:
         ValueError: If the lengths differ or ``skip_end`` leaves no point.
 
-    Example:
+    Examples:
         >>> fig = plot_lr_find([1e-4, 1e-3, 1e-2], [1.0, 0.5, 2.0], {"valley": (1e-3, 0.5)}, 0)
         >>> fig.axes[0].get_legend().get_texts()[0].get_text()
         'valley: 1.0e-03'
@@ -268,9 +286,7 @@ def show(fig: Figure) -> None:
         display(fig)  # honours the user's inline settings (format, dpi)
     else:
         # The inline backend registers its figure formatter only once pyplot is imported.
-        buffer = BytesIO()
-        fig.savefig(buffer, format="png", bbox_inches="tight")
-        display(Image(data=buffer.getvalue(), format="png"))
+        display(Image(data=_png_bytes(fig), format="png"))
 
 
 def _kernel_renders_figures(shell: Any, fig: Figure) -> bool:

@@ -73,7 +73,7 @@ def one_cycle_lr(
     """fastai's one-cycle LR: cosine from ``lr_max/div`` up to ``lr_max`` over ``pct_start``,
     then cosine down to ``lr_max/div_final``.
 
-    Example:
+    Examples:
         >>> sched = one_cycle_lr(1e-2, pct_start=0.5, div=10.0, div_final=100.0)
         >>> [round(float(sched(p)), 6) for p in (0.0, 0.5, 1.0)]
         [0.001, 0.01, 0.0001]

@@ -1,9 +1,9 @@
 """Stage plans: gradual unfreezing with a fresh one-cycle per stage.
 
-A :class:`Stage` is one frozen pattern trained with one one-cycle over some epochs. A list of
+A `Stage` is one frozen pattern trained with one one-cycle over some epochs. A list of
 stages is a plan: ``Learner.fit_stages(stages)`` runs it with a fresh Trainer per stage (the
 frozen pattern is set before each Trainer sets up, so a DDP wrapper sees exactly the params that
-train), and :class:`GradualUnfreezing` runs the same plan inside one ``trainer.fit`` of a user's
+train), and `GradualUnfreezing` runs the same plan inside one ``trainer.fit`` of a user's
 own ``LightningModule`` and ``Trainer``.
 """
 
@@ -54,7 +54,7 @@ class Stage:
         wd: Weight decay for the stage; ``None`` keeps the current one.
         name: A label used in error messages (``from_milestones`` sets ``"milestones[3]"``).
 
-    Example:
+    Examples:
         >>> plan = [Stage(-1, 1, 1e-3), Stage(0, 2, slice(1e-5, 1e-3), pct_start=0.3)]
         >>> plan[1].lrs(3)
         [1e-05, 0.0001, 0.001]
@@ -121,7 +121,7 @@ class Stage:
             ValueError: An unknown or missing key, a gap or an overlap between milestones, lists
                 of ``lrs`` of different lengths; the message names the milestone.
 
-        Example:
+        Examples:
             >>> plan = Stage.from_milestones({
             ...     1: {"freeze_to": -1, "duration": 1, "pct_start": 0.3, "lrs": [0, 1e-3]},
             ...     2: {"freeze_to": 0, "duration": 2, "pct_start": 0.3, "lrs": [1e-5, 1e-4]},
@@ -237,7 +237,7 @@ class GradualUnfreezing(Callback):
         wd_bn_bias: Also decay biases and normalisation params.
         moms: Default one-cycle momentum for stages without their own.
 
-    Example:
+    Examples:
         >>> cb = GradualUnfreezing([Stage(-1, 1, 1e-3), Stage(0, 2, slice(1e-5, 1e-3))])
         >>> # trainer = pl.Trainer(max_epochs=3, callbacks=[cb]); trainer.fit(module, ...)
     """
@@ -257,6 +257,7 @@ class GradualUnfreezing(Callback):
         self.moms = check_moms(moms)
         self.stage = 0
         self.stage_step = 0
+        self._stepped = False
         self.groups: list[LayerGroup] = []
         self._applied = -1
         self._steps_per_epoch = 1
@@ -343,11 +344,33 @@ class GradualUnfreezing(Callback):
             current = self.stages[self.stage]
             self._lr_sched = current.lr_schedule(n)
             self._mom_sched = current.mom_schedule(self.moms) if self._key else None
+        if self.stage_step == 0:
+            # Put the stage's first values in place before its first batch (as ParamScheduler
+            # does), so monitors never see the optimizer's construction LR.
+            self._apply(trainer.optimizers[0])
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        # The optimizer already holds this step's values (see ParamScheduler).
+        self.stage_step += 1
+        self._stepped = True
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._stepped:
+            self._apply(trainer.optimizers[0])
+            self._stepped = False
+
+    def _apply(self, optimizer: torch.optim.Optimizer) -> None:
         total = self.stages[self.stage].epochs * self._steps_per_epoch
         pct = min(self.stage_step / total, 1.0)
         lrs = self._lr_sched(pct)
@@ -355,7 +378,6 @@ class GradualUnfreezing(Callback):
         if self._mom_sched is not None:
             moms = np.broadcast_to(self._mom_sched(pct), (len(self.groups),))
         write_hypers(optimizer, lrs, moms, self._index, self._key)
-        self.stage_step += 1
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -287,17 +287,21 @@ def test_lr_monitor_shows_group_names(tmp_path):
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger
 
-    monitor = LearningRateMonitor(logging_interval="step")
+    monitor, recorder = LearningRateMonitor(logging_interval="step"), Recorder(log_hypers=False)
+    plan = [Stage(-1, 1, 1e-3), Stage(0, 1, slice(1e-5, 1e-3))]
     trainer = pl.Trainer(
         max_epochs=2,
         logger=CSVLogger(tmp_path),
         log_every_n_steps=1,
         enable_progress_bar=False,
         enable_checkpointing=False,
-        callbacks=[GradualUnfreezing([Stage(-1, 1, 1e-3), Stage(0, 1, 1e-3)]), monitor],
+        callbacks=[GradualUnfreezing(plan), recorder, monitor],
     )
     trainer.fit(LitSix(), make_loaders()[0])
     assert "lr-AdamW/0.sequential" in monitor.lrs and "lr-AdamW/5.linear" in monitor.lrs
+    # The monitor reads at batch start and sees the very values each step uses: no lag.
+    np.testing.assert_allclose(monitor.lrs["lr-AdamW/5.linear"], recorder.lrs[:, 5])
+    np.testing.assert_allclose(monitor.lrs["lr-AdamW/0.sequential"], recorder.lrs[:, 0])
 
 
 @pytest.mark.parametrize(
