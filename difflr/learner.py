@@ -876,9 +876,7 @@ def _make_module(
         raise TypeError(f"loss_func must be callable (preds, target) -> loss, got {loss_func!r}.")
     if metrics is None:
         metrics = []
-    elif (callable(metrics) and not isinstance(metrics, nn.Module)) or isinstance(
-        metrics, nn.Module
-    ):
+    elif callable(metrics) or isinstance(metrics, nn.Module):  # one metric, not a list
         metrics = [metrics]
     metrics = list(metrics)
     for m in metrics:
