@@ -11,6 +11,7 @@ from difflr.lr import LRSpec, expand_lrs
 from difflr.lr_finder import SuggestedLRs, minimum, slide, steep, valley
 from difflr.metrics import accuracy, error_rate
 from difflr.stages import GradualUnfreezing, Stage
+from difflr.vision import vision_learner
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,5 @@ __all__ = [
     "split_model",
     "steep",
     "valley",
+    "vision_learner",
 ]

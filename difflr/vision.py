@@ -18,10 +18,11 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 from torchvision.models import WeightsEnum
@@ -29,7 +30,17 @@ from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2
 
 from difflr.groups import Splitter
 
-__all__ = ["create_head", "find_splitter", "load_arch", "replace_head", "resnet_splitter"]
+if TYPE_CHECKING:
+    from difflr.learner import Learner
+
+__all__ = [
+    "create_head",
+    "find_splitter",
+    "load_arch",
+    "replace_head",
+    "resnet_splitter",
+    "vision_learner",
+]
 
 #: Layer groups as this module builds them: ``{name: params}``, in forward order, head last.
 NamedGroups: TypeAlias = "dict[str, list[nn.Parameter]]"
@@ -318,7 +329,7 @@ def resnet_splitter(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     Raises:
         TypeError: ``model`` lacks one of those modules.
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> from difflr.groups import split_model
         >>> model = torchvision.models.resnet18(weights=None)
@@ -386,7 +397,7 @@ def find_splitter(model: nn.Module) -> Splitter | None:
         ``splitter(model) -> {name: params}``, stem first and head last, covering every parameter
         once; ``None`` when no backbone is recognised, or when several are (pass a splitter).
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> from torch import nn
         >>> model = nn.Sequential(torchvision.models.resnet18(weights=None), nn.Linear(1000, 2))
@@ -441,7 +452,7 @@ def create_head(
     Raises:
         ValueError: A size is not a positive integer, or ``dropout`` is outside [0, 1).
 
-    Example:
+    Examples:
         >>> import torch
         >>> head = create_head(64, 3).eval()
         >>> head(torch.randn(2, 64)).shape
@@ -519,7 +530,7 @@ def replace_head(model: nn.Module, n_out: int, head: nn.Module | None = None) ->
         ValueError: ``n_out`` is not a positive integer, or the number of features cannot be
             read from the current head (it has no Linear layer); pass ``head``.
 
-    Example:
+    Examples:
         >>> import torch, torchvision
         >>> model = replace_head(torchvision.models.resnet18(weights=None), n_out=3).eval()
         >>> model(torch.randn(2, 3, 64, 64)).shape
@@ -623,7 +634,7 @@ def load_arch(
         RuntimeError: The weights file is not in ``torch.hub.get_dir()/checkpoints`` and
             ``allow_download`` is False; the message names the file, its URL and where to put it.
 
-    Example:
+    Examples:
         >>> model = load_arch("resnet18")
         >>> type(model).__name__
         'ResNet'
@@ -660,5 +671,64 @@ def load_arch(
     return builder(weights=resolved)
 
 
-# vision_learner goes here, once the Learner (difflr.learner) exists: load_arch + replace_head +
-# find_splitter wired into a Learner, as fastai's vision_learner does.
+# --------------------------------------------------------------------------------------------
+# vision_learner
+# --------------------------------------------------------------------------------------------
+
+
+def vision_learner(
+    arch: str | Callable[..., nn.Module] | nn.Module,
+    data: Any,
+    n_out: int,
+    weights: str | WeightsEnum | None = None,
+    head: nn.Module | None = None,
+    **learner_kwargs: Any,
+) -> Learner:
+    """A Learner for a torchvision backbone with a fresh head, as fastai's ``vision_learner``.
+
+    ``load_arch(arch, weights)``, then ``replace_head(model, n_out, head)``, then a ``Learner``
+    whose layer groups come from the built-in splitter (ResNet-18: stem, layer1 .. layer4, head).
+    With pretrained ``weights`` the body is frozen (``learn.freeze()``: only the new head and the
+    normalisation layers train) until you call ``learn.unfreeze()``.
+
+    Args:
+        arch: A torchvision model name (``"resnet18"``), a builder, or a model (then
+            ``weights`` must be None; its head is replaced all the same).
+        data: ``(train_dl, valid_dl)`` or a ``LightningDataModule``, as for ``Learner``.
+        n_out: Number of outputs (classes) of the new head.
+        weights: None for random initialisation, or torchvision weights (``"DEFAULT"``,
+            ``"IMAGENET1K_V1"``, an enum member), read from the local cache only: see
+            ``load_arch``.
+        head: The new head, receiving pooled, flattened features; by default
+            ``create_head(n_features, n_out)`` (batch norm, a hidden layer of 512, dropout).
+        **learner_kwargs: Passed to ``Learner`` (``loss_func`` defaults to
+            ``F.cross_entropy``; ``metrics``, ``splitter``, ``path``, ``lr``, Trainer
+            arguments, ...).
+
+    Returns:
+        The Learner, frozen to its head when ``weights`` is given.
+
+    Raises:
+        ValueError, TypeError, RuntimeError: As ``load_arch``, ``replace_head`` and ``Learner``
+            raise them; in particular a ``RuntimeError`` naming the missing file when
+            ``weights`` are not in the local cache (nothing is downloaded).
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> ds = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)))
+        >>> learn = vision_learner("resnet18", (DataLoader(ds, batch_size=4), None), n_out=3,
+        ...                        logger=False, enable_progress_bar=False)
+        >>> [g.name for g in learn.splits]
+        ['0.stem', '1.layer1', '2.layer2', '3.layer3', '4.layer4', '5.head']
+        >>> learn.model.eval()(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 3])
+    """
+    from difflr.learner import Learner  # lazy: difflr.groups imports this module lazily too
+
+    model = replace_head(load_arch(arch, weights), n_out, head)
+    loss_func = learner_kwargs.pop("loss_func", F.cross_entropy)
+    learn = Learner(model, data, loss_func=loss_func, **learner_kwargs)
+    if weights is not None:
+        learn.freeze()
+    return learn

@@ -12,12 +12,21 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from difflr import vision
 from difflr.groups import LayerGroup, split_model
-from difflr.vision import create_head, find_splitter, load_arch, replace_head, resnet_splitter
+from difflr.vision import (
+    create_head,
+    find_splitter,
+    load_arch,
+    replace_head,
+    resnet_splitter,
+    vision_learner,
+)
 
 RESNET_NAMES = ["0.stem", "1.layer1", "2.layer2", "3.layer3", "4.layer4", "5.head"]
 STAGE_NAMES = ["0.stem", "1.stage1", "2.stage2", "3.stage3", "4.stage4", "5.head"]
@@ -517,6 +526,93 @@ def test_load_arch_loads_cached_weights_without_downloading(empty_hub: Path) -> 
     assert torch.equal(model.conv1[0].weight, state["conv1.0.weight"])
 
 
+def _image_loaders(n: int = 8, n_classes: int = 3) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % n_classes)
+    return DataLoader(ds, batch_size=4), DataLoader(ds, batch_size=8)
+
+
+def test_vision_learner_gives_n_out_outputs_and_the_original_six_groups(tmp_path: Path) -> None:
+    learn = vision_learner(
+        "resnet18",
+        _image_loaders(),
+        n_out=3,
+        path=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+    )
+    assert [g.name for g in learn.splits] == RESNET_NAMES
+    assert _ids(learn.splits[-1]) == {id(p) for p in learn.model.fc.parameters()}
+    assert learn.model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert learn.frozen == [False] * 6  # random weights: nothing to keep, nothing frozen
+    assert learn.module.loss_func is F.cross_entropy
+
+
+def test_vision_learner_with_cached_weights_loads_them_and_freezes_the_body(
+    empty_hub: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(1)
+    state = tvm.resnet18(weights=None).state_dict()
+    (empty_hub / "checkpoints").mkdir()
+    torch.save(state, empty_hub / "checkpoints" / Path(tvm.ResNet18_Weights.DEFAULT.url).name)
+    learn = vision_learner(
+        tvm.resnet18,
+        _image_loaders(),
+        n_out=4,
+        weights="DEFAULT",
+        logger=False,
+        enable_progress_bar=False,
+        path=tmp_path,
+    )
+    assert torch.equal(learn.model.conv1.weight, state["conv1.weight"])
+    assert learn.frozen == [True] * 5 + [False]
+    assert not learn.model.conv1.weight.requires_grad
+    assert not learn.model.layer4[1].conv2.weight.requires_grad
+    assert learn.model.layer4[1].bn2.weight.requires_grad  # train_bn keeps norm layers training
+    assert all(p.requires_grad for p in learn.model.fc.parameters())
+    assert learn.model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_vision_learner_without_cached_weights_fails_before_building_a_learner(
+    empty_hub: Path,
+) -> None:
+    with pytest.raises(RuntimeError, match="no network access"):
+        vision_learner("resnet18", _image_loaders(), n_out=2, weights="DEFAULT", logger=False)
+
+
+def test_vision_learner_passes_head_and_learner_kwargs_through(tmp_path: Path) -> None:
+    head = nn.Linear(512, 5)
+
+    def loss_func(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(preds, target, label_smoothing=0.1)
+
+    learn = vision_learner(
+        "resnet18",
+        _image_loaders(n_classes=5),
+        n_out=5,
+        head=head,
+        loss_func=loss_func,
+        splitter=lambda m: {
+            "body": [p for n, p in m.named_parameters() if not n.startswith("fc")],
+            "head": m.fc,
+        },
+        lr=3e-4,
+        wd=0.05,
+        path=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        limit_train_batches=1,
+    )
+    assert learn.model.fc is head
+    assert learn.module.loss_func is loss_func
+    assert [g.name for g in learn.splits] == ["0.body", "1.head"]
+    assert learn.lr == 3e-4 and learn.wd == 0.05
+    assert learn.path == tmp_path
+    assert learn.trainer_kwargs == {"enable_progress_bar": False, "limit_train_batches": 1}
+    learn.fit(1)
+    assert len(learn.recorder.lrs) == 1  # limit_train_batches reached the Trainer
+
+
 def test_module_exports_the_public_names() -> None:
     assert set(vision.__all__) == {
         "create_head",
@@ -524,4 +620,5 @@ def test_module_exports_the_public_names() -> None:
         "load_arch",
         "replace_head",
         "resnet_splitter",
+        "vision_learner",
     }
