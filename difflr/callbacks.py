@@ -148,18 +148,23 @@ class ParamScheduler(Callback):
         self._index = list(index)
         self._n_groups = max(self._index) + 1
 
+    def attach(self, optimizer: torch.optim.Optimizer, total_steps: float) -> None:
+        """Drive ``optimizer`` over ``total_steps`` steps from ``self.step`` on, and put the
+        current step's values in place (before its first batch)."""
+        if not math.isfinite(total_steps) or total_steps < 1:
+            raise ValueError(
+                f"cannot schedule over {total_steps} optimizer steps; set max_epochs or max_steps "
+                "on the Trainer."
+            )
+        self._key = momentum_key(optimizer)
+        self._configure(int(total_steps), layer_group_index(optimizer))
+        self._apply(optimizer)
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        optimizer = _single_optimizer(trainer)
-        self._key = momentum_key(optimizer)
-        total = self.total_steps or trainer.estimated_stepping_batches
-        if not math.isfinite(total) or total < 1:
-            raise ValueError(
-                f"cannot schedule over {total} optimizer steps; set max_epochs or max_steps on "
-                "the Trainer."
-            )
-        self._configure(total, layer_group_index(optimizer))
-        self._apply(optimizer)  # the first step's values, in place before its first batch
+        self.attach(
+            _single_optimizer(trainer), self.total_steps or trainer.estimated_stepping_batches
+        )
 
     @override
     def on_before_optimizer_step(

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from difflr.callbacks import layer_group_index, momentum_key, write_hypers
+from difflr.callbacks import ParamScheduler
 from difflr.checks import check_moms, check_number
 from difflr.freezing import apply_freeze, check_freeze_to, frozen_pattern
 from difflr.groups import GROUP_INDEX_KEY, LayerGroup, Splitter, build_param_groups, split_model
@@ -257,14 +257,11 @@ class GradualUnfreezing(Callback):
         self.moms = check_moms(moms)
         self.stage = 0
         self.stage_step = 0
-        self._stepped = False
         self.groups: list[LayerGroup] = []
         self._applied = -1
         self._steps_per_epoch = 1
-        self._index: list[int] = []
-        self._key: str | None = None
-        self._lr_sched: Schedule | None = None
-        self._mom_sched: Schedule | None = None
+        self._scheduler: ParamScheduler | None = None
+        self._scheduler_stage = -1
 
     @property
     def starts(self) -> list[int]:
@@ -317,8 +314,6 @@ class GradualUnfreezing(Callback):
         optimizer = trainer.optimizers[0]
         if not any(GROUP_INDEX_KEY in pg for pg in optimizer.param_groups):
             _regroup(optimizer, pl_module, self.groups, self.wd_bn_bias)
-        self._index = layer_group_index(optimizer)
-        self._key = momentum_key(optimizer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -341,21 +336,22 @@ class GradualUnfreezing(Callback):
         if self._applied != self.stage:
             self._freeze(pl_module, self.stage)
             self._applied = self.stage
+        if self._scheduler is None or self._scheduler_stage != self.stage:
+            # The stage's one-cycle, by the same ParamScheduler that Learner.fit_stages uses.
             current = self.stages[self.stage]
-            self._lr_sched = current.lr_schedule(n)
-            self._mom_sched = current.mom_schedule(self.moms) if self._key else None
-        if self.stage_step == 0:
-            # Put the stage's first values in place before its first batch (as ParamScheduler
-            # does), so monitors never see the optimizer's construction LR.
-            self._apply(trainer.optimizers[0])
+            self._scheduler = ParamScheduler(
+                current.lr_schedule(n), current.mom_schedule(self.moms)
+            )
+            self._scheduler.step = self.stage_step  # > 0 when resuming inside the stage
+            self._scheduler.attach(trainer.optimizers[0], current.epochs * self._steps_per_epoch)
+            self._scheduler_stage = self.stage
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # The optimizer already holds this step's values (see ParamScheduler).
-        self.stage_step += 1
-        self._stepped = True
+        self._scheduler.on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.stage_step = self._scheduler.step
 
     @override
     def on_train_batch_end(
@@ -366,18 +362,7 @@ class GradualUnfreezing(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._stepped:
-            self._apply(trainer.optimizers[0])
-            self._stepped = False
-
-    def _apply(self, optimizer: torch.optim.Optimizer) -> None:
-        total = self.stages[self.stage].epochs * self._steps_per_epoch
-        pct = min(self.stage_step / total, 1.0)
-        lrs = self._lr_sched(pct)
-        moms = None
-        if self._mom_sched is not None:
-            moms = np.broadcast_to(self._mom_sched(pct), (len(self.groups),))
-        write_hypers(optimizer, lrs, moms, self._index, self._key)
+        self._scheduler.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
     def state_dict(self) -> dict[str, Any]:
