@@ -158,6 +158,9 @@ class Learner:
             interrupted fit can resume with ``ckpt_path="last"``.
         monitor: Also keep ``path/checkpoints/best.ckpt``, the best epoch by this logged metric
             (``"valid_loss"`` is minimised, anything else maximised).
+        check_finite: Stop at a NaN or infinite training loss, before that step's update, with
+            an error naming the step, the loss and each group's LR (``nn.Module`` models). It
+            reads the loss on the host every step; on a GPU pass ``False`` to avoid that sync.
         **trainer_kwargs: Passed to every ``Trainer`` (``accelerator``, ``devices``,
             ``strategy``, ``precision``, ``accumulate_grad_batches``, ...).
 
@@ -199,9 +202,12 @@ class Learner:
         callbacks: Sequence[pl.Callback] | None = None,
         checkpoint: bool = True,
         monitor: str | None = None,
+        check_finite: bool = True,
         **trainer_kwargs: Any,
     ) -> None:
         self.module, self.model = _make_module(model, loss_func, metrics, lambda: self.opt)
+        if isinstance(self.module, LearnerModule):
+            self.module.check_finite = bool(check_finite)
         self.train_dl, self.valid_dl, self.datamodule = _check_data(data, self.module)
         reserved = [k for k in _RESERVED if k in trainer_kwargs]
         if reserved:

@@ -194,3 +194,34 @@ def test_repeated_use_keeps_groups_state_and_figures_constant(tmp_path):
     assert len(learn.opt.state) <= len(list(learn.model.parameters()))
     assert len(plt.get_fignums()) == figures
     assert learn.recorder.boundaries == [0]  # each call starts a new record
+
+
+def test_check_finite_false_lets_a_nan_loss_through(tmp_path):
+    x = torch.randn(32, 6)
+    x[5, 0] = float("nan")  # one poisoned sample in the first batch
+    data = DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long)), batch_size=16)
+    guarded = Learner(
+        make_model(),
+        (data, None),
+        F.cross_entropy,
+        splitter=three_groups,
+        path=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        checkpoint=False,
+    )
+    with pytest.raises(FloatingPointError, match="loss is nan at optimizer step 0"):
+        guarded.fit(1)
+    unguarded = Learner(
+        make_model(),
+        (data, None),
+        F.cross_entropy,
+        splitter=three_groups,
+        path=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        checkpoint=False,
+        check_finite=False,
+    )
+    unguarded.fit(1)  # trains on, as plain Lightning would
+    assert not all(torch.isfinite(p).all() for p in unguarded.model.parameters())
