@@ -52,13 +52,18 @@ def layer_group_names(optimizer: torch.optim.Optimizer) -> list[str]:
     return [names[i] for i in sorted(names)]
 
 
-def read_hypers(optimizer: torch.optim.Optimizer) -> tuple[np.ndarray, np.ndarray]:
-    """Each layer group's current LR and momentum (NaN where the optimizer has no momentum)."""
-    index = layer_group_index(optimizer)
+def read_hypers(
+    optimizer: torch.optim.Optimizer, index: Sequence[int] | None = None, key: str | None = ""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each layer group's current LR and momentum (NaN where the optimizer has no momentum).
+
+    ``index`` and ``key`` may be passed pre-computed (the recorder does, once per fit).
+    """
+    index = layer_group_index(optimizer) if index is None else index
+    key = momentum_key(optimizer) if key == "" else key
     n = max(index) + 1
     lrs = np.full(n, np.nan)
     moms = np.full(n, np.nan)
-    key = momentum_key(optimizer)
     for i, pg in zip(index, optimizer.param_groups):
         if math.isnan(lrs[i]):
             lrs[i] = pg["lr"]
@@ -260,6 +265,8 @@ class Recorder(Callback):
         self._epoch_steps: list[int] = []
         self.lr_find_points: dict[str, tuple[float, float]] = {}
         self._resumed = False
+        self._index: list[int] = []
+        self._key: str | None = None
         self._begin_run()
 
     def _begin_run(self) -> None:
@@ -291,7 +298,8 @@ class Recorder(Callback):
         optimizer = _single_optimizer(trainer)
         self.names = layer_group_names(optimizer)
         resumed, self._resumed = getattr(self, "_resumed", False), False
-        index = layer_group_index(optimizer)
+        index = self._index = layer_group_index(optimizer)
+        self._key = momentum_key(optimizer)
         flags = [False] * len(self.names)
         for i, pg in zip(index, optimizer.param_groups):
             flags[i] = flags[i] or any(p.requires_grad for p in pg["params"])
@@ -314,7 +322,7 @@ class Recorder(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        lrs, moms = read_hypers(optimizer)
+        lrs, moms = read_hypers(optimizer, self._index, self._key)
         self._lrs.append(lrs)
         self._moms.append(moms)
         self._stepped = True

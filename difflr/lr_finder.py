@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from difflr.callbacks import SMOOTH_BETA
+
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
@@ -567,9 +569,11 @@ class _StopOnDivergence(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        self.avg = 0.98 * self.avg + 0.02 * float(loss) * trainer.accumulate_grad_batches
+        # The same debiased moving average the Recorder reports (beta = SMOOTH_BETA).
+        loss_value = float(loss) * trainer.accumulate_grad_batches
+        self.avg = SMOOTH_BETA * self.avg + (1 - SMOOTH_BETA) * loss_value
         self.count += 1
-        smoothed = self.avg / (1 - 0.98**self.count)
+        smoothed = self.avg / (1 - SMOOTH_BETA**self.count)
         stop = not math.isfinite(smoothed) or smoothed > self.factor * self.best
         if trainer.world_size > 1:
             stop = trainer.strategy.broadcast(stop, src=0)

@@ -15,7 +15,7 @@ from difflr import Learner, Stage
 from tests.helpers import make_loaders, make_model, three_groups
 
 
-def make_learner(path, model=None, **kwargs) -> Learner:
+def make_learner(path, model=None, data=None, **kwargs) -> Learner:
     options = {
         "splitter": three_groups,
         "path": path,
@@ -23,7 +23,7 @@ def make_learner(path, model=None, **kwargs) -> Learner:
         "enable_progress_bar": False,
         **kwargs,
     }
-    return Learner(model or make_model(), make_loaders(), F.cross_entropy, **options)
+    return Learner(model or make_model(), data or make_loaders(), F.cross_entropy, **options)
 
 
 class Crash(Callback):
@@ -200,28 +200,9 @@ def test_check_finite_false_lets_a_nan_loss_through(tmp_path):
     x = torch.randn(32, 6)
     x[5, 0] = float("nan")  # one poisoned sample in the first batch
     data = DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long)), batch_size=16)
-    guarded = Learner(
-        make_model(),
-        (data, None),
-        F.cross_entropy,
-        splitter=three_groups,
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        checkpoint=False,
-    )
+    guarded = make_learner(tmp_path, data=(data, None), checkpoint=False)
     with pytest.raises(FloatingPointError, match="loss is nan at optimizer step 0"):
         guarded.fit(1)
-    unguarded = Learner(
-        make_model(),
-        (data, None),
-        F.cross_entropy,
-        splitter=three_groups,
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        checkpoint=False,
-        check_finite=False,
-    )
+    unguarded = make_learner(tmp_path, data=(data, None), checkpoint=False, check_finite=False)
     unguarded.fit(1)  # trains on, as plain Lightning would
     assert not all(torch.isfinite(p).all() for p in unguarded.model.parameters())
