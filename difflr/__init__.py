@@ -5,12 +5,13 @@ policy and the LR range test, as a ``Learner`` facade and as drop-in Lightning c
 """
 
 from difflr.callbacks import ParamScheduler, Recorder
-from difflr.groups import LayerGroup, split_model
+from difflr.groups import LayerGroup
 from difflr.learner import Learner
 from difflr.lr import LRSpec, expand_lrs
-from difflr.lr_finder import SuggestedLRs, minimum, slide, steep, valley
 from difflr.metrics import accuracy, error_rate
+from difflr.splitters import split_model
 from difflr.stages import GradualUnfreezing, Stage
+from difflr.suggestions import SuggestedLRs, minimum, slide, steep, valley
 from difflr.vision import vision_learner
 
 __version__ = "0.1.0"

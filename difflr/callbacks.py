@@ -19,79 +19,19 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from difflr.groups import GROUP_INDEX_KEY
+from difflr.groups import (
+    layer_group_index,
+    layer_group_names,
+    momentum_key,
+    read_hypers,
+    write_hypers,
+)
 from difflr.schedules import Schedule
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 SMOOTH_BETA = 0.98
-
-
-def momentum_key(optimizer: torch.optim.Optimizer) -> str | None:
-    """The hyper-parameter the one-cycle momentum drives: ``"betas"`` (Adam, AdamW, ...; its
-    first coefficient), ``"momentum"`` (SGD, RMSprop) or ``None``."""
-    group = optimizer.param_groups[0]
-    if "betas" in group:
-        return "betas"
-    if "momentum" in group:
-        return "momentum"
-    return None
-
-
-def layer_group_index(optimizer: torch.optim.Optimizer) -> list[int]:
-    """For each torch param group, the index of the layer group it belongs to."""
-    return [pg.get(GROUP_INDEX_KEY, i) for i, pg in enumerate(optimizer.param_groups)]
-
-
-def layer_group_names(optimizer: torch.optim.Optimizer) -> list[str]:
-    """One name per layer group: the ``"name"`` of its first torch param group."""
-    names: dict[int, str] = {}
-    for i, (index, pg) in enumerate(zip(layer_group_index(optimizer), optimizer.param_groups)):
-        names.setdefault(index, str(pg.get("name", f"group{i}")).split("/")[0])
-    return [names[i] for i in sorted(names)]
-
-
-def read_hypers(
-    optimizer: torch.optim.Optimizer, index: Sequence[int] | None = None, key: str | None = ""
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each layer group's current LR and momentum (NaN where the optimizer has no momentum).
-
-    ``index`` and ``key`` may be passed pre-computed (the recorder does, once per fit).
-    """
-    index = layer_group_index(optimizer) if index is None else index
-    key = momentum_key(optimizer) if key == "" else key
-    n = max(index) + 1
-    lrs = np.full(n, np.nan)
-    moms = np.full(n, np.nan)
-    for i, pg in zip(index, optimizer.param_groups):
-        if math.isnan(lrs[i]):
-            lrs[i] = pg["lr"]
-            if key is not None:
-                moms[i] = pg[key][0] if key == "betas" else pg[key]
-    return lrs, moms
-
-
-def write_hypers(
-    optimizer: torch.optim.Optimizer,
-    lrs: np.ndarray,
-    moms: np.ndarray | None,
-    index: Sequence[int] | None = None,
-    key: str | None = None,
-) -> None:
-    """Set every torch param group's LR (and momentum) from its layer group's value.
-
-    ``index`` and ``key`` may be passed pre-computed (the scheduler does, once per fit) so that a
-    step does only O(param groups) Python work.
-    """
-    index = layer_group_index(optimizer) if index is None else index
-    for i, pg in zip(index, optimizer.param_groups):
-        pg["lr"] = float(lrs[i])
-        if moms is not None and key is not None:
-            if key == "betas":
-                pg["betas"] = (float(moms[i]), pg["betas"][1])
-            else:
-                pg["momentum"] = float(moms[i])
 
 
 class ParamScheduler(Callback):
@@ -215,18 +155,37 @@ def _single_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
     return trainer.optimizers[0]
 
 
-def smooth(losses: np.ndarray, beta: float = SMOOTH_BETA, avg: float = 0.0, count: int = 0):
-    """fastai's debiased exponential moving average of ``losses``.
+class SmoothedLoss:
+    """fastai's debiased exponential moving average of a loss.
 
-    ``avg = beta*avg + (1-beta)*loss``, reported as ``avg / (1 - beta**count)``. ``avg`` and
-    ``count`` continue a previous run. Returns ``(smoothed, avg, count)``.
+    ``avg = beta*avg + (1-beta)*loss``, reported as ``avg / (1 - beta**count)``. The recorder's
+    per-step curve and the LR finder's divergence stop both use it, so the stop fires on the
+    curve the plot shows.
+
+    Examples:
+        >>> ema = SmoothedLoss()
+        >>> ema.update(2.0), round(ema.update(1.0), 4)
+        (2.0, 1.4949)
     """
-    out = np.empty(len(losses))
-    for i, loss in enumerate(losses):
-        avg = beta * avg + (1 - beta) * float(loss)
-        count += 1
-        out[i] = avg / (1 - beta**count)
-    return out, avg, count
+
+    def __init__(self, beta: float = SMOOTH_BETA, avg: float = 0.0, count: int = 0) -> None:
+        self.beta, self.avg, self.count = beta, avg, count
+
+    def update(self, loss: float) -> float:
+        """Add one loss; return the smoothed value."""
+        self.avg = self.beta * self.avg + (1 - self.beta) * float(loss)
+        self.count += 1
+        return self.avg / (1 - self.beta**self.count)
+
+
+def smooth(losses: np.ndarray, beta: float = SMOOTH_BETA, avg: float = 0.0, count: int = 0):
+    """`SmoothedLoss` over ``losses``, continuing from ``avg`` and ``count``.
+
+    Returns ``(smoothed, avg, count)``.
+    """
+    ema = SmoothedLoss(beta, avg, count)
+    out = np.array([ema.update(loss) for loss in losses], dtype=float)
+    return out, ema.avg, ema.count
 
 
 class Recorder(Callback):
@@ -460,3 +419,42 @@ class Recorder(Callback):
 def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step)
+
+
+class FiniteLossGuard(Callback):
+    """Stop at a NaN or infinite training loss, before that step's backward and update.
+
+    Raises a ``FloatingPointError`` that names the optimizer step, the loss and every layer
+    group's LR. It reads the loss on the host once per step (a device synchronisation on a GPU);
+    the Learner adds it unless ``check_finite=False``. Works for any ``LightningModule`` with
+    automatic optimisation (the hook runs between the loss and its backward).
+    """
+
+    def __init__(self) -> None:
+        self._batch_idx = 0
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_idx = batch_idx
+
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if bool(torch.isfinite(loss).all()):
+            return
+        optimizer = trainer.optimizers[0]
+        lrs = ", ".join(
+            f"{name}={lr:.3g}"
+            for name, lr in zip(layer_group_names(optimizer), read_hypers(optimizer)[0])
+        )
+        value = loss.detach().float().mean().item() * trainer.accumulate_grad_batches
+        raise FloatingPointError(
+            f"the training loss is {value} at optimizer step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}, batch {self._batch_idx}); training stopped before "
+            f"this step's update, so the weights are still finite. LRs: {lrs}. Lower the LR "
+            "(learn.lr_find() helps), check the data for NaN/inf, or clip gradients "
+            "(gradient_clip_val=...)."
+        )

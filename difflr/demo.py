@@ -57,9 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
-from difflr.learner import Learner
-from difflr.lr_finder import minimum, slide, steep, valley
-from difflr.metrics import accuracy
+from difflr import Learner, accuracy, minimum, slide, steep, valley
 from difflr.vision import load_arch, vision_learner
 
 __all__ = ["MILESTONES", "DemoError", "main", "parse_args"]

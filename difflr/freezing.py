@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from difflr.checks import is_int
 from difflr.groups import LayerGroup, norm_param_ids
 
 
@@ -21,7 +22,7 @@ def check_freeze_to(n: int, n_groups: int) -> int:
         TypeError: ``n`` is not an int.
         ValueError: ``n`` is outside ``[-n_groups, n_groups]``.
     """
-    if isinstance(n, bool) or not isinstance(n, int):
+    if not is_int(n):
         raise TypeError(
             f"freeze_to takes an int (the number of layer groups to freeze, negative counts from "
             f"the end), got {n!r} ({type(n).__name__})."

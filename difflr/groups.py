@@ -8,7 +8,9 @@ in exactly one group.
 Each layer group becomes one or two torch param groups of the same optimizer: one for the
 parameters that take weight decay and, while ``wd_bn_bias=False``, one for the biases and the
 normalisation-layer parameters, which take none. Both carry the layer group's name and index, so
-one LR and one momentum per layer group drive them together.
+one LR and one momentum per layer group drive them together. The helpers at the end of this
+module read and write those per-layer-group values on any optimizer built this way (and treat an
+optimizer without the index key as one layer group per param group).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+import numpy as np
+import torch
 from torch import nn
 
 Group: TypeAlias = "nn.Module | Iterable[nn.Parameter]"
@@ -110,17 +114,13 @@ def _default_name(index: int, group: Any) -> str:
     return f"{index}.group"
 
 
-def split_model(model: nn.Module, splitter: Splitter | None = None) -> list[LayerGroup]:
-    """Cut ``model`` into named layer groups and check that they cover it exactly once.
-
-    The groups come from ``splitter(model)`` if given, else from ``model.model_splits()`` (the
-    method the original ParametersSplitsModule example defined), else from a built-in splitter
-    for known architectures (``difflr.vision``), else the whole model is one group.
+def layer_groups(model: nn.Module, raw: Sequence[Group] | Mapping[str, Group]) -> list[LayerGroup]:
+    """Name a splitter's result and check that it covers the model's parameters exactly once.
 
     Args:
-        model: The model to split.
-        splitter: ``splitter(model)`` returning the groups in forward order, as a sequence or
-            as a ``{name: group}`` mapping.
+        model: The model that was split.
+        raw: What a splitter returned: groups in forward order, as a sequence or as a
+            ``{name: group}`` mapping.
 
     Returns:
         The layer groups, stem first, head last. Sequence groups are named ``"{i}.{class}"``;
@@ -128,15 +128,14 @@ def split_model(model: nn.Module, splitter: Splitter | None = None) -> list[Laye
 
     Raises:
         ValueError: A trainable parameter is in no group or in several; a group is empty.
-        TypeError: The splitter returned something that is not a group.
+        TypeError: ``raw`` is not a sequence or mapping of groups.
 
     Examples:
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> [g.name for g in split_model(model, lambda m: {"body": m[0], "head": m[2]})]
+        >>> [g.name for g in layer_groups(model, {"body": model[0], "head": model[2]})]
         ['0.body', '1.head']
     """
-    raw = _raw_groups(model, splitter)
     if isinstance(raw, Mapping):
         items = [(f"{i}.{key}", group) for i, (key, group) in enumerate(raw.items())]
     else:
@@ -175,7 +174,8 @@ def split_model(model: nn.Module, splitter: Splitter | None = None) -> list[Laye
             f"{len(missing)} trainable parameter(s) are in no layer group: {shown}. "
             "Add them to a group in the splitter (the head usually), or set requires_grad=False."
         )
-    foreign = [p for p in owner if p not in {id(q) for q in model.parameters()}]
+    model_ids = {id(q) for q in model.parameters()}
+    foreign = [p for p in owner if p not in model_ids]
     if foreign:
         raise ValueError(
             f"the splitter returned {len(foreign)} parameter(s) that do not belong to the model; "
@@ -186,23 +186,6 @@ def split_model(model: nn.Module, splitter: Splitter | None = None) -> list[Laye
 
 def _param_name(model: nn.Module, param: nn.Parameter) -> str:
     return next((n for n, p in model.named_parameters() if p is param), "unnamed")
-
-
-def _raw_groups(model: nn.Module, splitter: Splitter | None) -> Any:
-    if splitter is not None:
-        if not callable(splitter):
-            raise TypeError(
-                f"splitter must be a function model -> list of groups, got {type(splitter).__name__}."
-            )
-        return splitter(model)
-    if callable(getattr(model, "model_splits", None)):
-        return model.model_splits()
-    from difflr import vision  # lazy: torchvision and timm are only needed for known models
-
-    found = vision.find_splitter(model)
-    if found is not None:
-        return found(model)
-    return [model]
 
 
 def build_param_groups(
@@ -240,3 +223,84 @@ def warn_single_group(groups: Sequence[LayerGroup], action: str) -> None:
             "splitter (or define model_splits()) to cut the model into groups.",
             stacklevel=3,
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-layer-group hyper-parameters of an optimizer built by build_param_groups
+# ------------------------------------------------------------------------------------------------
+
+
+def momentum_key(optimizer: torch.optim.Optimizer) -> str | None:
+    """The hyper-parameter the one-cycle momentum drives: ``"betas"`` (Adam, AdamW, ...; its
+    first coefficient), ``"momentum"`` (SGD, RMSprop) or ``None``."""
+    group = optimizer.param_groups[0]
+    if "betas" in group:
+        return "betas"
+    if "momentum" in group:
+        return "momentum"
+    return None
+
+
+def layer_group_index(optimizer: torch.optim.Optimizer) -> list[int]:
+    """For each torch param group, the index of the layer group it belongs to."""
+    return [pg.get(GROUP_INDEX_KEY, i) for i, pg in enumerate(optimizer.param_groups)]
+
+
+def layer_group_names(optimizer: torch.optim.Optimizer) -> list[str]:
+    """One name per layer group: the ``"name"`` of its first torch param group."""
+    names: dict[int, str] = {}
+    for i, (index, pg) in enumerate(zip(layer_group_index(optimizer), optimizer.param_groups)):
+        names.setdefault(index, str(pg.get("name", f"group{i}")).split("/")[0])
+    return [names[i] for i in sorted(names)]
+
+
+def read_hypers(
+    optimizer: torch.optim.Optimizer, index: Sequence[int] | None = None, key: str | None = ""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each layer group's current LR and momentum (NaN where the optimizer has no momentum).
+
+    ``index`` and ``key`` may be passed pre-computed (the recorder does, once per fit).
+    """
+    index = layer_group_index(optimizer) if index is None else index
+    key = momentum_key(optimizer) if key == "" else key
+    n = max(index) + 1
+    lrs = np.full(n, np.nan)
+    moms = np.full(n, np.nan)
+    for i, pg in zip(index, optimizer.param_groups):
+        if np.isnan(lrs[i]):
+            lrs[i] = pg["lr"]
+            if key is not None:
+                moms[i] = pg[key][0] if key == "betas" else pg[key]
+    return lrs, moms
+
+
+def write_hypers(
+    optimizer: torch.optim.Optimizer,
+    lrs: np.ndarray,
+    moms: np.ndarray | None,
+    index: Sequence[int] | None = None,
+    key: str | None = None,
+) -> None:
+    """Set every torch param group's LR (and momentum) from its layer group's value.
+
+    ``index`` and ``key`` may be passed pre-computed (the scheduler does, once per fit) so that a
+    step does only O(param groups) Python work.
+    """
+    index = layer_group_index(optimizer) if index is None else index
+    for i, pg in zip(index, optimizer.param_groups):
+        pg["lr"] = float(lrs[i])
+        if moms is not None and key is not None:
+            if key == "betas":
+                pg["betas"] = (float(moms[i]), pg["betas"][1])
+            else:
+                pg["momentum"] = float(moms[i])
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, wd: float | None) -> None:
+    """Set ``wd`` on the decayed param groups (``None``: leave them); no-decay groups stay at 0."""
+    for pg in optimizer.param_groups:
+        if pg.get("no_decay"):
+            if "weight_decay" in pg:
+                pg["weight_decay"] = 0.0
+        elif wd is not None:
+            pg["weight_decay"] = wd

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from argparse import Namespace
+from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from typing_extensions import override
 
 
@@ -77,3 +78,19 @@ class ContinuousLogger(Logger):
     @override
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         self.logger.after_save_checkpoint(checkpoint_callback)
+
+
+def make_logger(logger: bool | Logger | None, path: Path) -> ContinuousLogger | None:
+    """The Learner's ``logger`` argument as one timeline: ``True`` is TensorBoard under
+    ``path/lightning_logs``, ``False``/``None`` none, a Lightning ``Logger`` itself.
+
+    Raises:
+        TypeError: ``logger`` is none of those.
+    """
+    if logger is True:
+        return ContinuousLogger(TensorBoardLogger(save_dir=str(path), name="lightning_logs"))
+    if logger is False or logger is None:
+        return None
+    if isinstance(logger, Logger):
+        return ContinuousLogger(logger)
+    raise TypeError(f"logger must be True, False or a Lightning Logger, got {logger!r}.")

@@ -20,13 +20,15 @@ from typing import TypeAlias
 
 import numpy as np
 
+from difflr.checks import check_int, is_number
+
 LRSpec: TypeAlias = "float | Sequence[float] | np.ndarray | slice"
 
 _FIX = "pass a positive float, a slice(lo, hi) with 0 < lo <= hi, or {n} positive values"
 
 
 def _check_value(value: object, name: str, n_groups: int, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    if not is_number(value):
         raise TypeError(
             f"{name} must be a number, got {value!r} ({type(value).__name__}); "
             + _FIX.format(n=n_groups)
@@ -68,8 +70,7 @@ def expand_lrs(
         >>> expand_lrs(slice(1e-3), 3)
         [0.0001, 0.0001, 0.001]
     """
-    if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
-        raise ValueError(f"n_groups must be a positive int, got {n_groups!r}.")
+    check_int(n_groups, "n_groups", 1, what="a number of layer groups")
     if isinstance(spec, slice):
         return _expand_slice(spec, n_groups, name)
     if isinstance(spec, (Sequence, np.ndarray)) and not isinstance(spec, (str, bytes)):

@@ -1,494 +1,47 @@
-"""The LR range test: suggestion functions that read a learning rate off a loss-vs-LR curve.
+"""The LR range test (``Learner.lr_find``): a sweep that leaves the Learner as it was.
 
-A suggestion function takes the learning rates of a sweep (strictly increasing, > 0) and the loss
-at each, and returns one learning rate as a python float. The four built-in ones reproduce
-fastai's algorithms (``fastai/callback/schedule.py``, fastai 2.7) and are safe on awkward curves:
-
-- Points whose loss is not finite (NaN, ±inf: a diverged sweep) are dropped before computing.
-- Fewer than 2 finite points, or ``lrs`` and ``losses`` of different lengths, raise a
-  ``ValueError`` that names the lengths.
-- When the loss never decreases from one point to the next (a flat or rising curve holds no
-  information about a good LR), every function returns ``lrs[0]``, the smallest LR swept: the
-  most cautious choice.
-
-``make_suggestions`` applies several functions the way ``lr_find`` does and returns a
-`SuggestedLRs` namedtuple with one field per function, plus the points a plot marks.
+The sweep trains ``num_it`` steps with an exponentially growing LR per layer group, through the
+Learner's public seam to Lightning (``learn.runner``), inside a transaction: everything it can
+change is snapshotted first and restored bit for bit afterwards, also when it raises or is
+interrupted. The curve is read by the suggestion functions of `difflr.suggestions`.
 """
 
 from __future__ import annotations
 
-import functools
-import keyword
+import copy
 import math
-import warnings
-from collections import namedtuple
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, Protocol
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from difflr.callbacks import SMOOTH_BETA
-
-if TYPE_CHECKING:
-    from numpy.typing import ArrayLike
-
-    from difflr.learner import Learner
-    from difflr.lr import LRSpec
-
-__all__ = [
-    "SuggestedLRs",
-    "SuggestionFunc",
-    "lr_find",
-    "make_suggestions",
-    "minimum",
-    "slide",
-    "steep",
-    "suggestion_name",
-    "valley",
-]
-
-#: ``func(lrs, losses) -> lr``: reads one learning rate off a sweep's curve.
-SuggestionFunc: TypeAlias = "Callable[[np.ndarray, np.ndarray], float]"
-
-
-# --------------------------------------------------------------------------------------------
-# Input checks shared by the suggestion functions
-# --------------------------------------------------------------------------------------------
-
-
-def _as_1d(values: ArrayLike, name: str) -> np.ndarray:
-    """Return ``values`` as a 1-D float64 array, or raise naming ``name``."""
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise TypeError(
-            f"{name} must be a sequence of numbers; got {type(values).__name__}: {error}"
-        ) from error
-    if array.ndim != 1:
-        raise ValueError(
-            f"{name} must be 1-D (one value per sweep iteration); got shape {array.shape}. "
-            "Pass the curve of a single param group, e.g. lrs[:, -1]."
-        )
-    return array
-
-
-def _check_lrs(lrs: np.ndarray) -> None:
-    """Raise unless ``lrs`` is finite, > 0 and strictly increasing, as a sweep records them."""
-    bad = np.flatnonzero(~np.isfinite(lrs) | (lrs <= 0))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(
-            f"lrs must be finite and > 0 (they are read on a log scale); got lrs[{i}] = {lrs[i]}."
-        )
-    not_increasing = np.flatnonzero(np.diff(lrs) <= 0)
-    if not_increasing.size:
-        i = int(not_increasing[0]) + 1
-        raise ValueError(
-            f"lrs must be strictly increasing, as an LR sweep records them; got "
-            f"lrs[{i}] = {lrs[i]} after lrs[{i - 1}] = {lrs[i - 1]}. Sort the points by LR."
-        )
-
-
-def _check_lengths(lrs: np.ndarray, losses: np.ndarray) -> None:
-    if len(lrs) != len(losses):
-        raise ValueError(
-            f"lrs has {len(lrs)} values but losses has {len(losses)}; pass one loss per "
-            "learning rate."
-        )
-
-
-def _curve(lrs: ArrayLike, losses: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a sweep's curve and return it without the points whose loss is not finite."""
-    lr_array, loss_array = _as_1d(lrs, "lrs"), _as_1d(losses, "losses")
-    _check_lengths(lr_array, loss_array)
-    _check_lrs(lr_array)
-    finite = np.isfinite(loss_array)
-    n_finite = int(finite.sum())
-    if n_finite < 2:
-        raise ValueError(
-            f"a suggestion needs at least 2 points with a finite loss; got {n_finite} "
-            f"(lrs has {len(lr_array)} values, losses has {len(loss_array)}). Run a longer "
-            "sweep (num_it) or lower end_lr so that the loss does not diverge at once."
-        )
-    return lr_array[finite], loss_array[finite]
-
-
-def _never_decreases(losses: np.ndarray) -> bool:
-    return not bool(np.any(np.diff(losses) < 0))
-
-
-# --------------------------------------------------------------------------------------------
-# Suggestion functions (fastai's algorithms)
-# --------------------------------------------------------------------------------------------
-
-
-def valley(lrs: ArrayLike, losses: ArrayLike) -> float:
-    """Suggest an LR about halfway down the longest valley of the loss curve (fastai's default).
-
-    The "valley" is the longest strictly decreasing *subsequence* of the losses (found by the
-    O(n²) dynamic programme fastai uses; it may skip over bumps of a noisy curve). With ``end``
-    the index where it ends and ``length`` its number of points, fastai takes
-    ``start = end - length`` and returns the LR at
-    ``start + int((end - start) / 3) + int((end - start) / 3 / 2)``, i.e. about 1/3 + 1/6 = 1/2
-    of the way down. Unlike fastai, an index below 0 (a 2-point valley starting at the first
-    point) is clamped to 0 instead of wrapping round to the last point.
-
-    Args:
-        lrs: Learning rates of the sweep, strictly increasing, > 0.
-        losses: Loss at each LR; points with a non-finite loss are dropped.
-
-    Returns:
-        The suggested learning rate; ``lrs[0]`` when the loss never decreases.
-
-    Raises:
-        ValueError: If the lengths differ, fewer than 2 losses are finite, or ``lrs`` is not
-            positive and strictly increasing.
-
-    Examples:
-        >>> lrs = [10.0**e for e in range(-7, 1)]  # 1e-07 ... 1.0
-        >>> valley(lrs, [2.0, 2.0, 1.9, 1.5, 1.0, 0.6, 0.5, 4.0])  # 6 points down to index 6
-        0.0001
-    """
-    lr_array, loss_array = _curve(lrs, losses)
-    return float(lr_array[_valley_index(loss_array)])
-
-
-def _valley_index(losses: np.ndarray) -> int:
-    n = len(losses)
-    # decreasing_len[i]: length of the longest strictly decreasing subsequence ending at i.
-    decreasing_len = np.ones(n, dtype=np.int64)
-    for i in range(1, n):
-        higher_before = losses[:i] > losses[i]
-        if higher_before.any():
-            decreasing_len[i] = decreasing_len[:i][higher_before].max() + 1
-    if decreasing_len.max() == 1:
-        return 0  # nothing decreases; fastai's loop then leaves start = end = 0 as well
-    # fastai keeps the first index that reaches the longest length (it updates on ">").
-    end = int(np.argmax(decreasing_len))
-    start = end - int(decreasing_len[end])  # one before a contiguous run's first point
-    sections = (end - start) / 3
-    index = start + int(sections) + int(sections / 2)
-    return max(index, 0)
-
-
-def slide(
-    lrs: ArrayLike,
-    losses: ArrayLike,
-    lr_diff: int = 15,
-    thresh: float = 0.005,
-    adjust_value: float = 1.0,
-) -> float:
-    """Suggest an LR by sliding a window leftwards until the loss gradient is alike at both ends.
-
-    fastai's "interval slide rule": with the gradient of the loss taken per point
-    (``np.gradient(losses)``, in loss units per sweep iteration), a window ``lr_diff`` points
-    wide starts at the right end of the curve and moves left one point at a time while the
-    gradients at its two ends differ by more than ``thresh``. The suggestion is the LR at the
-    window's left end of the last move (so one point right of the window where it stopped), or
-    at the first window's left end when that one already satisfies the rule; it is then
-    multiplied by ``adjust_value``. ``thresh`` is absolute, so it depends on the scale of the
-    loss. On a curve of ``lr_diff`` points or fewer the window shrinks to the whole curve, which
-    gives ``lrs[0] * adjust_value`` (fastai raises an ``IndexError`` there).
-
-    Args:
-        lrs: Learning rates of the sweep, strictly increasing, > 0.
-        losses: Loss at each LR; points with a non-finite loss are dropped.
-        lr_diff: Width of the window in points, >= 1.
-        thresh: Largest difference of the two gradients that stops the slide, >= 0.
-        adjust_value: Factor applied to the LR found, > 0.
-
-    Returns:
-        The suggested learning rate; ``lrs[0]`` when the loss never decreases.
-
-    Raises:
-        ValueError: If the lengths differ, fewer than 2 losses are finite, ``lrs`` is not
-            positive and strictly increasing, or a parameter is out of range.
-
-    Examples:
-        >>> lrs = [10.0**e for e in range(-6, 1)]
-        >>> slide(lrs, [3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0], lr_diff=3)  # a straight line
-        0.001
-    """
-    if isinstance(lr_diff, bool) or not isinstance(lr_diff, (int, np.integer)) or lr_diff < 1:
-        raise ValueError(f"lr_diff must be an int >= 1 (points); got {lr_diff!r}.")
-    if not (math.isfinite(thresh) and thresh >= 0):
-        raise ValueError(f"thresh must be finite and >= 0; got {thresh!r}.")
-    if not (math.isfinite(adjust_value) and adjust_value > 0):
-        raise ValueError(f"adjust_value must be finite and > 0; got {adjust_value!r}.")
-    lr_array, loss_array = _curve(lrs, losses)
-    if _never_decreases(loss_array):
-        return float(lr_array[0])
-    n = len(loss_array)
-    gradient = np.gradient(loss_array)
-    right = n - 1
-    left = right - min(int(lr_diff), n - 1)
-    suggestion_index = left
-    while left >= 0 and abs(gradient[right] - gradient[left]) > thresh:
-        suggestion_index = left
-        right -= 1
-        left -= 1
-    return float(lr_array[suggestion_index]) * adjust_value
-
-
-def minimum(lrs: ArrayLike, losses: ArrayLike) -> float:
-    """Suggest one tenth of the LR at which the loss is lowest.
-
-    Args:
-        lrs: Learning rates of the sweep, strictly increasing, > 0.
-        losses: Loss at each LR; points with a non-finite loss are dropped.
-
-    Returns:
-        ``lr_at_min_loss / 10`` (the first minimum on ties); ``lrs[0]`` when the loss never
-        decreases.
-
-    Raises:
-        ValueError: If the lengths differ, fewer than 2 losses are finite, or ``lrs`` is not
-            positive and strictly increasing.
-
-    Examples:
-        >>> minimum([1e-4, 1e-3, 1e-2, 1e-1], [1.0, 0.5, 0.2, 0.9])
-        0.001
-    """
-    lr_array, loss_array = _curve(lrs, losses)
-    if _never_decreases(loss_array):
-        return float(lr_array[0])
-    return float(lr_array[int(np.argmin(loss_array))]) / 10
-
-
-def steep(lrs: ArrayLike, losses: ArrayLike) -> float:
-    """Suggest the LR where the loss falls fastest against log(LR).
-
-    The slope of each segment between consecutive points is
-    ``(loss[i+1] - loss[i]) / (log10(lr[i+1]) - log10(lr[i]))``; as in fastai, the suggestion is
-    the LR at the *left* end of the most negative segment (the first one on ties).
-
-    Args:
-        lrs: Learning rates of the sweep, strictly increasing, > 0.
-        losses: Loss at each LR; points with a non-finite loss are dropped.
-
-    Returns:
-        The suggested learning rate; ``lrs[0]`` when the loss never decreases.
-
-    Raises:
-        ValueError: If the lengths differ, fewer than 2 losses are finite, or ``lrs`` is not
-            positive and strictly increasing.
-
-    Examples:
-        >>> steep([1e-4, 1e-3, 1e-2, 1e-1], [1.0, 0.9, 0.3, 0.2])
-        0.001
-    """
-    lr_array, loss_array = _curve(lrs, losses)
-    if _never_decreases(loss_array):
-        return float(lr_array[0])
-    slopes = np.diff(loss_array) / np.diff(np.log10(lr_array))
-    return float(lr_array[int(np.argmin(slopes))])
-
-
-# --------------------------------------------------------------------------------------------
-# The result of lr_find
-# --------------------------------------------------------------------------------------------
-
-
-class SuggestedLRs(tuple):
-    """The learning rates ``lr_find`` suggests: a namedtuple with one field per suggestion function.
-
-    Each result is an instance of a namedtuple class made for its field names (cached, so the
-    same names give the same class) that also derives from this class: use ``SuggestedLRs`` in
-    annotations and ``isinstance`` checks, and build one with `SuggestedLRs.from_dict`.
-    Instances pickle and copy like plain tuples.
-
-    Examples:
-        >>> suggested = SuggestedLRs.from_dict({"valley": 1e-3, "steep": 3e-3})
-        >>> suggested.valley
-        0.001
-        >>> suggested
-        SuggestedLRs(valley=0.001, steep=0.003)
-        >>> isinstance(suggested, SuggestedLRs), suggested._fields
-        (True, ('valley', 'steep'))
-    """
-
-    __slots__ = ()
-    _fields: tuple[str, ...] = ()
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, float]) -> SuggestedLRs:
-        """Build a result whose fields are the keys of ``values``, in order.
-
-        Args:
-            values: ``{name: lr}``; each name a valid identifier, not a keyword, not starting
-                with an underscore.
-
-        Returns:
-            A `SuggestedLRs` instance.
-
-        Raises:
-            ValueError: If a name cannot be a field name.
-        """
-        return _suggested_lrs_class(tuple(values))(*(float(v) for v in values.values()))
-
-    def __reduce__(self) -> tuple[Callable[..., SuggestedLRs], tuple[object, ...]]:
-        # The namedtuple classes are made at run time; pickle them by their field names.
-        return _rebuild_suggested_lrs, (tuple(self._fields), tuple(self))
-
-
-@functools.cache
-def _suggested_lrs_class(names: tuple[str, ...]) -> type[SuggestedLRs]:
-    for name in names:
-        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
-            raise ValueError(
-                f"{name!r} cannot be a SuggestedLRs field; use an identifier that is not a "
-                "keyword and does not start with an underscore."
-            )
-    fields = namedtuple("SuggestedLRs", names)  # the field names are only known at run time
-    return type(
-        "SuggestedLRs",
-        (fields, SuggestedLRs),
-        {"__slots__": (), "__module__": __name__, "__doc__": SuggestedLRs.__doc__},
-    )
-
-
-def _rebuild_suggested_lrs(names: tuple[str, ...], values: tuple[float, ...]) -> SuggestedLRs:
-    return _suggested_lrs_class(names)(*values)
-
-
-def suggestion_name(func: Callable[..., object], position: int = 0) -> str:
-    """The field name of a suggestion function in `SuggestedLRs`.
-
-    Args:
-        func: A suggestion function, possibly a ``functools.partial``.
-        position: The function's position in ``suggest_funcs``, for functions whose name cannot
-            be a field (a lambda becomes ``func0``, ``func1``, ...).
-
-    Returns:
-        ``func.__name__`` (of the wrapped function for a partial), else ``f"func{position}"``.
-
-    Examples:
-        >>> suggestion_name(valley), suggestion_name(lambda lrs, losses: 1e-3, 2)
-        ('valley', 'func2')
-    """
-    target = func.func if isinstance(func, functools.partial) else func
-    name = getattr(target, "__name__", "")
-    if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
-        return f"func{position}"
-    return name
-
-
-def make_suggestions(
-    funcs: SuggestionFunc | Iterable[SuggestionFunc],
-    lrs: ArrayLike,
-    losses: ArrayLike,
-    skip_start: int = 0,
-    skip_end: int = 5,
-) -> tuple[SuggestedLRs, dict[str, tuple[float, float]]]:
-    """Apply suggestion functions to a sweep's curve the way ``lr_find`` does.
-
-    Each function sees the curve without its first ``skip_start`` points (``lr_find`` uses
-    ``num_it // 10``: the LR is still too small to move the loss), its last ``skip_end`` points
-    (where it diverges) and the points whose loss is not finite. If fewer than 2 points remain,
-    a warning says so and every suggestion is ``nan``.
-
-    Each suggestion also comes with the point a plot marks: the suggested LR and the loss
-    interpolated at it (linearly in log10(LR)) on the curve `difflr.plotting.plot_lr_find`
-    draws, that is without the last ``skip_end`` points; the loss is the end value when the LR
-    lies beyond the curve, and ``nan`` when the LR is not finite and > 0.
-
-    Args:
-        funcs: One suggestion function or several, e.g. ``(valley, steep)``. A field takes the
-            function's ``__name__`` (see `suggestion_name`); a repeated name gets ``_<position>``
-            appended.
-        lrs: Learning rates of the sweep, strictly increasing, > 0.
-        losses: Loss at each LR.
-        skip_start: Points dropped at the start, >= 0.
-        skip_end: Points dropped at the end, >= 0.
-
-    Returns:
-        ``(suggested, points)``: a `SuggestedLRs` with one float per function, and
-        ``{name: (lr, loss)}`` in the same order, ready for ``plot_lr_find(suggestions=...)``.
-
-    Raises:
-        ValueError: If ``funcs`` is empty, the lengths differ, ``lrs`` is not positive and
-            strictly increasing, or a skip count is negative.
-        TypeError: If a function is not callable or returns something that is not a number.
-
-    Examples:
-        >>> lrs = [10.0**e for e in range(-6, 2)]  # 1e-06 ... 10.0
-        >>> losses = [2.3, 2.3, 2.1, 1.6, 1.0, 0.8, 1.9, 9.0]
-        >>> make_suggestions((minimum, steep), lrs, losses, skip_start=1, skip_end=1)
-        (SuggestedLRs(minimum=0.01, steep=0.001), {'minimum': (0.01, 1.0), 'steep': (0.001, 1.6)})
-    """
-    func_tuple = (funcs,) if callable(funcs) else tuple(funcs)
-    if not func_tuple:
-        raise ValueError(
-            "suggest_funcs is empty; pass at least one suggestion function, e.g. (valley,)."
-        )
-    for func in func_tuple:
-        if not callable(func):
-            raise TypeError(
-                f"a suggestion function must be callable as func(lrs, losses); got {func!r}."
-            )
-    for count_name, count in (("skip_start", skip_start), ("skip_end", skip_end)):
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-            raise ValueError(f"{count_name} must be an int >= 0 (points); got {count!r}.")
-
-    lr_array, loss_array = _as_1d(lrs, "lrs"), _as_1d(losses, "losses")
-    _check_lengths(lr_array, loss_array)
-    _check_lrs(lr_array)
-    names = _unique_names(func_tuple)
-
-    stop = max(len(lr_array) - skip_end, 0)
-    plotted_finite = np.isfinite(loss_array[:stop])
-    plotted_lrs, plotted_losses = lr_array[:stop][plotted_finite], loss_array[:stop][plotted_finite]
-    used = np.isfinite(loss_array[skip_start:stop])
-    used_lrs, used_losses = lr_array[skip_start:stop][used], loss_array[skip_start:stop][used]
-
-    if len(used_lrs) < 2:
-        warnings.warn(
-            f"lr_find recorded {len(lr_array)} points; {len(used_lrs)} remain with a finite loss "
-            f"after dropping the first {skip_start} and the last {skip_end}, and a suggestion "
-            "needs 2, so every suggestion is nan. Run more iterations (num_it) or lower end_lr.",
-            stacklevel=2,
-        )
-        suggested = SuggestedLRs.from_dict(dict.fromkeys(names, math.nan))
-        return suggested, {name: (math.nan, math.nan) for name in names}
-
-    values: dict[str, float] = {}
-    points: dict[str, tuple[float, float]] = {}
-    for name, func in zip(names, func_tuple, strict=True):
-        result = func(used_lrs, used_losses)
-        try:
-            lr = float(result)
-        except (TypeError, ValueError) as error:
-            raise TypeError(
-                f"suggestion function {name!r} must return a learning rate as a number; got "
-                f"{result!r}."
-            ) from error
-        values[name] = lr
-        points[name] = (lr, _loss_at(lr, plotted_lrs, plotted_losses))
-    return SuggestedLRs.from_dict(values), points
-
-
-def _unique_names(funcs: Sequence[Callable[..., object]]) -> list[str]:
-    names: list[str] = []
-    for position, func in enumerate(funcs):
-        name = suggestion_name(func, position)
-        while name in names:
-            name = f"{name}_{position}"
-        names.append(name)
-    return names
-
-
-def _loss_at(lr: float, lrs: np.ndarray, losses: np.ndarray) -> float:
-    if not (math.isfinite(lr) and lr > 0):
-        return math.nan
-    return float(np.interp(math.log10(lr), np.log10(lrs), losses))
-
-
-# --------------------------------------------------------------------------------------------
-# The sweep
-# --------------------------------------------------------------------------------------------
+from difflr.callbacks import ParamScheduler, Recorder, SmoothedLoss
+from difflr.checks import check_choice, check_int
+from difflr.distributed import decide_on_rank_zero
+from difflr.lr import LRSpec, expand_lrs
+from difflr.runner import Runner
+from difflr.schedules import exp_range
+from difflr.suggestions import SuggestedLRs, SuggestionFunc, make_suggestions, valley
+
+__all__ = ["Sweepable", "lr_find"]
+
+
+class Sweepable(Protocol):
+    """What the sweep needs of a Learner (the Learner sits above this module)."""
+
+    module: pl.LightningModule
+    opt: torch.optim.Optimizer
+    recorder: Recorder
+    runner: Runner
+    path: Path
+
+    @property
+    def n_groups(self) -> int: ...
 
 
 class _Snapshot:
@@ -504,9 +57,6 @@ class _Snapshot:
     def __init__(
         self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, to_disk: Path | None
     ):
-        import copy
-        import random
-
         self.tensors = dict(module.named_parameters()) | {
             f"buffer:{k}": v for k, v in module.named_buffers()
         }
@@ -528,8 +78,6 @@ class _Snapshot:
         )
 
     def restore(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        import random
-
         values, grads, opt_state = self.values, self.grads, self.opt_state
         if self.file is not None:
             saved = torch.load(self.file, weights_only=False)
@@ -555,25 +103,36 @@ class _Snapshot:
 class _StopOnDivergence(Callback):
     """Stop the sweep once the smoothed loss exceeds ``factor`` times the best, or is not finite.
 
-    Reads each step's loss on the host (one synchronisation per step, as any LR finder must).
-    Under DDP, global rank 0 decides from its own loss and every rank follows at the same batch
-    (a rank that stopped alone would leave the others waiting in DDP's all-reduce).
+    Tested once per optimizer step, on that step's loss (the mean of its micro-batches under
+    gradient accumulation) smoothed as the Recorder smooths it, so the recorded curve shows the
+    rise that stopped the sweep. Reads the loss on the host (one synchronisation per step, as any
+    LR finder must). Under DDP, global rank 0 decides from its own loss and every rank follows at
+    the same batch (a rank that stopped alone would leave the others waiting in DDP's
+    all-reduce).
     """
 
     def __init__(self, factor: float = 4.0) -> None:
         self.factor = factor
         self.best = math.inf
-        self.avg, self.count = 0.0, 0
+        self.ema = SmoothedLoss()
+        self._step_losses: list[float] = []
+        self._stepped = False
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._stepped = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is None:
-            return
-        # The same debiased moving average the Recorder reports (beta = SMOOTH_BETA).
-        loss_value = float(loss) * trainer.accumulate_grad_batches
-        self.avg = SMOOTH_BETA * self.avg + (1 - SMOOTH_BETA) * loss_value
-        self.count += 1
-        smoothed = self.avg / (1 - SMOOTH_BETA**self.count)
+        if loss is not None:
+            # Lightning hands over the loss divided by accumulate_grad_batches.
+            self._step_losses.append(float(loss) * trainer.accumulate_grad_batches)
+        if not self._stepped:
+            return  # the optimizer step of these micro-batches is still to come
+        self._stepped = False
+        if not self._step_losses:
+            return  # every batch of the step was skipped
+        smoothed = self.ema.update(sum(self._step_losses) / len(self._step_losses))
+        self._step_losses = []
         stop = not math.isfinite(smoothed) or smoothed > self.factor * self.best
         if trainer.world_size > 1:
             stop = trainer.strategy.broadcast(stop, src=0)
@@ -582,53 +141,41 @@ class _StopOnDivergence(Callback):
         self.best = min(self.best, smoothed)
 
 
-def _bounds(value: Any, n_groups: int, name: str) -> np.ndarray:
-    from difflr.lr import expand_lrs
-
-    return np.array(expand_lrs(value, n_groups, name=name))
-
-
 def lr_find(
-    learn: Learner,
+    learn: Sweepable,
     start_lr: LRSpec = 1e-7,
     end_lr: LRSpec = 10.0,
     num_it: int = 100,
     stop_div: bool = True,
     show_plot: bool = True,
-    suggest_funcs: SuggestionFunc | Sequence[SuggestionFunc] = (valley,),
+    suggest_funcs: SuggestionFunc | Sequence[SuggestionFunc] | None = (valley,),
     snapshot: str = "memory",
-) -> SuggestedLRs:
+) -> SuggestedLRs | None:
     """Run the LR range test on ``learn`` and put everything back as it was.
 
-    See `difflr.Learner.lr_find` for the arguments.
+    See `difflr.Learner.lr_find` for the arguments. ``suggest_funcs=None`` (or ``()``) only
+    records and plots the sweep, and returns ``None``.
     """
-    from difflr.callbacks import ParamScheduler
-    from difflr.distributed import decide_on_rank_zero
-    from difflr.schedules import exp_range
-
     n_groups = learn.n_groups
-    starts, ends = _bounds(start_lr, n_groups, "start_lr"), _bounds(end_lr, n_groups, "end_lr")
+    starts = np.array(expand_lrs(start_lr, n_groups, name="start_lr"))
+    ends = np.array(expand_lrs(end_lr, n_groups, name="end_lr"))
     if np.any(starts >= ends):
         raise ValueError(
             f"start_lr must be below end_lr for every layer group, got start_lr={start_lr!r} "
             f"and end_lr={end_lr!r}; e.g. lr_find(start_lr=1e-7, end_lr=10)."
         )
-    if isinstance(num_it, bool) or not isinstance(num_it, (int, np.integer)) or num_it < 2:
-        raise ValueError(f"num_it must be an int >= 2 (sweep iterations), got {num_it!r}.")
-    if snapshot not in ("memory", "disk"):
-        raise ValueError(f"snapshot must be 'memory' or 'disk', got {snapshot!r}.")
-    funcs = (suggest_funcs,) if callable(suggest_funcs) else tuple(suggest_funcs)
-    if not funcs or not all(callable(f) for f in funcs):
-        raise ValueError(
-            f"suggest_funcs must be suggestion functions (lrs, losses) -> lr, got {suggest_funcs!r}."
-        )
+    num_it = check_int(num_it, "num_it", 2, what="sweep iterations")
+    check_choice(snapshot, "snapshot", ("memory", "disk"))
+    funcs = _suggestion_funcs(suggest_funcs)
 
-    scheduler = ParamScheduler(exp_range(starts, ends), None, total_steps=int(num_it))
+    scheduler = ParamScheduler(exp_range(starts, ends), None, total_steps=num_it)
     callbacks = [scheduler, *([_StopOnDivergence()] if stop_div else [])]
-    trainer = learn._make_trainer(
+    # Not a fit: no epoch table, NaN guard (the sweep's own rule handles a loss that is not
+    # finite), user callbacks, checkpoints, logs or validation.
+    trainer = learn.runner.trainer(
         callbacks,
-        standard_callbacks=False,
-        max_steps=int(num_it),
+        standard=False,
+        max_steps=num_it,
         max_epochs=-1,
         limit_val_batches=0,
         logger=False,
@@ -640,21 +187,16 @@ def lr_find(
         to_disk.parent.mkdir(parents=True, exist_ok=True)
     saved = _Snapshot(learn.module, learn.opt, to_disk)
     learn.recorder.reset()
-    # The sweep's own rule handles a loss that is not finite (stop_div, or points dropped from
-    # the suggestions); a module that raises at such a loss is told not to for the sweep.
-    check_finite = getattr(learn.module, "check_finite", None)
-    if check_finite:
-        learn.module.check_finite = False
     try:
-        learn._run(trainer, scheduler, log=False)
+        learn.runner.fit(trainer, scheduler, log=False)
     finally:
         saved.restore(learn.module, learn.opt)
-        if check_finite:
-            learn.module.check_finite = check_finite
 
     rec = learn.recorder
 
-    def suggest() -> tuple[SuggestedLRs, dict[str, tuple[float, float]]]:
+    def suggest() -> tuple[SuggestedLRs | None, dict[str, tuple[float, float]]]:
+        if not funcs:
+            return None, {}
         lrs, losses = rec.lrs[:, -1], rec.losses
         n = min(len(lrs), len(losses))
         return make_suggestions(funcs, lrs[:n], losses[:n], skip_start=num_it // 10)
@@ -667,3 +209,17 @@ def lr_find(
 
         show(rec.plot_lr_find())
     return suggested
+
+
+def _suggestion_funcs(suggest_funcs: Any) -> tuple[SuggestionFunc, ...]:
+    if suggest_funcs is None:
+        return ()
+    if callable(suggest_funcs):
+        return (suggest_funcs,)
+    funcs = tuple(suggest_funcs) if isinstance(suggest_funcs, (list, tuple)) else (None,)
+    if not all(callable(func) for func in funcs):
+        raise TypeError(
+            f"suggest_funcs must be a suggestion function (lrs, losses) -> lr, a list of them, or "
+            f"None for none; got {suggest_funcs!r}."
+        )
+    return funcs

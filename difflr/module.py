@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,8 +66,6 @@ class LearnerModule(pl.LightningModule):
         metrics: Functions ``(preds, targets) -> number``, computed on the whole validation set,
             or torchmetrics-like objects (``update``/``compute``/``reset``).
         optimizer: Returns the optimizer to train with.
-        check_finite: Stop with a ``FloatingPointError`` at a NaN or infinite loss, before the
-            step's backward and update (one host read of the loss per step).
     """
 
     def __init__(
@@ -75,10 +74,8 @@ class LearnerModule(pl.LightningModule):
         loss_func: Callable[..., torch.Tensor],
         metrics: Sequence[Any] = (),
         optimizer: Callable[[], torch.optim.Optimizer] | None = None,
-        check_finite: bool = True,
     ) -> None:
         super().__init__()
-        self.check_finite = check_finite
         self.model = model
         self.loss_func = loss_func
         self.metric_names = [metric_name(m, i) for i, m in enumerate(metrics)]
@@ -99,8 +96,6 @@ class LearnerModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs, target = split_batch(batch)
         loss = self.loss_func(self._forward(inputs, batch), *target)
-        if self.check_finite and not torch.isfinite(loss):
-            raise FloatingPointError(self._non_finite_message(loss, batch_idx))
         self.log("train_loss", loss, on_step=True, prog_bar=True)
         return loss
 
@@ -113,22 +108,6 @@ class LearnerModule(pl.LightningModule):
                 f"{exc}\n(the model was called as model(*batch[:-1]) on a batch "
                 f"{describe(batch)}; make the data match the model's input)"
             ) from exc
-
-    def _non_finite_message(self, loss: torch.Tensor, batch_idx: int) -> str:
-        from difflr.callbacks import layer_group_names, read_hypers
-
-        optimizer = self.trainer.optimizers[0]
-        lrs = ", ".join(
-            f"{name}={lr:.3g}"
-            for name, lr in zip(layer_group_names(optimizer), read_hypers(optimizer)[0])
-        )
-        return (
-            f"the training loss is {loss.item()} at optimizer step {self.trainer.global_step} "
-            f"(epoch {self.trainer.current_epoch}, batch {batch_idx}); training stopped before "
-            f"this step's update, so the weights are still finite. LRs: {lrs}. Lower the LR "
-            "(learn.lr_find() helps), check the data for NaN/inf, or clip gradients "
-            "(gradient_clip_val=...)."
-        )
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -187,3 +166,42 @@ class LearnerModule(pl.LightningModule):
 def _batch_size(target: tuple[Any, ...]) -> int | None:
     first = target[0]
     return len(first) if hasattr(first, "__len__") else None
+
+
+def make_module(
+    model: Any, loss_func: Any, metrics: Any, optimizer: Callable[[], torch.optim.Optimizer]
+) -> pl.LightningModule:
+    """``model`` itself if it is a ``LightningModule``, else a `LearnerModule` around it.
+
+    Raises:
+        TypeError: ``model`` is not a module; a plain module comes without a callable
+            ``loss_func``; a metric is not callable.
+    """
+    if isinstance(model, pl.LightningModule):
+        if loss_func is not None or metrics:
+            warnings.warn(
+                "loss_func and metrics are ignored for a LightningModule: its training_step and "
+                "validation_step compute and log them.",
+                stacklevel=3,
+            )
+        return model
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be an nn.Module or a LightningModule, got {type(model).__name__}."
+        )
+    if loss_func is None:
+        raise TypeError(
+            f"a plain nn.Module ({type(model).__name__}) needs a loss_func, e.g. "
+            "Learner(model, data, loss_func=F.cross_entropy); or pass a LightningModule."
+        )
+    if not callable(loss_func):
+        raise TypeError(f"loss_func must be callable (preds, target) -> loss, got {loss_func!r}.")
+    if metrics is None:
+        metrics = []
+    elif callable(metrics) or isinstance(metrics, nn.Module):  # one metric, not a list
+        metrics = [metrics]
+    metrics = list(metrics)
+    for m in metrics:
+        if not callable(m) and not hasattr(m, "compute"):
+            raise TypeError(f"metric {m!r} is not callable (preds, targets) -> number.")
+    return LearnerModule(model, loss_func, metrics, optimizer)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from difflr.checks import check_int
 from difflr.display import kernel_shell
 
 if TYPE_CHECKING:
@@ -70,8 +71,7 @@ def _as_array(values: ArrayLike, name: str, ndim: int) -> np.ndarray:
 
 
 def _check_count(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0 (steps); got {value!r}.")
+    check_int(value, name, 0, what="steps")
 
 
 def plot_sched(

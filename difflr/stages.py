@@ -1,10 +1,14 @@
-"""Stage plans: gradual unfreezing with a fresh one-cycle per stage.
+"""Stages: the one description of a training segment, and plans made of them.
 
-A `Stage` is one frozen pattern trained with one one-cycle over some epochs. A list of
-stages is a plan: ``Learner.fit_stages(stages)`` runs it with a fresh Trainer per stage (the
-frozen pattern is set before each Trainer sets up, so a DDP wrapper sees exactly the params that
-train), and `GradualUnfreezing` runs the same plan inside one ``trainer.fit`` of a user's
-own ``LightningModule`` and ``Trainer``.
+A `Stage` says everything one Trainer's worth of training needs: which layer groups are frozen,
+how many epochs, which schedule (one-cycle, flat-cosine or constant) with its hyper-parameters,
+and the weight decay. It is validated when it is made (and against the model before anything
+trains), builds its own `ParamScheduler`, and counts its own optimizer steps. Every fit method of
+the Learner is a short function that builds a list of stages (a *plan*): ``fit_one_cycle`` is one
+stage, ``fine_tune`` two, ``fit_stages`` any number. The same plan is run by
+``Learner.fit_stages`` (a fresh Trainer per stage, so a DDP wrapper sees exactly the params that
+train), previewed without training by `preview_plan`, and run inside a user's own ``Trainer`` by
+`GradualUnfreezing`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,11 +26,38 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from difflr.callbacks import ParamScheduler
-from difflr.checks import check_moms, check_number
+from difflr.checks import (
+    check_choice,
+    check_int,
+    check_moms,
+    check_pct,
+    check_positive,
+    check_wd,
+    is_int,
+)
 from difflr.freezing import apply_freeze, check_freeze_to, frozen_pattern
-from difflr.groups import GROUP_INDEX_KEY, LayerGroup, Splitter, build_param_groups, split_model
+from difflr.groups import (
+    GROUP_INDEX_KEY,
+    LayerGroup,
+    Splitter,
+    build_param_groups,
+    layer_group_index,
+    layer_group_names,
+    momentum_key,
+    read_hypers,
+    set_weight_decay,
+)
 from difflr.lr import LRSpec, expand_lrs
-from difflr.schedules import Schedule, one_cycle_lr, one_cycle_mom
+from difflr.schedules import Schedule, flat_cos_lr, one_cycle_lr, one_cycle_mom, sched_const
+from difflr.splitters import split_model
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: The schedules a stage can follow: fastai's one-cycle (LR and momentum), flat-then-cosine LR,
+#: or a constant LR (the last two leave momentum as it is).
+ScheduleKind: TypeAlias = Literal["one_cycle", "flat_cos", "constant"]
+_DEFAULT_PCT_START = {"one_cycle": 0.25, "flat_cos": 0.75, "constant": 0.25}
 
 _MILESTONE_KEYS = {"freeze_to", "duration", "lrs"}
 _MILESTONE_OPTIONAL = {
@@ -38,74 +69,142 @@ _MILESTONE_OPTIONAL = {
 }
 
 
+def steps_per_epoch(n_batches: int, accumulate_grad_batches: int = 1) -> int:
+    """Optimizer steps in an epoch of ``n_batches`` batches (Lightning steps once more for a
+    last, partial accumulation). The scheduler, the callback and the previews all count with it.
+
+    Examples:
+        >>> steps_per_epoch(10, 4)
+        3
+    """
+    return max(1, math.ceil(n_batches / accumulate_grad_batches))
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One stage of a plan: freeze ``freeze_to`` groups, then one one-cycle over ``epochs``.
+    """One training segment: a frozen pattern, a number of epochs and one LR schedule.
 
     Args:
-        freeze_to: Groups ``[:freeze_to]`` are frozen (negative counts from the end; 0 trains all).
+        freeze_to: Groups ``[:freeze_to]`` are frozen (negative counts from the end; 0 trains
+            all); ``None`` keeps the pattern in place when the stage starts.
         epochs: Number of epochs (>= 1).
-        lr_max: Peak LR spec: a float, a ``slice`` or one value per group. Zeros are allowed in a
+        lr_max: Peak LR spec (the LR of ``"flat_cos"`` and ``"constant"``): a float, a ``slice``
+            or one value per group; ``None`` uses the Learner's ``lr``. Zeros are allowed in a
             list (the original milestone plans give frozen groups 0): such groups do not move.
-        pct_start: Warm-up fraction in (0, 1).
-        div: Initial LR is ``lr_max / div``.
-        div_final: Final LR is ``lr_max / div_final``.
-        moms: ``(start, middle, end)`` momentum; ``None`` uses the Learner's.
-        wd: Weight decay for the stage; ``None`` keeps the current one.
-        name: A label used in error messages (``from_milestones`` sets ``"milestones[3]"``).
+        pct_start: Fraction of the steps before the LR starts to fall, in (0, 1): the warm-up
+            of a one-cycle (default 0.25), the flat part of a flat-cosine (default 0.75).
+        div: A one-cycle starts at ``lr_max / div``.
+        div_final: The LR ends at ``lr_max / div_final`` (one-cycle and flat-cosine).
+        moms: One-cycle momentum ``(start, middle, end)``; ``None`` uses the Learner's.
+        wd: Weight decay for this stage and later ones; ``None`` keeps the current one.
+        schedule: ``"one_cycle"``, ``"flat_cos"`` or ``"constant"``.
+        name: A label for error messages (``from_milestones`` sets ``"milestones[3]"``).
+
+    Raises:
+        TypeError: A field has the wrong type.
+        ValueError: A field is out of range; the message names the stage when it has a name.
 
     Examples:
         >>> plan = [Stage(-1, 1, 1e-3), Stage(0, 2, slice(1e-5, 1e-3), pct_start=0.3)]
         >>> plan[1].lrs(3)
         [1e-05, 0.0001, 0.001]
+        >>> plan[0].n_steps(steps_per_epoch=8)
+        8
     """
 
-    freeze_to: int
+    freeze_to: int | None
     epochs: int
-    lr_max: LRSpec
-    pct_start: float = 0.25
+    lr_max: LRSpec | None = None
+    pct_start: float | None = None
     div: float = 25.0
     div_final: float = 1e5
     moms: tuple[float, float, float] | None = None
     wd: float | None = None
+    schedule: ScheduleKind = "one_cycle"
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        label = self.name or "Stage"
-        if isinstance(self.freeze_to, bool) or not isinstance(self.freeze_to, int):
-            raise TypeError(f"{label}: freeze_to must be an int, got {self.freeze_to!r}.")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"{label}: epochs must be an int >= 1, got {self.epochs!r}.")
-        check_number(self.pct_start, f"{label}: pct_start", 0, 1)
-        check_number(self.div, f"{label}: div", 0)
-        check_number(self.div_final, f"{label}: div_final", 0)
-        if self.moms is not None:
-            object.__setattr__(self, "moms", check_moms(self.moms, f"{label}: moms"))
-        if self.wd is not None:
-            check_number(self.wd, f"{label}: wd", 0, open_low=False)
+        try:
+            if self.freeze_to is not None and not is_int(self.freeze_to):
+                raise TypeError(
+                    f"freeze_to must be an int or None (keep the current pattern), got "
+                    f"{self.freeze_to!r}."
+                )
+            check_int(self.epochs, "epochs", 1, what="a number of epochs")
+            check_choice(self.schedule, "schedule", ("one_cycle", "flat_cos", "constant"))
+            pct_start = (
+                _DEFAULT_PCT_START[self.schedule] if self.pct_start is None else self.pct_start
+            )
+            object.__setattr__(self, "pct_start", check_pct(pct_start))
+            check_positive(self.div, "div")
+            check_positive(self.div_final, "div_final")
+            if self.moms is not None:
+                object.__setattr__(self, "moms", check_moms(self.moms))
+            check_wd(self.wd)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{self.name}: {exc}" if self.name else str(exc)) from None
 
-    def lrs(self, n_groups: int) -> list[float]:
-        """The stage's peak LR per group."""
-        name = f"{self.name}['lrs']" if self.name else "lr_max"
-        lrs = expand_lrs(self.lr_max, n_groups, name=name, allow_zero=True)
+    # ------------------------------------------------------------------------------- the model
+    def lrs(self, n_groups: int, default: LRSpec | None = None) -> list[float]:
+        """The stage's peak LR per layer group (``default`` stands in for ``lr_max=None``)."""
+        spec = default if self.lr_max is None else self.lr_max
+        if spec is None:
+            raise ValueError("this stage has no lr_max; pass one, or run it through a Learner.")
+        if self.name:
+            label = f"{self.name}['lrs']"
+        else:
+            label = "lr_max" if self.schedule == "one_cycle" else "lr"
+        lrs = expand_lrs(spec, n_groups, name=label, allow_zero=True)
         if not any(lrs):
-            raise ValueError(f"{name} is all zeros: nothing would train in this stage.")
+            raise ValueError(f"{label} is all zeros: nothing would train in this stage.")
         return lrs
 
-    def check(self, n_groups: int) -> None:
-        """Validate the stage against a model with ``n_groups`` layer groups."""
-        try:
-            check_freeze_to(self.freeze_to, n_groups)
-        except ValueError as exc:
-            raise ValueError(f"{self.name or 'Stage'}: {exc}") from None
-        self.lrs(n_groups)
+    def check(self, n_groups: int, default_lr: LRSpec | None = None) -> None:
+        """Validate the stage against a model with ``n_groups`` layer groups.
 
-    def lr_schedule(self, n_groups: int) -> Schedule:
-        return one_cycle_lr(np.array(self.lrs(n_groups)), self.pct_start, self.div, self.div_final)
+        Raises:
+            ValueError: ``freeze_to`` is out of range or the LR spec does not fit.
+        """
+        if self.freeze_to is not None:
+            try:
+                check_freeze_to(self.freeze_to, n_groups)
+            except ValueError as exc:
+                raise ValueError(f"{self.name}: {exc}" if self.name else str(exc)) from None
+        self.lrs(n_groups, default_lr)
 
-    def mom_schedule(self, default: Sequence[float]) -> Schedule:
+    def n_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the stage at ``steps_per_epoch`` steps per epoch."""
+        return self.epochs * steps_per_epoch
+
+    # ------------------------------------------------------------------------------- schedules
+    def lr_schedule(self, n_groups: int, default_lr: LRSpec | None = None) -> Schedule:
+        """``pct -> one LR per layer group``."""
+        lrs = np.array(self.lrs(n_groups, default_lr))
+        if self.schedule == "one_cycle":
+            return one_cycle_lr(lrs, self.pct_start, self.div, self.div_final)
+        if self.schedule == "flat_cos":
+            return flat_cos_lr(lrs, self.pct_start, self.div_final)
+        return sched_const(lrs)
+
+    def mom_schedule(self, default: Sequence[float]) -> Schedule | None:
+        """``pct -> momentum`` for a one-cycle (``self.moms`` or ``default``); ``None`` for the
+        schedules that leave momentum as it is."""
+        if self.schedule != "one_cycle":
+            return None
         return one_cycle_mom(self.moms or default, self.pct_start)
 
+    def scheduler(
+        self,
+        optimizer: torch.optim.Optimizer,
+        default_lr: LRSpec | None = None,
+        default_moms: Sequence[float] = (0.95, 0.85, 0.95),
+    ) -> ParamScheduler:
+        """The `ParamScheduler` that drives ``optimizer`` through this stage."""
+        n_groups = max(layer_group_index(optimizer)) + 1
+        mom_sched = self.mom_schedule(default_moms) if momentum_key(optimizer) else None
+        return ParamScheduler(self.lr_schedule(n_groups, default_lr), mom_sched)
+
+    # ------------------------------------------------------------------------------- plans
     @classmethod
     def from_milestones(cls, milestones: Mapping[int, Mapping[str, Any]]) -> list[Stage]:
         """Read the original example's milestone dict into a plan.
@@ -130,7 +229,8 @@ class Stage:
             [(-1, 1), (0, 2)]
         """
         if not isinstance(milestones, Mapping) or not milestones:
-            raise ValueError(
+            error = ValueError if isinstance(milestones, Mapping) else TypeError
+            raise error(
                 f"milestones must be a non-empty dict {{epoch: {{...}}}}, got {milestones!r}."
             )
         stages = []
@@ -138,11 +238,11 @@ class Stage:
         n_lrs = None
         for epoch in sorted(milestones):
             label = f"milestones[{epoch!r}]"
-            if isinstance(epoch, bool) or not isinstance(epoch, int):
-                raise ValueError(f"{label}: keys must be int epochs (1-based), got {epoch!r}.")
+            if not is_int(epoch):
+                raise TypeError(f"{label}: keys must be int epochs (1-based), got {epoch!r}.")
             spec = milestones[epoch]
             if not isinstance(spec, Mapping):
-                raise ValueError(f"{label} must be a dict, got {type(spec).__name__}.")
+                raise TypeError(f"{label} must be a dict, got {type(spec).__name__}.")
             unknown = set(spec) - _MILESTONE_KEYS - _MILESTONE_OPTIONAL
             if unknown:
                 raise ValueError(
@@ -165,7 +265,7 @@ class Stage:
                 )
             lrs = spec["lrs"]
             if not isinstance(lrs, (Sequence, np.ndarray)) or isinstance(lrs, str):
-                raise ValueError(
+                raise TypeError(
                     f"{label}['lrs'] must be a list with one LR per group, got {lrs!r}."
                 )
             if n_lrs is not None and len(lrs) != n_lrs:
@@ -196,8 +296,50 @@ class Stage:
         return stages
 
 
-def check_plan(stages: Any, n_groups: int | None) -> list[Stage]:
-    """Validate a plan for a model with ``n_groups`` layer groups (``None``: types only)."""
+def fine_tune_stages(
+    epochs: int,
+    base_lr: float = 2e-3,
+    freeze_epochs: int = 1,
+    lr_mult: float = 100,
+    pct_start: float = 0.3,
+    div: float = 5.0,
+    **kwargs: Any,
+) -> list[Stage]:
+    """fastai's ``fine_tune`` as a plan: the head alone, then everything with discriminative LRs.
+
+    ``Stage(-1, freeze_epochs, slice(base_lr), pct_start=0.99)``, then
+    ``Stage(0, epochs, slice(base_lr/2/lr_mult, base_lr/2), pct_start, div)``; ``kwargs``
+    (``div_final``, ``wd``, ``moms``) go to both.
+
+    Raises:
+        TypeError, ValueError: An argument has the wrong type or is out of range.
+
+    Examples:
+        >>> [(s.freeze_to, s.epochs, s.lr_max) for s in fine_tune_stages(3, base_lr=2e-3)]
+        [(-1, 1, slice(None, 0.002, None)), (0, 3, slice(1e-05, 0.001, None))]
+    """
+    check_int(epochs, "epochs", 1, what="a number of epochs")
+    check_int(freeze_epochs, "freeze_epochs", 0, what="epochs of the frozen phase; 0 skips it")
+    check_positive(base_lr, "base_lr")
+    check_positive(lr_mult, "lr_mult")
+    unknown = set(kwargs) - {"div_final", "wd", "moms"}
+    if unknown:
+        raise TypeError(
+            f"fine_tune got unexpected argument(s) {sorted(unknown)}; it passes div_final, wd and "
+            "moms to its one-cycles."
+        )
+    half = base_lr / 2
+    unfrozen = Stage(0, epochs, slice(half / lr_mult, half), pct_start=pct_start, div=div, **kwargs)
+    if not freeze_epochs:
+        return [unfrozen]
+    return [Stage(-1, freeze_epochs, slice(base_lr), pct_start=0.99, **kwargs), unfrozen]
+
+
+def check_plan(
+    stages: Any, n_groups: int | None = None, default_lr: LRSpec | None = None
+) -> list[Stage]:
+    """Validate a plan (a ``Stage`` or a non-empty list of them) for a model with ``n_groups``
+    layer groups (``None``: types only), before anything trains."""
     if isinstance(stages, Stage):
         stages = [stages]
     if isinstance(stages, Mapping):
@@ -209,16 +351,94 @@ def check_plan(stages: Any, n_groups: int | None) -> list[Stage]:
         raise TypeError(f"a plan is a non-empty list of Stage, got {stages!r}.")
     if n_groups is not None:
         for stage in stages:
-            stage.check(n_groups)
+            stage.check(n_groups, default_lr)
     return stages
+
+
+# ------------------------------------------------------------------------------------------------
+# Previews
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SchedulePreview:
+    """The schedule a plan would follow, per optimizer step and layer group.
+
+    Attributes:
+        lrs: ``(n_steps, n_groups)`` LRs.
+        moms: ``(n_steps, n_groups)`` momentums (NaN for optimizers without one).
+        names: The layer groups' names.
+        boundaries: First step of each stage.
+        trainable: Which groups train in each stage.
+    """
+
+    lrs: np.ndarray
+    moms: np.ndarray
+    names: list[str]
+    boundaries: list[int]
+    trainable: list[list[bool]]
+
+    def plot_sched(self) -> Figure:
+        """Every group's LR and momentum, as ``Recorder.plot_sched`` draws a finished fit."""
+        from difflr.plotting import plot_sched
+
+        return plot_sched(self.lrs, self.moms, self.names, self.boundaries[1:])
+
+
+def preview_plan(
+    stages: Sequence[Stage],
+    optimizer: torch.optim.Optimizer,
+    frozen: Sequence[bool],
+    steps_per_epoch: int,
+    default_lr: LRSpec | None = None,
+    default_moms: Sequence[float] = (0.95, 0.85, 0.95),
+) -> SchedulePreview:
+    """Every step's LR and momentum of a plan, computed by the schedulers that would train it.
+
+    Args:
+        stages: The plan, checked against the optimizer's layer groups.
+        optimizer: The optimizer the plan would drive (its groups and current momentum).
+        frozen: The frozen pattern in place now (for stages with ``freeze_to=None``).
+        steps_per_epoch: Optimizer steps per epoch in one process.
+        default_lr: What stages without ``lr_max`` use.
+        default_moms: What one-cycle stages without ``moms`` use.
+    """
+    index = layer_group_index(optimizer)
+    n_groups = max(index) + 1
+    stages = check_plan(stages, n_groups, default_lr)
+    lrs, moms, boundaries, trainable = [], [], [], []
+    pattern = list(frozen)
+    for stage in stages:
+        boundaries.append(sum(len(x) for x in lrs))
+        if stage.freeze_to is not None:
+            pattern = frozen_pattern(stage.freeze_to, n_groups)
+        trainable.append([not f for f in pattern])
+        scheduler = stage.scheduler(optimizer, default_lr, default_moms)
+        stage_lrs, stage_moms = scheduler.schedule(stage.n_steps(steps_per_epoch), index)
+        if stage_moms is None:  # the schedule leaves momentum where it is
+            stage_moms = np.tile(read_hypers(optimizer)[1], (len(stage_lrs), 1))
+        lrs.append(stage_lrs)
+        moms.append(stage_moms)
+    return SchedulePreview(
+        np.concatenate(lrs),
+        np.concatenate(moms),
+        layer_group_names(optimizer),
+        boundaries,
+        trainable,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan inside a user's own Trainer
+# ------------------------------------------------------------------------------------------------
 
 
 class GradualUnfreezing(Callback):
     """Run a stage plan inside one ``trainer.fit`` of your own ``LightningModule`` and ``Trainer``.
 
     At the first epoch of each stage it sets the frozen pattern (normalisation layers stay
-    trainable with ``train_bn=True``) and, before every optimizer step, every layer group's LR and
-    momentum from the stage's one-cycle. The module's ``configure_optimizers`` may return a plain
+    trainable with ``train_bn=True``) and the stage's weight decay and, before every optimizer
+    step, every layer group's LR and momentum from the stage's schedule. The module's ``configure_optimizers`` may return a plain
     optimizer over all params: the callback regroups it once, at the start of the fit, into one
     named param group per layer group (two with ``wd_bn_bias=False``), so
     ``LearningRateMonitor`` shows readable tags and nothing is added mid-training. Its state
@@ -237,6 +457,9 @@ class GradualUnfreezing(Callback):
         wd_bn_bias: Also decay biases and normalisation params.
         moms: Default one-cycle momentum for stages without their own.
 
+    Every stage needs its own ``lr_max`` here (there is no Learner to take a default from); a
+    stage with ``freeze_to=None`` keeps the pattern of the stage before it.
+
     Examples:
         >>> cb = GradualUnfreezing([Stage(-1, 1, 1e-3), Stage(0, 2, slice(1e-5, 1e-3))])
         >>> # trainer = pl.Trainer(max_epochs=3, callbacks=[cb]); trainer.fit(module, ...)
@@ -250,7 +473,7 @@ class GradualUnfreezing(Callback):
         wd_bn_bias: bool = False,
         moms: Sequence[float] = (0.95, 0.85, 0.95),
     ) -> None:
-        self.stages = check_plan(stages, n_groups=None)  # against the model at setup
+        self.stages = check_plan(stages)  # against the model at setup
         self.splitter = splitter
         self.train_bn = train_bn
         self.wd_bn_bias = wd_bn_bias
@@ -292,12 +515,20 @@ class GradualUnfreezing(Callback):
                 "stops before its end.",
                 stacklevel=2,
             )
+        # Each stage's pattern; a stage with freeze_to=None keeps the one before it (None: the
+        # module's own, untouched).
+        self._patterns: list[list[bool] | None] = []
+        pattern = None
+        for s in self.stages:
+            if s.freeze_to is not None:
+                pattern = frozen_pattern(s.freeze_to, len(self.groups))
+            self._patterns.append(pattern)
         # Freeze before the strategy sets up, so the first stage's pattern is in place.
         self._freeze(pl_module, self.stage)
 
     def _freeze(self, pl_module: pl.LightningModule, stage: int) -> None:
-        pattern = frozen_pattern(self.stages[stage].freeze_to, len(self.groups))
-        apply_freeze(pl_module, self.groups, pattern, self.train_bn)
+        if self._patterns[stage] is not None:
+            apply_freeze(pl_module, self.groups, self._patterns[stage], self.train_bn)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -317,8 +548,8 @@ class GradualUnfreezing(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._steps_per_epoch = max(
-            1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        self._steps_per_epoch = steps_per_epoch(
+            trainer.num_training_batches, trainer.accumulate_grad_batches
         )
 
     @override
@@ -326,24 +557,22 @@ class GradualUnfreezing(Callback):
         stage = self._stage_of(trainer.current_epoch)
         if stage != self.stage:
             self.stage, self.stage_step = stage, 0
-        n = len(self.groups)
-        if trainer.current_epoch == self.starts[self.stage] and self.stage > 0:
-            previous = frozen_pattern(self.stages[self.stage - 1].freeze_to, n)
-            if frozen_pattern(self.stages[self.stage].freeze_to, n) != previous:
-                # A new pattern drops the momentum buffers, as Learner.freeze_to does. Decided by
-                # the plan alone, so a run resumed at this epoch does the same.
-                trainer.optimizers[0].state.clear()
+        optimizer = trainer.optimizers[0]
+        starts_stage = trainer.current_epoch == self.starts[self.stage] and self.stage > 0
+        if starts_stage and self._patterns[self.stage] != self._patterns[self.stage - 1]:
+            # A new pattern drops the momentum buffers, as Learner.freeze_to does. Decided by the
+            # plan alone, so a run resumed at this epoch does the same.
+            optimizer.state.clear()
         if self._applied != self.stage:
             self._freeze(pl_module, self.stage)
+            set_weight_decay(optimizer, self.stages[self.stage].wd)
             self._applied = self.stage
         if self._scheduler is None or self._scheduler_stage != self.stage:
-            # The stage's one-cycle, by the same ParamScheduler that Learner.fit_stages uses.
+            # The stage's schedule, by the same ParamScheduler that Learner.fit_stages uses.
             current = self.stages[self.stage]
-            self._scheduler = ParamScheduler(
-                current.lr_schedule(n), current.mom_schedule(self.moms)
-            )
+            self._scheduler = current.scheduler(optimizer, default_moms=self.moms)
             self._scheduler.step = self.stage_step  # > 0 when resuming inside the stage
-            self._scheduler.attach(trainer.optimizers[0], current.epochs * self._steps_per_epoch)
+            self._scheduler.attach(optimizer, current.n_steps(self._steps_per_epoch))
             self._scheduler_stage = self.stage
 
     @override

@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from difflr import Learner, expand_lrs, valley
 from difflr.distributed import batches_per_process, decide_on_rank_zero, planned_world_size
-from difflr.lr_finder import make_suggestions
 from difflr.schedules import one_cycle_lr
+from difflr.suggestions import make_suggestions
 from tests import ddp_script
 from tests.helpers import make_loaders, make_model, three_groups
 

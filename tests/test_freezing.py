@@ -2,7 +2,7 @@ import pytest
 from torch import nn
 
 from difflr.freezing import apply_freeze, frozen_pattern
-from difflr.groups import split_model
+from difflr.splitters import split_model
 from tests.helpers import make_model, three_groups
 
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from difflr.groups import build_param_groups, no_decay_param_ids, split_model
+from difflr.groups import build_param_groups, no_decay_param_ids
+from difflr.splitters import split_model
 from tests.helpers import make_model, three_groups
 
 

@@ -347,8 +347,8 @@ def test_an_interrupt_raises_keyboard_interrupt_not_system_exit(loaders, learner
 @pytest.mark.parametrize(
     ("call", "exc", "words"),
     [
-        (lambda L: L.fit_one_cycle(0), ValueError, "n_epoch must be an int >= 1 .*got 0"),
-        (lambda L: L.fit_one_cycle(1.5), ValueError, "n_epoch must be an int >= 1 .*got 1.5"),
+        (lambda L: L.fit_one_cycle(0), ValueError, "epochs must be an int >= 1 .*got 0"),
+        (lambda L: L.fit_one_cycle(1.5), TypeError, "epochs must be an int .*got 1.5"),
         (lambda L: L.fit_one_cycle(1, slice(0, 1e-3)), ValueError, "starts at 0"),
         (lambda L: L.fit_one_cycle(1, slice(1e-2, 1e-3)), ValueError, "lo > hi"),
         (lambda L: L.fit_one_cycle(1, -1e-3), ValueError, "lr_max is -0.001"),
@@ -364,10 +364,10 @@ def test_an_interrupt_raises_keyboard_interrupt_not_system_exit(loaders, learner
         (lambda L: L.fit_one_cycle(1, div_final=-1), ValueError, "div_final must be"),
         (lambda L: L.fit_one_cycle(1, moms=(0.9, 0.8)), ValueError, "moms must be three values"),
         (lambda L: L.fit_one_cycle(1, moms=(0.9, 1.0, 0.9)), ValueError, "in \\[0, 1\\)"),
-        (lambda L: L.fit(1, wd=-0.1), ValueError, "wd must be a number >= 0"),
+        (lambda L: L.fit(1, wd=-0.1), ValueError, "wd must be a finite number >= 0"),
         (lambda L: L.freeze_to(4), ValueError, "freeze_to\\(4\\) is out of range"),
         (lambda L: L.freeze_to(-4), ValueError, "\\[-3, 3\\]"),
-        (lambda L: L.fine_tune(0), ValueError, "n_epoch must be an int >= 1"),
+        (lambda L: L.fine_tune(0), ValueError, "epochs must be an int >= 1"),
         (lambda L: L.fine_tune(1, lr_mult=0), ValueError, "lr_mult must be"),
     ],
 )

@@ -14,6 +14,7 @@ from torch import nn
 
 from difflr import GradualUnfreezing, Learner, Recorder, Stage
 from difflr.schedules import one_cycle_lr, one_cycle_mom
+from difflr.stages import fine_tune_stages, steps_per_epoch
 from tests.helpers import make_loaders
 
 # The original example's plan for a ResNet-18 in 6 groups (ORIGINAL_EXAMPLE.md), verbatim.
@@ -316,6 +317,14 @@ def test_lr_monitor_shows_group_names(tmp_path):
             lambda L: L.preview_stages(Stage.from_milestones(MILESTONES)),
             lambda L: L.fit_stages(Stage.from_milestones(MILESTONES)),
         ),
+        (
+            lambda L: L.preview_stages(Stage(None, 2, 1e-3, schedule="flat_cos")),
+            lambda L: L.fit_flat_cos(2, 1e-3),
+        ),
+        (
+            lambda L: L.preview_stages(Stage(None, 1, slice(1e-3), schedule="constant")),
+            lambda L: L.fit(1, slice(1e-3)),
+        ),
     ],
 )
 def test_a_preview_equals_the_recorded_schedule_of_the_same_fit(tmp_path, preview, fit):
@@ -326,3 +335,88 @@ def test_a_preview_equals_the_recorded_schedule_of_the_same_fit(tmp_path, previe
     np.testing.assert_allclose(planned.moms, learn.recorder.moms, rtol=1e-12)
     assert planned.boundaries == learn.recorder.boundaries
     assert planned.names == learn.recorder.names
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage: the one description of a training segment
+# ------------------------------------------------------------------------------------------------
+
+
+def test_each_schedule_kind_has_its_own_default_pct_start():
+    assert Stage(0, 1, 1e-3).pct_start == 0.25
+    assert Stage(0, 1, 1e-3, schedule="flat_cos").pct_start == 0.75
+    assert Stage(0, 1, 1e-3, schedule="flat_cos", pct_start=0.5).pct_start == 0.5
+
+
+def test_a_stage_schedules_in_closed_form():
+    one_cycle, flat, constant = (
+        Stage(0, 1, [1e-4, 1e-3], pct_start=0.5, div=10.0, div_final=100.0),
+        Stage(0, 1, [1e-4, 1e-3], pct_start=0.5, div_final=100.0, schedule="flat_cos"),
+        Stage(0, 1, [1e-4, 1e-3], schedule="constant"),
+    )
+    np.testing.assert_allclose(one_cycle.lr_schedule(2)(0.0), [1e-5, 1e-4])
+    np.testing.assert_allclose(one_cycle.lr_schedule(2)(0.5), [1e-4, 1e-3])
+    np.testing.assert_allclose(one_cycle.lr_schedule(2)(1.0), [1e-6, 1e-5])
+    np.testing.assert_allclose(flat.lr_schedule(2)(0.25), [1e-4, 1e-3])
+    np.testing.assert_allclose(flat.lr_schedule(2)(1.0), [1e-6, 1e-5])
+    np.testing.assert_allclose(constant.lr_schedule(2)(0.7), [1e-4, 1e-3])
+    assert one_cycle.mom_schedule((0.9, 0.8, 0.9))(0.5) == pytest.approx(0.8)
+    assert flat.mom_schedule((0.9, 0.8, 0.9)) is None and constant.mom_schedule((0.9,) * 3) is None
+
+
+def test_a_stage_without_lr_max_takes_the_default_it_is_given():
+    stage = Stage(None, 2, pct_start=0.3)
+    assert stage.lrs(3, default=slice(1e-4, 1e-2)) == pytest.approx([1e-4, 1e-3, 1e-2])
+    with pytest.raises(ValueError, match="no lr_max"):
+        stage.lrs(3)
+    assert stage.n_steps(steps_per_epoch=5) == 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "words"),
+    [
+        ({"freeze_to": 1.0}, TypeError, "freeze_to must be an int or None"),
+        ({"epochs": 0}, ValueError, r"epochs must be an int >= 1 \(a number of epochs\), got 0"),
+        ({"epochs": "2"}, TypeError, "epochs must be an int"),
+        ({"schedule": "cosine"}, ValueError, "schedule must be 'one_cycle', 'flat_cos' or"),
+        ({"div": -1}, ValueError, "div must be a finite number > 0, got -1"),
+        ({"moms": (0.9, 0.8)}, ValueError, "moms must be three values"),
+        ({"wd": "none"}, TypeError, "wd must be a number"),
+        ({"pct_start": 1}, ValueError, r"pct_start must be in \(0, 1\)"),
+    ],
+)
+def test_a_stage_refuses_bad_fields_with_the_vocabulary_of_every_entry_point(kwargs, exc, words):
+    fields = {"freeze_to": 0, "epochs": 1, "lr_max": 1e-3, **kwargs}
+    with pytest.raises(exc, match=words):
+        Stage(**fields)
+    with pytest.raises(exc, match=f"milestones\\[2\\]: {words}"):
+        Stage(**fields, name="milestones[2]")
+
+
+def test_fine_tune_stages_is_fastais_recipe():
+    frozen, unfrozen = fine_tune_stages(3, base_lr=4e-3, freeze_epochs=2, lr_mult=10, wd=0.1)
+    assert (frozen.freeze_to, frozen.epochs, frozen.pct_start, frozen.wd) == (-1, 2, 0.99, 0.1)
+    assert frozen.lrs(3) == pytest.approx([4e-4, 4e-4, 4e-3])
+    assert (unfrozen.freeze_to, unfrozen.epochs, unfrozen.pct_start, unfrozen.div) == (0, 3, 0.3, 5)
+    assert unfrozen.lrs(3) == pytest.approx([2e-4, 2e-4 * 10**0.5, 2e-3])
+    assert [s.freeze_to for s in fine_tune_stages(3, freeze_epochs=0)] == [0]
+    with pytest.raises(TypeError, match="unexpected argument"):
+        fine_tune_stages(3, pct=0.2)
+    with pytest.raises(TypeError, match="freeze_epochs must be an int"):
+        fine_tune_stages(3, freeze_epochs=1.0)
+
+
+def test_steps_per_epoch_counts_a_last_partial_accumulation():
+    assert [steps_per_epoch(n, 4) for n in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+    assert steps_per_epoch(0, 2) == 1
+
+
+def test_the_callback_keeps_the_pattern_through_a_stage_without_freeze_to(tmp_path):
+    plan = [Stage(-1, 1, 1e-3), Stage(None, 1, 1e-3, schedule="constant")]
+    module = LitSix()
+    recorder = Recorder(log_hypers=False)
+    callbacks = [GradualUnfreezing(plan, splitter=six_groups), recorder]
+    plain_trainer(tmp_path, callbacks, max_epochs=2).fit(module, make_loaders()[0])
+    trains = [any(p.requires_grad for p in group.parameters()) for group in six_groups(module)]
+    assert trains == [True] + [False] * 4 + [True]  # the stem's BatchNorm trains (train_bn)
+    assert np.allclose(recorder.lrs[len(recorder.lrs) // 2 :], 1e-3)
