@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from difflr.checks import non_finite_names
 from difflr.groups import (
     layer_group_index,
     layer_group_names,
@@ -422,39 +423,81 @@ def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
 
 
 class FiniteLossGuard(Callback):
-    """Stop at a NaN or infinite training loss, before that step's backward and update.
+    """Stop at a NaN or infinite training loss (and, on request, gradient) before that step's
+    update, and leave the model as it was before the failing batch.
 
-    Raises a ``FloatingPointError`` that names the optimizer step, the loss and every layer
-    group's LR. It reads the loss on the host once per step (a device synchronisation on a GPU);
-    the Learner adds it unless ``check_finite=False``. Works for any ``LightningModule`` with
-    automatic optimisation (the hook runs between the loss and its backward).
+    The loss is checked between the forward pass and its backward; with ``check_grads`` the
+    gradients are checked too, before the optimizer step (a finite loss can have non-finite
+    gradients, e.g. ``sqrt`` at 0). The normalisation statistics that the failing batch's forward
+    pass moved (BatchNorm's running mean and variance) are put back from a copy taken at the
+    batch's start. The error names the optimizer step, the loss and every layer group's LR, and
+    says whether the weights are finite: it checks them rather than assume it.
+
+    The loss is read on the host once per step (a device synchronisation on a GPU); the Learner
+    adds this callback unless ``check_finite=False``. Works for any ``LightningModule`` with
+    automatic optimisation.
+
+    Args:
+        check_grads: Also check every gradient before each optimizer step (one pass over them).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, check_grads: bool = False) -> None:
+        self.check_grads = check_grads
         self._batch_idx = 0
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch_idx = batch_idx
+        # A few small tensors (the norm layers' statistics), copied on their device: no sync.
+        self._buffers = [
+            (b, b.detach().clone()) for b in pl_module.buffers() if b.is_floating_point()
+        ]
 
     @override
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        if bool(torch.isfinite(loss).all()):
+        if not bool(torch.isfinite(loss).all()):
+            value = loss.detach().float().mean().item() * trainer.accumulate_grad_batches
+            self._stop(trainer, pl_module, f"the training loss is {value}")
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self.check_grads:
             return
+        bad = non_finite_names(
+            (name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None
+        )
+        if bad:
+            self._stop(trainer, pl_module, f"the gradients of {', '.join(bad)} are not finite")
+
+    def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
+        with torch.no_grad():
+            for buffer, saved in self._buffers:
+                buffer.copy_(saved)
         optimizer = trainer.optimizers[0]
         lrs = ", ".join(
             f"{name}={lr:.3g}"
             for name, lr in zip(layer_group_names(optimizer), read_hypers(optimizer)[0])
         )
-        value = loss.detach().float().mean().item() * trainer.accumulate_grad_batches
+        poisoned = non_finite_names(pl_module.named_parameters())
+        if poisoned:
+            state = (
+                f"the weights already hold NaN/inf ({', '.join(poisoned)}): an earlier update "
+                "made them so (non-finite gradients with a finite loss; check_finite='grads' "
+                "stops at those)"
+            )
+        else:
+            state = "the weights are still finite"
         raise FloatingPointError(
-            f"the training loss is {value} at optimizer step {trainer.global_step} "
-            f"(epoch {trainer.current_epoch}, batch {self._batch_idx}); training stopped before "
-            f"this step's update, so the weights are still finite. LRs: {lrs}. Lower the LR "
-            "(learn.lr_find() helps), check the data for NaN/inf, or clip gradients "
+            f"{what} at optimizer step {trainer.global_step} (epoch {trainer.current_epoch}, "
+            f"batch {self._batch_idx}); training stopped before this step's update, so {state}, "
+            f"and the normalisation statistics are as before this batch. LRs: {lrs}. Lower the "
+            "LR (learn.lr_find() helps), check the data for NaN/inf, or clip gradients "
             "(gradient_clip_val=...)."
         )

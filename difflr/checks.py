@@ -9,10 +9,11 @@ validates and converts in one line.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import numpy as np
+import torch
 
 
 def is_int(value: Any) -> bool:
@@ -158,3 +159,19 @@ def check_choice(value: Any, name: str, choices: Collection[Any]) -> Any:
         either = " or ".join([", ".join(listed[:-1]), listed[-1]] if len(listed) > 1 else listed)
         raise ValueError(f"{name} must be {either}, got {value!r}.")
     return value
+
+
+def non_finite_names(named_tensors: Iterable[tuple[str, Any]], limit: int = 5) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity (at most
+    ``limit``), e.g. ``model.named_parameters()`` or a state dict's ``items()``."""
+    found = []
+    for name, tensor in named_tensors:
+        if (
+            isinstance(tensor, torch.Tensor)
+            and tensor.is_floating_point()
+            and not bool(torch.isfinite(tensor).all())
+        ):
+            found.append(name)
+            if len(found) >= limit:
+                break
+    return found

@@ -215,6 +215,21 @@ def build_param_groups(
     return param_groups
 
 
+def group_fingerprint(model: nn.Module, groups: Sequence[LayerGroup]) -> list[dict[str, Any]]:
+    """Each layer group's name, parameter names and shapes, in order: two Learners with the same
+    fingerprint put the same parameters in the same groups (what a resume must check before it
+    loads optimizer state group by group)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [
+        {
+            "name": group.name,
+            "params": [names.get(id(p), "?") for p in group.params],
+            "shapes": [list(p.shape) for p in group.params],
+        }
+        for group in groups
+    ]
+
+
 def warn_single_group(groups: Sequence[LayerGroup], action: str) -> None:
     """Warn that ``action`` is of little use on a model with a single layer group."""
     if len(groups) == 1:

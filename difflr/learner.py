@@ -8,6 +8,7 @@ job (``learn.runner``); files are `difflr.files`'s and `difflr.checkpoints`'s.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,16 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from difflr.callbacks import Recorder
-from difflr.checkpoints import PlanState, read_plan_state, resolve_checkpoint
+from difflr.checkpoints import FitState, check_resume, read_fit_state, resolve_checkpoint
 from difflr.checks import check_moms, check_wd
 from difflr.data import Data
-from difflr.files import export_model, read_state, state_file, write_state
+from difflr.files import check_state_fits, export_model, read_state, state_file, write_state
 from difflr.freezing import apply_freeze, check_freeze_to, frozen_pattern, trainable_flags
 from difflr.groups import (
     LayerGroup,
     Splitter,
     build_param_groups,
+    group_fingerprint,
     read_hypers,
     set_weight_decay,
     warn_single_group,
@@ -71,12 +73,15 @@ class Learner:
             logger.
         callbacks: Extra Lightning callbacks given to every Trainer.
         checkpoint: Keep ``path/checkpoints/last.ckpt`` (written at each epoch end) so that an
-            interrupted fit can resume with ``ckpt_path="last"``.
+            interrupted fit can resume with ``ckpt_path="last"``. ``None`` (default): on, unless
+            the Trainer argument ``enable_checkpointing=False`` turns checkpointing off.
         monitor: Also keep ``path/checkpoints/best.ckpt``, the best epoch by this logged metric
             (``"valid_loss"`` is minimised, anything else maximised).
         check_finite: Stop at a NaN or infinite training loss, before that step's update, with
-            an error naming the step, the loss and each group's LR. It reads the loss on the
-            host every step; on a GPU pass ``False`` to avoid that sync.
+            an error naming the step, the loss and each group's LR; the normalisation statistics
+            the failing batch moved are put back. ``"grads"`` also checks the gradients before
+            each update (one more pass over them). It reads the loss on the host every step; on
+            a GPU pass ``False`` to avoid that sync.
         **trainer_kwargs: Passed to every ``Trainer`` (``accelerator``, ``devices``,
             ``strategy``, ``precision``, ``accumulate_grad_batches``, ...).
 
@@ -116,9 +121,9 @@ class Learner:
         path: str | Path = ".",
         logger: bool | Logger = True,
         callbacks: Sequence[pl.Callback] | None = None,
-        checkpoint: bool = True,
+        checkpoint: bool | None = None,
         monitor: str | None = None,
-        check_finite: bool = True,
+        check_finite: bool | str = True,
         **trainer_kwargs: Any,
     ) -> None:
         self.module = make_module(model, loss_func, metrics, lambda: self.opt)
@@ -136,6 +141,7 @@ class Learner:
         )
         set_weight_decay(self.opt, self.wd)
         self.path = Path(path)
+        self._id = uuid.uuid4().hex  # names this Learner in its checkpoints
         self.recorder = Recorder(log_hypers=logger is not False and logger is not None)
         self.runner = Runner(
             self.module,
@@ -145,14 +151,16 @@ class Learner:
             logger=make_logger(logger, self.path),
             recorder=self.recorder,
             callbacks=list(callbacks or []),
-            checkpoint=bool(checkpoint),
+            checkpoint=checkpoint,
             monitor=monitor,
-            check_finite=bool(check_finite),
+            check_finite=check_finite,
             trainer_kwargs=trainer_kwargs,
+            owner=self._id,
         )
         #: The Trainer of the last fit (``None`` before the first).
         self.trainer: pl.Trainer | None = None
         self._frozen = [not t for t in trainable_flags(self.splits)]
+        self._run: str | None = None  # the id of its last fit call
 
     # ----------------------------------------------------------------------------- data, parts
     @property
@@ -347,23 +355,64 @@ class Learner:
         """
         stages = check_plan(stages, self.n_groups, self.lr)
         schedulers = [stage.scheduler(self.opt, self.lr, self.moms) for stage in stages]
-        first, resume, pattern = 0, None, self._frozen
+        plan = self._describe(stages)
+        first, saved = 0, None
         if ckpt_path is not None:
             resume = resolve_checkpoint(self.path / "checkpoints", ckpt_path)
-            first, pattern = read_plan_state(resume, len(stages))
+            saved = read_fit_state(resume)
+            first, pattern = check_resume(
+                saved, plan, learner=self._id, last_run=self._run, path=resume
+            )
+            self._check_steps_per_epoch(saved, resume)
+        self._run = uuid.uuid4().hex if saved is None else saved["run"]
         self.recorder.reset()
         self.runner.table.start()
         for k in range(first, len(stages)):
             stage, scheduler = stages[k], schedulers[k]
-            if k == first and resume is not None:
+            resuming = saved is not None and k == first
+            if resuming:
                 self._set_frozen(pattern)
+                self.runner.set_offsets(saved["offsets"])  # continue the interrupted timeline
             elif stage.freeze_to is not None:
                 self.freeze_to(stage.freeze_to)
             set_weight_decay(self.opt, stage.wd)
             self.wd = self.wd if stage.wd is None else stage.wd
-            marker = PlanState(k, len(stages), self._frozen)
-            self.trainer = self.runner.trainer([scheduler, marker], max_epochs=stage.epochs)
-            self.runner.fit(self.trainer, scheduler, ckpt_path=resume if k == first else None)
+            record = {
+                "learner": self._id,
+                "run": self._run,
+                "stage": k,
+                "n_stages": len(stages),
+                "frozen": self._frozen,
+                "plan": plan,
+                "offsets": self.runner.offsets(),
+            }
+            state = FitState(record, resumed_from=saved if resuming else None)
+            self.trainer = self.runner.trainer([scheduler, state], max_epochs=stage.epochs)
+            self.runner.fit(self.trainer, scheduler, ckpt_path=resume if resuming else None)
+
+    def _describe(self, stages: Sequence[Stage]) -> dict[str, Any]:
+        """What defines a fit of ``stages`` on this Learner, as a checkpoint records it."""
+        return {
+            "stages": [stage.describe(self.n_groups, self.lr, self.moms) for stage in stages],
+            "accumulate_grad_batches": self.trainer_kwargs.get("accumulate_grad_batches", 1),
+            "groups": group_fingerprint(self.model, self.splits),
+        }
+
+    def _check_steps_per_epoch(self, saved: dict[str, Any], resume: Path) -> None:
+        # Before anything changes when the data has a length (else when training starts).
+        if saved.get("steps_per_epoch") is None:
+            return
+        try:
+            now = self.runner.steps_per_epoch()
+        except ValueError:
+            return
+        if now != saved["steps_per_epoch"]:
+            raise ValueError(
+                f"{resume} was written by a fit that made {saved['steps_per_epoch']} optimizer "
+                f"steps per epoch; this one makes {now} (another dataset size, batch size or "
+                "limit_train_batches), so its schedule would jump. Resume with the data that "
+                "wrote it, or start the fit anew."
+            )
 
     # ----------------------------------------------------------------------------- previews
     def preview_one_cycle(
@@ -427,20 +476,39 @@ class Learner:
         return lr_find(self, start_lr, end_lr, num_it, stop_div, show_plot, suggest_funcs, snapshot)
 
     # ----------------------------------------------------------------------------- persistence
-    def save(self, name: str, with_opt: bool = True) -> Path:
+    def save(self, name: str | Path, with_opt: bool = True) -> Path:
         """Save the model's weights (and the optimizer state and freeze pattern) to
-        ``path/models/{name}.pth``; returns the file's path."""
+        ``path/models/{name}.pth`` (or to a ``pathlib.Path`` you give); returns the file's path.
+
+        The file is written next to its target and renamed over it: a kill or a full disk leaves
+        the previous save intact.
+
+        Raises:
+            ValueError: ``name`` is not a plain file name (a separator or ``..`` would leave
+                ``path/models``).
+            OSError: The write failed; the previous file is unchanged.
+        """
         file = state_file(self.path / "models", name)
-        return write_state(file, self.model, self._frozen, self.opt if with_opt else None)
+        groups = group_fingerprint(self.model, self.splits)
+        return write_state(file, self.model, self._frozen, self.opt if with_opt else None, groups)
 
     def load(self, name: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
-        """Load what `save` wrote (a name under ``path/models`` or a file path).
+        """Load what `save` wrote (a name under ``path/models``, or a ``pathlib.Path``).
+
+        The file is read with ``weights_only=True`` (it cannot run code), and checked against
+        the model and the optimizer before anything is loaded: all or nothing.
 
         Raises:
             FileNotFoundError: No such file.
-            ValueError: The file's optimizer state does not match this Learner's groups.
+            UnreadableFileError: (a ``ValueError``) The file needs code to load, or is truncated.
+            ValueError: The file does not fit the model, or its optimizer state does not fit
+                this Learner's layer groups.
         """
-        state = read_state(state_file(self.path / "models", name))
+        file = state_file(self.path / "models", name)
+        state = read_state(file)
+        # Everything is checked before anything is loaded: a refused load changes nothing.
+        groups = group_fingerprint(self.model, self.splits)
+        check_state_fits(state, self.model, self.opt if with_opt else None, file, strict, groups)
         self.model.load_state_dict(state["model"], strict=strict)
         if len(state.get("frozen", ())) == self.n_groups:
             self._set_frozen(state["frozen"])

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from difflr.callbacks import ParamScheduler, Recorder, SmoothedLoss
 from difflr.checks import check_choice, check_int
 from difflr.distributed import decide_on_rank_zero
+from difflr.files import safe_load
 from difflr.lr import LRSpec, expand_lrs
 from difflr.runner import Runner
 from difflr.schedules import exp_range
@@ -50,7 +53,9 @@ class _Snapshot:
     Parameters and buffers are copied into the same tensors (so the optimizer's references stay
     valid), the optimizer through its state dict (state and hyper-parameters), plus the
     ``requires_grad`` flags, gradients, train/eval modes and the torch, CUDA, numpy and python RNG
-    states. ``to_disk`` keeps the tensor copies in a file instead of memory, for a model too
+    states. ``to_disk`` (a folder) keeps the tensor copies in a file of their own there instead
+    of memory (a unique name, so two sweeps never share it; read back without running code), for
+    a model too
     large to hold twice.
     """
 
@@ -63,9 +68,15 @@ class _Snapshot:
         values = {k: v.detach().clone() for k, v in self.tensors.items()}
         grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
         opt_state = copy.deepcopy(optimizer.state_dict())
-        self.file = to_disk
+        self.file = None
         if to_disk is not None:
-            torch.save({"values": values, "grads": grads, "opt": opt_state}, to_disk)
+            to_disk.mkdir(parents=True, exist_ok=True)
+            descriptor, name = tempfile.mkstemp(
+                prefix=".lr_find_snapshot-", suffix=".pt", dir=to_disk
+            )
+            self.file = Path(name)
+            with os.fdopen(descriptor, "wb") as handle:
+                torch.save({"values": values, "grads": grads, "opt": opt_state}, handle)
             values, grads, opt_state = {}, {}, {}
         self.values, self.grads, self.opt_state = values, grads, opt_state
         self.flags = {k: p.requires_grad for k, p in module.named_parameters()}
@@ -80,7 +91,7 @@ class _Snapshot:
     def restore(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         values, grads, opt_state = self.values, self.grads, self.opt_state
         if self.file is not None:
-            saved = torch.load(self.file, weights_only=False)
+            saved = safe_load(self.file, "lr_find snapshot")
             values, grads, opt_state = saved["values"], saved["grads"], saved["opt"]
             self.file.unlink(missing_ok=True)
         with torch.no_grad():
@@ -182,10 +193,7 @@ def lr_find(
         enable_checkpointing=False,
         enable_progress_bar=False,
     )
-    to_disk = learn.path / ".lr_find_snapshot.pt" if snapshot == "disk" else None
-    if to_disk is not None:
-        to_disk.parent.mkdir(parents=True, exist_ok=True)
-    saved = _Snapshot(learn.module, learn.opt, to_disk)
+    saved = _Snapshot(learn.module, learn.opt, learn.path if snapshot == "disk" else None)
     learn.recorder.reset()
     try:
         learn.runner.fit(trainer, scheduler, log=False)

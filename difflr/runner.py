@@ -10,8 +10,10 @@ later analysis tools use the same two methods; they are the Learner's public sea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,9 +23,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from difflr.callbacks import FiniteLossGuard, ParamScheduler, Recorder
-from difflr.checkpoints import checkpoint_callbacks
+from difflr.checkpoints import (
+    AtomicCheckpointIO,
+    FolderClaim,
+    LearnerCheckpoint,
+    checkpoint_callbacks,
+)
+from difflr.checks import check_choice
 from difflr.data import Data, loader_length
 from difflr.display import in_notebook
 from difflr.distributed import (
@@ -35,7 +46,7 @@ from difflr.distributed import (
 from difflr.loggers import ContinuousLogger
 from difflr.module import LearnerModule
 from difflr.progress import ProgressTable
-from difflr.stages import steps_per_epoch
+from difflr.schedules import steps_per_epoch
 
 __all__ = ["Runner", "quiet_lightning"]
 
@@ -72,14 +83,18 @@ class Runner:
         logger: One timeline for every fit, or ``None``.
         recorder: Records every step of every fit.
         callbacks: The user's callbacks, given to every fit's Trainer.
-        checkpoint: Write ``path/checkpoints/last.ckpt`` at each epoch end.
+        checkpoint: Write ``path/checkpoints/last.ckpt`` at each epoch end; ``None``: yes,
+            unless ``enable_checkpointing=False`` is among ``trainer_kwargs``.
         monitor: Also keep ``path/checkpoints/best.ckpt`` by this logged metric.
-        check_finite: Stop at a non-finite training loss (see `FiniteLossGuard`).
-        trainer_kwargs: Passed to every Trainer.
+        check_finite: ``True`` stops at a non-finite training loss, ``"grads"`` at non-finite
+            gradients too, ``False`` checks nothing (see `FiniteLossGuard`).
+        trainer_kwargs: Passed to every Trainer; they mean what they mean in Lightning.
+        owner: The Learner's id, which claims the checkpoint folder during a fit.
 
     Raises:
         TypeError: ``trainer_kwargs`` sets the length of training, the callbacks or the logger
             (the Learner's own arguments do that).
+        ValueError: ``checkpoint=True`` together with ``enable_checkpointing=False``.
     """
 
     def __init__(
@@ -92,10 +107,11 @@ class Runner:
         logger: ContinuousLogger | None,
         recorder: Recorder,
         callbacks: Sequence[pl.Callback] = (),
-        checkpoint: bool = True,
+        checkpoint: bool | None = None,
         monitor: str | None = None,
-        check_finite: bool = True,
+        check_finite: bool | str = True,
         trainer_kwargs: Mapping[str, Any] | None = None,
+        owner: str = "",
     ) -> None:
         trainer_kwargs = dict(trainer_kwargs or {})
         reserved = [k for k in RESERVED_TRAINER_ARGS if k in trainer_kwargs]
@@ -106,6 +122,13 @@ class Runner:
             )
         if "callbacks" in trainer_kwargs or "logger" in trainer_kwargs:
             raise TypeError("pass callbacks= and logger= as the Learner's own arguments.")
+        switch = trainer_kwargs.get("enable_checkpointing")
+        if checkpoint and switch is False:
+            raise ValueError(
+                "checkpoint=True asks for difflr's path/checkpoints/last.ckpt, but "
+                "enable_checkpointing=False turns checkpointing off; pass one of them."
+            )
+        check_choice(check_finite, "check_finite", (True, False, "grads"))
         self.module = module
         self.optimizer = optimizer
         self.data = data
@@ -114,10 +137,12 @@ class Runner:
         self.recorder = recorder
         self.table = ProgressTable(recorder)
         self.callbacks = list(callbacks)
-        self.checkpoint = checkpoint
+        # Lightning's switch means what it means: enable_checkpointing=False writes no file.
+        self.checkpoint = switch is not False if checkpoint is None else bool(checkpoint)
         self.monitor = monitor
         self.check_finite = check_finite
         self.trainer_kwargs = trainer_kwargs
+        self.owner = owner
         self._notified_optimizer = False
 
     def trainer(
@@ -152,10 +177,15 @@ class Runner:
         if standard:
             extra += [self.table, *self.callbacks]
             if self.check_finite:
-                extra.append(FiniteLossGuard())
+                extra.append(FiniteLossGuard(check_grads=self.check_finite == "grads"))
             if self.checkpoint:
                 extra += checkpoint_callbacks(self.path / "checkpoints", self.monitor)
+            if any(isinstance(cb, ModelCheckpoint) for cb in extra):
+                # Lightning refuses checkpoint callbacks with enable_checkpointing=False.
                 kwargs["enable_checkpointing"] = True
+        kwargs["plugins"] = _with_atomic_checkpoint_io(
+            kwargs.get("plugins"), kwargs.get("strategy")
+        )
         # SyncBuffers: every DDP rank ends the fit with rank 0's BatchNorm statistics.
         kwargs["callbacks"] = [SyncBuffers(), *callbacks, *extra]
         with quiet_lightning():
@@ -185,8 +215,14 @@ class Runner:
         handler = signal.getsignal(signal.SIGINT)
         # Lightning 2 keeps the module's train/eval mode; a fit trains (as fastai's does).
         self.module.train()
+        writes = any(isinstance(cb, LearnerCheckpoint) for cb in trainer.callbacks)
+        claim = (
+            FolderClaim(self.path / "checkpoints", self.owner)
+            if writes and trainer.is_global_zero
+            else contextlib.nullcontext()
+        )
         try:
-            with quiet_lightning(), self._supersede_optimizer(), warnings.catch_warnings():
+            with claim, quiet_lightning(), self._supersede_optimizer(), warnings.catch_warnings():
                 # LearnerModule always defines validation_step; no valid_dl is not a mistake.
                 warnings.filterwarnings(
                     "ignore", ".*`validation_step` but have no `val_dataloader`"
@@ -202,6 +238,17 @@ class Runner:
                     **self.data.fit_kwargs(),
                     ckpt_path=None if ckpt_path is None else str(ckpt_path),
                 )
+        except SIGTERMException:
+            # Lightning stops at the end of the running epoch, after its checkpoint is written.
+            # Exit as asked: a KeyboardInterrupt could be caught by a script and training go on.
+            where = (
+                f"{self.path / 'checkpoints' / 'last.ckpt'} holds the last epoch whose training "
+                "finished: resume with ckpt_path='last'"
+                if writes
+                else "no checkpoint was written (checkpointing is off)"
+            )
+            print(f"difflr: SIGTERM received, training stopped; {where}.", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM) from None
         except SystemExit:
             # Lightning turns Ctrl-C into SystemExit (it would end a notebook's kernel or a
             # script's later cleanup); give the user back the KeyboardInterrupt they raised.
@@ -218,6 +265,17 @@ class Runner:
             if log and self.logger is not None:
                 self.logger.step_offset += scheduler.step
                 self.logger.epoch_offset += trainer.current_epoch
+
+    def offsets(self) -> list[int]:
+        """The logger's step and epoch offsets (where the next fit starts on the timeline)."""
+        if self.logger is None:
+            return [0, 0]
+        return [self.logger.step_offset, self.logger.epoch_offset]
+
+    def set_offsets(self, offsets: Sequence[int]) -> None:
+        """Move the timeline back to where a resumed fit started, so it continues its own."""
+        if self.logger is not None:
+            self.logger.step_offset, self.logger.epoch_offset = (int(v) for v in offsets)
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch in one process, as the Trainer will count them.
@@ -271,3 +329,18 @@ class Runner:
                 del module.configure_optimizers
             else:
                 module.configure_optimizers = own
+
+
+def _with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any]:
+    """The user's plugins, plus difflr's `AtomicCheckpointIO` unless they bring a CheckpointIO of
+    their own or a strategy that saves its own way (FSDP, DeepSpeed, a strategy instance)."""
+    plugins = (
+        list(plugins) if isinstance(plugins, (list, tuple)) else [plugins] * (plugins is not None)
+    )
+    if any(isinstance(p, CheckpointIO) for p in plugins):
+        return plugins
+    if strategy is None or (
+        isinstance(strategy, str) and strategy.startswith(("auto", "ddp", "single"))
+    ):
+        return [*plugins, AtomicCheckpointIO()]
+    return plugins

@@ -115,3 +115,14 @@ def exp_range(start: Value, end: Value) -> Schedule:
     start = np.asarray(start, dtype=float)
     end = np.asarray(end, dtype=float)
     return lambda pct: sched_exp(start, end, pct)
+
+
+def steps_per_epoch(n_batches: int, accumulate_grad_batches: int = 1) -> int:
+    """Optimizer steps in an epoch of ``n_batches`` batches (Lightning steps once more for a
+    last, partial accumulation). The stage callback, the previews and the checkpoints all count with it.
+
+    Examples:
+        >>> steps_per_epoch(10, 4)
+        3
+    """
+    return max(1, math.ceil(n_batches / accumulate_grad_batches))

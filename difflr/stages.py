@@ -13,7 +13,6 @@ train), previewed without training by `preview_plan`, and run inside a user's ow
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +47,14 @@ from difflr.groups import (
     set_weight_decay,
 )
 from difflr.lr import LRSpec, expand_lrs
-from difflr.schedules import Schedule, flat_cos_lr, one_cycle_lr, one_cycle_mom, sched_const
+from difflr.schedules import (
+    Schedule,
+    flat_cos_lr,
+    one_cycle_lr,
+    one_cycle_mom,
+    sched_const,
+    steps_per_epoch,
+)
 from difflr.splitters import split_model
 
 if TYPE_CHECKING:
@@ -67,17 +73,6 @@ _MILESTONE_OPTIONAL = {
     "base_momentum",
     "max_momentum",
 }
-
-
-def steps_per_epoch(n_batches: int, accumulate_grad_batches: int = 1) -> int:
-    """Optimizer steps in an epoch of ``n_batches`` batches (Lightning steps once more for a
-    last, partial accumulation). The scheduler, the callback and the previews all count with it.
-
-    Examples:
-        >>> steps_per_epoch(10, 4)
-        3
-    """
-    return max(1, math.ceil(n_batches / accumulate_grad_batches))
 
 
 @dataclass(frozen=True)
@@ -171,6 +166,27 @@ class Stage:
             except ValueError as exc:
                 raise ValueError(f"{self.name}: {exc}" if self.name else str(exc)) from None
         self.lrs(n_groups, default_lr)
+
+    def describe(
+        self,
+        n_groups: int,
+        default_lr: LRSpec | None = None,
+        default_moms: Sequence[float] = (0.95, 0.85, 0.95),
+    ) -> dict[str, Any]:
+        """What defines the stage, as plain values with every default resolved (LRs per group,
+        momentums): what a checkpoint records, so that a resume can be checked against it."""
+        one_cycle = self.schedule == "one_cycle"
+        return {
+            "schedule": self.schedule,
+            "freeze_to": self.freeze_to,
+            "epochs": self.epochs,
+            "lrs": self.lrs(n_groups, default_lr),
+            "pct_start": None if self.schedule == "constant" else self.pct_start,
+            "div": self.div if one_cycle else None,
+            "div_final": None if self.schedule == "constant" else self.div_final,
+            "moms": list(self.moms or default_moms) if one_cycle else None,
+            "wd": self.wd,
+        }
 
     def n_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the stage at ``steps_per_epoch`` steps per epoch."""

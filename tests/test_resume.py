@@ -85,7 +85,7 @@ def test_a_stage_plan_killed_in_stage_three_resumes_to_the_same_weights(tmp_path
 def test_resuming_with_a_different_call_is_refused(tmp_path):
     learn = make_learner(tmp_path)
     learn.fit_one_cycle(1, 1e-3)
-    with pytest.raises(ValueError, match="written by a call of 1 phase"):
+    with pytest.raises(ValueError, match="written by a different fit: stages has 1 entries"):
         learn.fine_tune(1, ckpt_path="last")
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         learn.fit(1, ckpt_path=tmp_path / "nope.ckpt")

@@ -1,0 +1,429 @@
+"""Checkpoints a resume can trust: mismatched, stale and foreign checkpoints are refused with the
+difference named; non-finite models never replace a finite checkpoint; SIGTERM saves and exits;
+a shuffling loader resumes bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from difflr import Learner
+from difflr.checkpoints import read_fit_state
+from difflr.files import UnreadableFileError, safe_load
+from tests.helpers import make_loaders, make_model, three_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_learner(path, model=None, data=None, **kwargs) -> Learner:
+    options = {
+        "splitter": three_groups,
+        "path": path,
+        "logger": False,
+        "enable_progress_bar": False,
+        **kwargs,
+    }
+    return Learner(model or make_model(), data or make_loaders(), F.cross_entropy, **options)
+
+
+class Crash(Callback):
+    """Raise at (epoch, batch): a run killed mid-way."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise RuntimeError("simulated crash")
+
+
+def crashed_learner(path, fit, epoch=2, **kwargs) -> Learner:
+    learn = make_learner(path, callbacks=[Crash(epoch=epoch, batch=1)], **kwargs)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(learn)
+    learn.callbacks.clear()
+    return learn
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Mismatched and stale resumes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("resume", "words"),
+    [
+        (lambda L: L.fit_one_cycle(3, 1e-2, ckpt_path="last"), r"stages\[0\]\.epochs is 5"),
+        (lambda L: L.fit_one_cycle(5, 1e-4, ckpt_path="last"), r"stages\[0\]\.lrs\[0\] is 0\.01"),
+        (
+            lambda L: L.fit_one_cycle(5, 1e-2, pct_start=0.9, ckpt_path="last"),
+            r"stages\[0\]\.pct_start is 0\.25 in the checkpoint, 0\.9 in this call",
+        ),
+        (lambda L: L.fit(5, 1e-2, ckpt_path="last"), r"stages\[0\]\.schedule is 'one_cycle'"),
+        (lambda L: L.fine_tune(5, ckpt_path="last"), "stages has 1 entries in the checkpoint, 2"),
+    ],
+)
+def test_a_resume_that_differs_from_the_fit_is_refused_naming_the_difference(
+    tmp_path, resume, words
+):
+    learn = crashed_learner(tmp_path, lambda L: L.fit_one_cycle(5, 1e-2))
+    before = weights(learn.model)
+    with pytest.raises(ValueError, match=words):
+        resume(learn)
+    assert all(torch.equal(before[k], v) for k, v in weights(learn.model).items())
+
+
+def test_a_resume_with_other_gradient_accumulation_is_refused(tmp_path):
+    crashed_learner(tmp_path, lambda L: L.fit_one_cycle(5, 1e-2))
+    other = make_learner(tmp_path, accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match="accumulate_grad_batches is 1 in the checkpoint, 2"):
+        other.fit_one_cycle(5, 1e-2, ckpt_path="last")
+
+
+def test_a_resume_with_another_batch_count_is_refused(tmp_path):
+    crashed_learner(tmp_path, lambda L: L.fit_one_cycle(5, 1e-2))
+    other = make_learner(tmp_path, data=make_loaders(n=64))
+    with pytest.raises(ValueError, match="made 6 optimizer steps per epoch; this one makes 4"):
+        other.fit_one_cycle(5, 1e-2, ckpt_path="last")
+
+
+@pytest.mark.parametrize(
+    "fit", [lambda L, **k: L.fit_flat_cos(2, 1e-3, **k), lambda L, **k: L.fit_one_cycle(1, **k)]
+)
+def test_a_finished_fit_is_not_resumed_into_training_nothing(tmp_path, fit):
+    learn = make_learner(tmp_path)
+    fit(learn)
+    with pytest.raises(ValueError, match="holds a fit that had finished"):
+        fit(make_learner(tmp_path), ckpt_path="last")
+
+
+def test_the_checkpoint_of_an_earlier_fit_is_not_taken_for_the_interrupted_one(tmp_path):
+    # The issue's case: the second fit dies before its first checkpoint.
+    learn = make_learner(tmp_path, callbacks=[])
+    learn.freeze()
+    learn.fit_one_cycle(1, 1e-3)
+    learn.unfreeze()
+    learn.callbacks.append(Crash(epoch=0, batch=1))
+    with pytest.raises(RuntimeError):
+        learn.fit_one_cycle(4, slice(1e-5, 1e-3))
+    learn.callbacks.clear()
+    with pytest.raises(ValueError, match="earlier fit of this Learner"):
+        learn.fit_one_cycle(4, slice(1e-5, 1e-3), ckpt_path="last")
+    assert learn.frozen == [False, False, False]
+
+
+def test_an_identical_earlier_fit_is_still_told_apart(tmp_path):
+    learn = crashed_learner(tmp_path, lambda L: L.fit_one_cycle(3, 1e-2), epoch=1)
+    learn.callbacks.append(Crash(epoch=0, batch=1))
+    with pytest.raises(RuntimeError):
+        learn.fit_one_cycle(3, 1e-2)
+    learn.callbacks.clear()
+    with pytest.raises(ValueError, match="earlier fit of this Learner"):
+        learn.fit_one_cycle(3, 1e-2, ckpt_path="last")
+
+
+def test_another_learners_checkpoint_on_the_same_path_is_refused(tmp_path):
+    first = crashed_learner(tmp_path, lambda L: L.fit_one_cycle(3, 1e-2))
+    make_learner(tmp_path).fit_one_cycle(3, 1e-2)  # a second Learner, same path, same fit
+    with pytest.raises(ValueError, match="written by another Learner"):
+        first.fit_one_cycle(3, 1e-2, ckpt_path="last")
+
+
+def test_a_fit_refuses_a_folder_claimed_by_a_live_learner(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claim = {"pid": other.pid, "host": os.uname().nodename, "owner": "someone"}
+        (tmp_path / "checkpoints" / ".claim").write_text(json.dumps(claim))
+        learn = make_learner(tmp_path)
+        with pytest.raises(
+            RuntimeError, match=f"in use by another Learner's fit \\(process {other.pid}"
+        ):
+            learn.fit(1)
+    finally:
+        other.kill()
+        other.wait()
+    learn.fit(1)  # the claim of a process that has ended is taken over
+    assert not (tmp_path / "checkpoints" / ".claim").exists()  # and released after the fit
+
+
+def test_a_checkpoint_from_groups_cut_differently_is_refused(tmp_path):
+    crashed_learner(tmp_path, lambda L: L.fit_one_cycle(3, 1e-2))
+    other = make_learner(tmp_path, splitter=lambda m: {"stem": m[:3], "body": m[3:5], "tip": m[5]})
+    with pytest.raises(ValueError, match=r"groups\[2\]\.name is '2\.head' in the checkpoint"):
+        other.fit_one_cycle(3, 1e-2, ckpt_path="last")
+
+
+def test_a_truncated_checkpoint_is_named_with_the_fix(tmp_path):
+    crashed_learner(tmp_path, lambda L: L.fit_one_cycle(3, 1e-2))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(UnreadableFileError, match=r"last\.ckpt is not a complete checkpoint"):
+        make_learner(tmp_path).fit_one_cycle(3, 1e-2, ckpt_path="last")
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [(3, "not a Lightning checkpoint"), ({"state_dict": {}}, "not written by a Learner fit")],
+)
+def test_a_foreign_checkpoint_is_refused(tmp_path, content, words):
+    torch.save(content, tmp_path / "foreign.ckpt")
+    with pytest.raises((UnreadableFileError, ValueError), match=words):
+        make_learner(tmp_path).fit(1, ckpt_path=tmp_path / "foreign.ckpt")
+
+
+# ------------------------------------------------------------------------------------------------
+# What a resume reproduces
+# ------------------------------------------------------------------------------------------------
+
+
+def shuffling_loaders() -> tuple[DataLoader, DataLoader]:
+    train, valid = make_loaders()
+    return DataLoader(train.dataset, batch_size=16, shuffle=True), valid
+
+
+def dropout_model() -> nn.Sequential:
+    model = make_model()
+    model.insert(4, nn.Dropout(0.3))
+    return model
+
+
+def test_a_shuffling_loader_and_dropout_resume_bit_for_bit(tmp_path):
+    torch.manual_seed(1)
+    full = make_learner(
+        tmp_path / "full",
+        model=dropout_model(),
+        data=shuffling_loaders(),
+        splitter=lambda m: [m[:3], m[3:6], m[6]],
+    )
+    full.fit_one_cycle(3, 1e-2)
+    torch.manual_seed(1)
+    crashed = crashed_learner(
+        tmp_path / "run",
+        lambda L: L.fit_one_cycle(3, 1e-2),
+        model=dropout_model(),
+        data=shuffling_loaders(),
+        splitter=lambda m: [m[:3], m[3:6], m[6]],
+    )
+    torch.manual_seed(123)  # whatever the new session's RNG holds
+    resumed = make_learner(
+        tmp_path / "run",
+        model=dropout_model(),
+        data=shuffling_loaders(),
+        splitter=lambda m: [m[:3], m[3:6], m[6]],
+    )
+    resumed.fit_one_cycle(3, 1e-2, ckpt_path="last")
+    assert crashed is not resumed
+    for key, value in weights(full.model).items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_an_in_process_resume_continues_the_timeline(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    learn = crashed_learner(
+        tmp_path, lambda L: L.fit_one_cycle(3, 1e-2), logger=CSVLogger(tmp_path, name="csv")
+    )
+    learn.fit_one_cycle(3, 1e-2, ckpt_path="last")
+    assert learn.logger.step_offset == 18 and learn.logger.epoch_offset == 3
+    rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    epochs = {
+        float(r.split(",")[header.index("epoch")])
+        for r in rows[1:]
+        if r.split(",")[header.index("epoch")]
+    }
+    assert epochs == {0.0, 1.0, 2.0}  # the resumed epoch 2 is not logged as 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite values never reach a checkpoint
+# ------------------------------------------------------------------------------------------------
+
+
+class PoisonAfter(Callback):
+    """Turn a weight to NaN at the end of an epoch (a diverging run without a guard)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+
+def test_a_nan_model_never_replaces_the_last_finite_checkpoint(tmp_path):
+    learn = make_learner(tmp_path, check_finite=False, callbacks=[PoisonAfter(epoch=1)])
+    with pytest.warns(UserWarning, match=r"not writing .*last\.ckpt: the model holds NaN"):
+        learn.fit(3, 1e-3)
+    state = read_fit_state(tmp_path / "checkpoints" / "last.ckpt")
+    assert state["epochs_done"] == 1
+    saved = safe_load(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+
+
+def test_a_user_model_checkpoint_runs_beside_difflrs(tmp_path):
+    mine = ModelCheckpoint(dirpath=tmp_path / "mine", save_last=True)
+    learn = make_learner(tmp_path, callbacks=[mine])
+    learn.fit(2)
+    assert (tmp_path / "mine" / "last.ckpt").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# The NaN guard checks what it claims
+# ------------------------------------------------------------------------------------------------
+
+
+def inf_batch_loaders() -> tuple[DataLoader, DataLoader]:
+    train, valid = make_loaders()
+    x, y = train.dataset.tensors
+    x = x.clone()
+    x[20, 0] = float("inf")  # batch 1 holds one inf
+    return DataLoader(TensorDataset(x, y), batch_size=16), valid
+
+
+def test_an_inf_input_leaves_the_norm_statistics_as_they_were(tmp_path):
+    learn = make_learner(tmp_path, data=inf_batch_loaders(), checkpoint=False)
+    with pytest.raises(FloatingPointError, match="normalisation statistics are as before"):
+        learn.fit(1)
+    bn = learn.model[1]
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+
+
+class SqrtAtZero(nn.Module):
+    """A finite loss with NaN gradients: d/dw sqrt(w - w.detach()) is infinite at 0, times 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.net(x) + 0 * torch.sqrt(self.w - self.w.detach())
+
+
+def sqrt_learner(tmp_path, check_finite) -> Learner:
+    return make_learner(
+        tmp_path,
+        model=SqrtAtZero(),
+        splitter=lambda m: [m.net[:3], [*m.net[3:].parameters(), m.w]],
+        check_finite=check_finite,
+        checkpoint=False,
+    )
+
+
+def test_check_finite_grads_stops_before_a_nan_gradient_is_applied(tmp_path):
+    learn = sqrt_learner(tmp_path, "grads")
+    with pytest.raises(
+        FloatingPointError, match=r"gradients of model\.w are not finite.*still finite"
+    ):
+        learn.fit(1)
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+
+
+def test_the_loss_guard_does_not_claim_finite_weights_after_a_nan_gradient(tmp_path):
+    learn = sqrt_learner(tmp_path, True)
+    with pytest.raises(FloatingPointError, match=r"the weights already hold NaN/inf \(model\.w"):
+        learn.fit(1)
+
+
+class LitNaN(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = make_model()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y) * (float("nan") if batch_idx == 2 else 1.0)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_lightning_module_gets_the_guard_too(tmp_path):
+    learn = Learner(
+        LitNaN(),
+        make_loaders(),
+        path=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        splitter=lambda m: three_groups(m.net),
+    )
+    with (
+        pytest.warns(UserWarning, match="superseded"),
+        pytest.raises(FloatingPointError, match="loss is nan at optimizer step 2"),
+    ):
+        learn.fit(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# SIGTERM
+# ------------------------------------------------------------------------------------------------
+
+SIGTERMED = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch.nn.functional as F
+    from lightning.pytorch.callbacks import Callback
+    from difflr import Learner
+    from tests.helpers import make_loaders, make_model, three_groups
+
+    class Term(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == int(sys.argv[2]):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    learn = Learner(make_model(), make_loaders(), F.cross_entropy, splitter=three_groups,
+                    path=sys.argv[1], logger=False, enable_progress_bar=False, callbacks=[Term()])
+    try:
+        learn.fit_one_cycle(4, 1e-2)
+    except KeyboardInterrupt:
+        print("caught a KeyboardInterrupt: training goes on")
+    print("after the fit")
+    """
+)
+
+
+@pytest.mark.parametrize(("batch", "epochs_saved"), [(2, 1), (5, 2)])
+def test_sigterm_stops_after_the_batch_keeps_the_finished_epochs_and_exits(
+    tmp_path, batch, epochs_saved
+):
+    # Mid-epoch (batch 2 of 6) the running epoch is given up: Lightning restarts a plain loader
+    # at its first batch, so only an epoch end resumes exactly. In the last batch, the epoch's
+    # training has finished and is saved before Lightning stops in the validation.
+    result = subprocess.run(
+        [sys.executable, "-c", SIGTERMED, str(tmp_path), str(batch)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr
+    assert "caught" not in result.stdout and "after the fit" not in result.stdout
+    assert "SIGTERM received" in result.stderr and "ckpt_path='last'" in result.stderr
+    assert read_fit_state(tmp_path / "checkpoints" / "last.ckpt")["epochs_done"] == epochs_saved
+    resumed = make_learner(tmp_path)
+    resumed.fit_one_cycle(4, 1e-2, ckpt_path="last")
+    assert len(resumed.recorder.lrs) == 4 * 6
+    assert np.isfinite(resumed.recorder.losses).all()

@@ -1,0 +1,299 @@
+"""Files and trust: atomic writes survive kills and full disks, reads never run a file's code,
+save/load stay inside path/models and load all or nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflr import Learner
+from difflr.files import UnreadableFileError, atomic_save, safe_load, state_file
+from tests.helpers import make_loaders, make_model, three_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_learner(path, model=None, **kwargs) -> Learner:
+    options = {"splitter": three_groups, "path": path, "logger": False, **kwargs}
+    options.setdefault("enable_progress_bar", False)
+    return Learner(model or make_model(), make_loaders(), F.cross_entropy, **options)
+
+
+class RunsCode:
+    """Unpickling it runs a command: what a crafted checkpoint from a stranger holds."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def crafted(file: Path, marker: Path, payload_key: str = "model") -> Path:
+    torch.save({payload_key: RunsCode(marker), "state_dict": {}}, file)
+    return file
+
+
+# ------------------------------------------------------------------------------------------------
+# Nothing from a file runs
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        lambda learn, file: learn.load(file),
+        lambda learn, file: learn.load(file.stem),
+        lambda learn, file: learn.fit(1, ckpt_path=file),
+        lambda learn, file: learn.fit_one_cycle(1, ckpt_path="last"),
+    ],
+    ids=["load(path)", "load(name)", "ckpt_path=file", "ckpt_path=last"],
+)
+def test_a_crafted_pickle_runs_nothing_at_any_entry_point(tmp_path, entry):
+    marker = tmp_path / "pwned"
+    (tmp_path / "models").mkdir()
+    (tmp_path / "checkpoints").mkdir()
+    file = crafted(tmp_path / "models" / "evil.pth", marker)
+    crafted(tmp_path / "checkpoints" / "last.ckpt", marker, payload_key="difflr")
+    learn = make_learner(tmp_path)
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    target = tmp_path / "checkpoints" / "last.ckpt" if "ckpt" in str(entry) else file
+    with pytest.raises(UnreadableFileError, match="would run code or build Python objects"):
+        entry(learn, target if target.suffix == ".ckpt" else file)
+    assert not marker.exists()
+    assert all(torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))
+
+
+def test_a_crafted_lr_find_snapshot_runs_nothing(tmp_path):
+    from difflr.lr_finder import _Snapshot
+
+    learn = make_learner(tmp_path)
+    marker = tmp_path / "pwned"
+    snapshot = _Snapshot(learn.module, learn.opt, tmp_path)
+    crafted(snapshot.file, marker)  # another process swaps the file during the sweep
+    with pytest.raises(UnreadableFileError):
+        snapshot.restore(learn.module, learn.opt)
+    assert not marker.exists()
+
+
+def test_two_disk_snapshots_in_one_folder_do_not_share_a_file(tmp_path):
+    from difflr.lr_finder import _Snapshot
+
+    a, b = make_learner(tmp_path / "a"), make_learner(tmp_path / "b")
+    first = _Snapshot(a.module, a.opt, tmp_path)
+    with torch.no_grad():
+        for p in b.model.parameters():
+            p.add_(1.0)
+    second = _Snapshot(b.module, b.opt, tmp_path)
+    assert first.file != second.file
+    expected = [p.detach().clone() for p in a.model.parameters()]
+    with torch.no_grad():
+        for p in a.model.parameters():
+            p.zero_()
+    first.restore(a.module, a.opt)
+    assert all(torch.equal(x, y) for x, y in zip(expected, a.model.parameters()))
+    second.restore(b.module, b.opt)
+    assert list(tmp_path.glob(".lr_find_snapshot-*")) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# save / load
+# ------------------------------------------------------------------------------------------------
+
+
+def test_names_stay_inside_path_models(tmp_path):
+    learn = make_learner(tmp_path)
+    for name in ("../../x", "/etc/x", "a/b", "..", ""):
+        with pytest.raises(ValueError, match="not a plain file name"):
+            learn.save(name)
+    assert not (tmp_path.parent / "x.pth").exists()
+    with pytest.raises(TypeError, match="must be a str"):
+        learn.save(3)
+
+
+def test_a_name_with_a_dot_round_trips(tmp_path):
+    learn = make_learner(tmp_path)
+    assert learn.save("stage1.5") == tmp_path / "models" / "stage1.5.pth"
+    learn.load("stage1.5")
+    assert state_file(tmp_path / "models", "final.pth") == tmp_path / "models" / "final.pth"
+
+
+def test_a_save_replaces_a_planted_symlink_instead_of_writing_through_it(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pth").symlink_to(outside)
+    make_learner(tmp_path).save("model")
+    assert outside.read_text() == "precious"
+    assert not (tmp_path / "models" / "model.pth").is_symlink()
+
+
+def test_a_refused_load_changes_nothing(tmp_path):
+    saver = make_learner(tmp_path)
+    saver.save("three_groups")
+    other = make_learner(tmp_path, splitter=lambda m: [m[:5], m[5]])
+    with torch.no_grad():
+        for p in other.model.parameters():
+            p.fill_(0.5)
+    other.fit(1)  # optimizer state to keep
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    opt_before = str(other.opt.state_dict()["param_groups"])
+    with pytest.raises(ValueError, match="the layer groups differ"):
+        other.load("three_groups")
+    after = other.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert str(other.opt.state_dict()["param_groups"]) == opt_before
+
+
+def test_groups_in_another_order_are_refused(tmp_path):
+    def twin() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+    saver = Learner(
+        twin(),
+        make_loaders(),
+        F.mse_loss,
+        splitter=lambda m: [m[0], m[1]],
+        path=tmp_path,
+        logger=False,
+    )
+    saver.save("s")
+    swapped = Learner(
+        twin(),
+        make_loaders(),
+        F.mse_loss,
+        splitter=lambda m: [m[1], m[0]],
+        path=tmp_path,
+        logger=False,
+    )
+    with pytest.raises(ValueError, match="the layer groups differ"):
+        swapped.load("s")
+    swapped.load("s", with_opt=False)  # the weights alone are fine
+
+
+def test_a_file_that_is_not_a_learner_state_is_named(tmp_path):
+    torch.save(3, tmp_path / "three.pth")
+    with pytest.raises(UnreadableFileError, match="not a Learner state"):
+        make_learner(tmp_path).load(tmp_path / "three.pth")
+
+
+# ------------------------------------------------------------------------------------------------
+# Kills and full disks
+# ------------------------------------------------------------------------------------------------
+
+
+def test_an_interrupted_write_leaves_the_previous_file_and_no_temp(tmp_path):
+    file = atomic_save({"v": torch.ones(3)}, tmp_path / "a.pt")
+
+    class Boom(Exception):
+        pass
+
+    def explode(handle):
+        handle.write(b"half")
+        raise Boom
+
+    from difflr.files import atomic_write
+
+    with pytest.raises(Boom):
+        atomic_write(file, explode)
+    assert torch.equal(safe_load(file)["v"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from difflr.files import atomic_save
+    target = Path(sys.argv[1])
+    for i in range(1000):
+        print(i, flush=True)
+        atomic_save({"i": i, "w": torch.full((4_000_000,), float(i))}, target)
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_a_kill_during_a_write_on_another_filesystem_leaves_a_loadable_file(tmp_path):
+    # /dev/shm is a tmpfs: another filesystem than the temp dir, where a copy-based "atomic"
+    # save leaves a truncated file when killed.
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    folder = Path(tempfile_dir(base))
+    target = folder / "last.ckpt"
+    atomic_save({"i": -1, "w": torch.full((4_000_000,), -1.0)}, target)
+    try:
+        for delay in (0.05, 0.13, 0.31):
+            writer = subprocess.Popen(
+                [sys.executable, "-c", WRITER, str(target)],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+            writer.stdout.readline()  # the first write has started
+            time.sleep(delay)
+            writer.send_signal(signal.SIGKILL)
+            writer.wait()
+            loaded = safe_load(target, "checkpoint")
+            assert torch.all(loaded["w"] == float(loaded["i"]))
+    finally:
+        for leftover in folder.iterdir():
+            leftover.unlink()
+        folder.rmdir()
+
+
+def tempfile_dir(base: Path) -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="difflr-test-", dir=base)
+
+
+FULL_DISK = textwrap.dedent(
+    """
+    import resource, signal, sys
+    import torch, torch.nn.functional as F
+    from torch import nn
+    from difflr import Learner
+    from tests.helpers import make_loaders
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4096), nn.Linear(4096, 3))  # about 150 kB
+    learn = Learner(model, make_loaders(), F.cross_entropy, path=sys.argv[1], logger=False)
+    learn.save("model")
+    # A full disk: writes past 64 kB fail (EFBIG) instead of killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+    with torch.no_grad():
+        model[0].weight.fill_(7.0)
+    try:
+        learn.save("model")
+    except OSError as error:
+        print("refused:", error)
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
+def test_a_full_disk_keeps_the_previous_save_and_says_so(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert "refused: " in result.stdout, result.stdout + result.stderr
+    assert "the previous model.pth is unchanged" in result.stdout
+    state = safe_load(tmp_path / "models" / "model.pth")
+    assert not torch.any(state["model"]["0.weight"] == 7.0)
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.pth"]
