@@ -406,5 +406,5 @@ def machine_info() -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "lightning": lightning.__version__,
         "difflr_revision": revision.strip() or "unknown",
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
     }

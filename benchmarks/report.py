@@ -43,21 +43,20 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 def machine(parts: dict[str, dict[str, Any]]) -> list[str]:
     m = next(iter(parts.values()))["machine"]
-    loads = ", ".join(
-        f"{name} {p['load_average']['start'][0]:.1f}→{p['load_average']['end'][0]:.1f} "
-        f"({p['duration_s'] / 60:.1f} min)"
+    runs = "".join(
+        f"\n    - {name}: {p['machine']['date_utc']}, revision {p['machine']['difflr_revision']}, "
+        f"{p['duration_s'] / 60:.1f} min, load {p['load_average']['start'][0]:.1f}→"
+        f"{p['load_average']['end'][0]:.1f}"
         for name, p in parts.items()
     )
     return [
         "## The machine",
         "",
-        f"- **date**: {m['date_utc']}",
         f"- **CPU**: {m['cpu']}, {m['cpu_count']} cores (shared VM); torch intra-op threads: "
         f"{m['torch_threads']}; GPU: {m['gpu'] or 'none'}",
         f"- **software**: Python {m['python']}, torch {m['torch']}, torchvision "
         f"{m['torchvision']}, Lightning {m['lightning']}",
-        f"- **difflr**: revision {m['difflr_revision']}; `{m['command']}`",
-        f"- **1-min load average**, start→end of each part: {loads}",
+        f"- **runs** (`{m['command']}`; 1-minute load average at start→end):{runs}",
         "",
     ]
 

@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in args.only or PARTS:
         print(f"[{name}]", flush=True)
-        start, load = time.perf_counter(), os.getloadavg()
+        start, load, machine = time.perf_counter(), os.getloadavg(), machine_info()
         result = PARTS[name](cfg, log=lambda s: print(s, flush=True))
         result |= {
-            "machine": machine_info(),
+            "machine": machine,
             "config": vars(cfg),
             "duration_s": time.perf_counter() - start,
             "load_average": {"start": load, "end": os.getloadavg()},
