@@ -1,7 +1,7 @@
-"""Shared pieces of the benchmarks: data, models, param groups, timers and the interleaved runner.
+"""Shared pieces of the benchmarks: data, models, param groups, clocks and the interleaved runner.
 
-Everything here is plain PyTorch / Lightning, written the way a user who does not use difflr
-would write it, so that the hand-written contenders owe nothing to difflr.
+The hand-written contenders are built from this module and ``contenders.py`` only, in plain
+PyTorch and Lightning, so that they owe nothing to difflr.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import datetime as dt
 import functools
 import gc
 import io
+import itertools
 import logging
-import math
 import os
 import platform
 import statistics
@@ -21,12 +21,10 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
@@ -35,8 +33,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The task of the issue: batch 64, discriminative one-cycle over 6 layer groups.
 BATCH_SIZE = 64
+#: ``fit_one_cycle(2, slice(1e-5, 1e-3))`` over ResNet-18's 6 layer groups.
 LR_LO, LR_HI = 1e-5, 1e-3
 #: fastai's one-cycle defaults, which ``Learner.fit_one_cycle`` uses.
 PCT_START, DIV, DIV_FINAL = 0.25, 25.0, 1e5
@@ -44,49 +42,38 @@ MOMS = (0.95, 0.85, 0.95)
 #: AdamW's default weight decay; biases and norm params get none (difflr's wd_bn_bias=False).
 WEIGHT_DECAY = 0.01
 
-Run = Callable[[], "dict[str, Any] | None"]
+Run = Callable[[], "dict[str, Any]"]
 Prepare = Callable[[], Run]
 
 
 @dataclass(frozen=True)
 class Config:
-    """Sizes of a run. The default is the full suite; ``quick_run()`` a smoke run of every path."""
+    """Sizes of a run: the full suite by default, ``quick_run()`` a smoke run of every path."""
 
-    quick: bool = False
-    epochs: int = 2  # fit_one_cycle(2, slice(1e-5, 1e-3))
+    epochs: int = 2
     n_train: int | None = None  # None: all 1,438 training images (23 batches of 64)
     n_valid: int | None = None  # None: all 359 validation images
-    fit_repeats: int = 7
-    loggers: bool = True  # also compare each tool's default logger and checkpointing
-    defaults_repeats: int = 3
+    fit_repeats: int = 9
     lr_find_iters: int = 100
     lr_find_repeats: int = 3
-    suggestions: bool = True  # one untimed default sweep per tool, for the suggestions
-    freeze_repeats: int = 3
-    memory_steps: int = 8
-    memory_repeats: int = 2
-    micro_steps: int = 3000
-    micro_repeats: int = 5
+    freeze_train: int = 256
+    optim_steps: int = 10
+    optim_repeats: int = 5
     tiny_epochs: int = 10
     tiny_repeats: int = 15
 
     @classmethod
     def quick_run(cls) -> Config:
+        # 4 batches an epoch: OneCycleLR needs at least 8 steps a fit, so keep epochs >= 2.
         return cls(
-            quick=True,
             n_train=256,
             n_valid=128,
             fit_repeats=2,
-            loggers=True,
-            defaults_repeats=1,
             lr_find_iters=12,
             lr_find_repeats=1,
-            suggestions=False,
-            freeze_repeats=1,
-            memory_steps=2,
-            memory_repeats=1,
-            micro_steps=200,
-            micro_repeats=2,
+            freeze_train=128,
+            optim_steps=2,
+            optim_repeats=1,
             tiny_epochs=2,
             tiny_repeats=2,
         )
@@ -101,9 +88,7 @@ def quiet() -> None:
         ".*`validation_step` but have no `val_dataloader`.*",
         ".*Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`.*",
         ".*The number of training batches .* is smaller than the logging interval.*",
-        ".*Checkpoint directory .* exists and is not empty.*",
-        ".*configure_optimizers is superseded.*",
-        "lr_find recorded .* points.*",  # the 3-step warm-up sweeps
+        "lr_find recorded .* points.*",  # the short warm-up sweeps
     ):
         warnings.filterwarnings("ignore", pattern)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -119,22 +104,8 @@ def swallow_stdout() -> Iterator[None]:
         yield
 
 
-def seed(value: int = 0) -> None:
-    torch.manual_seed(value)
-    np.random.seed(value)
-
-
-def learner_off_switches() -> dict[str, Any]:
-    """Learner arguments that turn off what the hand-written contenders do not do either:
-    the progress bar, the logger and, where the Learner has it, the per-epoch checkpoint."""
-    import inspect
-
-    from difflr import Learner
-
-    kwargs: dict[str, Any] = {"logger": False, "enable_progress_bar": False}
-    if "checkpoint" in inspect.signature(Learner).parameters:
-        kwargs["checkpoint"] = False
-    return kwargs
+#: Learner arguments that turn off what the hand-written contenders do not do either.
+LEARNER_OFF = {"logger": False, "checkpoint": False, "enable_progress_bar": False}
 
 
 # --------------------------------------------------------------------------------- data
@@ -163,25 +134,30 @@ def subset(ds: TensorDataset, n: int | None) -> TensorDataset:
 
 
 def loaders(
-    train: TensorDataset, valid: TensorDataset | None, seed_value: int = 0
+    train: TensorDataset, valid: TensorDataset | None
 ) -> tuple[DataLoader, DataLoader | None]:
-    """Fresh loaders; the training order depends only on ``seed_value`` (same for every contender)."""
-    train_dl = DataLoader(
-        train,
-        batch_size=BATCH_SIZE,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed_value),
-    )
+    """Fresh loaders; the training order is the same for every contender."""
+    generator = torch.Generator().manual_seed(0)
+    train_dl = DataLoader(train, batch_size=BATCH_SIZE, shuffle=True, generator=generator)
     valid_dl = None if valid is None else DataLoader(valid, batch_size=BATCH_SIZE * 2)
     return train_dl, valid_dl
 
 
+def resnet_data(cfg: Config) -> tuple[DataLoader, DataLoader | None]:
+    train, valid = digits(32)
+    return loaders(subset(train, cfg.n_train), subset(valid, cfg.n_valid))
+
+
+def tiny_data(cfg: Config) -> tuple[DataLoader, None]:
+    return loaders(subset(digits(8, channels=1)[0], cfg.n_train), None)
+
+
 # --------------------------------------------------------------------------------- models
-def resnet18(seed_value: int = 0) -> nn.Module:
+def resnet18() -> nn.Module:
     """torchvision's ResNet-18, random weights (``weights=None``), a 10-class head."""
     import torchvision
 
-    seed(seed_value)
+    torch.manual_seed(0)
     return torchvision.models.resnet18(weights=None, num_classes=10)
 
 
@@ -192,38 +168,21 @@ def resnet_groups(model: nn.Module) -> list[list[nn.Parameter]]:
     return [stem, *stages, list(model.fc.parameters())]
 
 
-class TinyCNN(nn.Sequential):
-    """A ~13k-parameter CNN on the 8x8 digits, where framework overhead dominates a step."""
+def tiny_cnn() -> nn.Sequential:
+    """A ~13k-parameter CNN on the 8x8 digits, where framework overhead dominates a step;
+    its 4 children are its layer groups."""
 
-    def __init__(self) -> None:
-        def block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
-            )
+    def block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+        conv = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU())
 
-        super().__init__(
-            block(1, 16, 1),  # 8x8
-            block(16, 32, 2),  # 4x4
-            block(32, 28, 2),  # 2x2
-            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(28, 10)),
-        )
-
-
-def tiny_cnn(seed_value: int = 0) -> TinyCNN:
-    seed(seed_value)
-    return TinyCNN()
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(28, 10))
+    return nn.Sequential(block(1, 16, 1), block(16, 32, 2), block(32, 28, 2), head)
 
 
 def tiny_groups(model: nn.Module) -> list[list[nn.Parameter]]:
-    return [list(m.parameters()) for m in model]
-
-
-def tiny_splitter(model: nn.Module) -> dict[str, nn.Module]:
-    return {"block1": model[0], "block2": model[1], "block3": model[2], "head": model[3]}
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return [list(child.parameters()) for child in model]
 
 
 # --------------------------------------------------------------------------------- optimizers
@@ -233,199 +192,212 @@ def geometric_lrs(lo: float, hi: float, n: int) -> list[float]:
 
 
 def torch_param_groups(
-    groups: Sequence[Sequence[nn.Parameter]], lrs: Sequence[float], wd: float = WEIGHT_DECAY
-) -> tuple[list[dict[str, Any]], list[float]]:
+    groups: Sequence[Sequence[nn.Parameter]], lrs: Sequence[float]
+) -> list[dict[str, Any]]:
     """Two torch param groups per layer group (weights with decay; biases and norm params, all
-    1-D, without), as difflr builds them. Returns the groups and each one's LR."""
-    param_groups, group_lrs = [], []
+    1-D, without), as difflr builds them."""
+    param_groups = []
     for group, lr in zip(groups, lrs, strict=True):
         decay = [p for p in group if p.ndim > 1]
         plain = [p for p in group if p.ndim <= 1]
-        for params, weight_decay in ((decay, wd), (plain, 0.0)):
+        for params, weight_decay in ((decay, WEIGHT_DECAY), (plain, 0.0)):
             if params:
                 param_groups.append({"params": params, "lr": lr, "weight_decay": weight_decay})
-                group_lrs.append(lr)
-    return param_groups, group_lrs
+    return param_groups
 
 
-def adamw_one_cycle(
-    groups: Sequence[Sequence[nn.Parameter]], lrs: Sequence[float], total_steps: int
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
-    """AdamW over the layer groups and torch's OneCycleLR set up as fastai's one-cycle:
-    warm-up 25 %, ``lr_max/25`` to ``lr_max`` to ``lr_max/1e5``, cosine, momentum (beta1)
+def adamw(
+    groups: Sequence[Sequence[nn.Parameter]], lrs: Sequence[float], opt_kwargs: dict[str, Any]
+) -> torch.optim.AdamW:
+    return torch.optim.AdamW(torch_param_groups(groups, lrs), lr=lrs[-1], **opt_kwargs)
+
+
+def fastai_one_cycle(
+    optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """torch's OneCycleLR set up as fastai's one-cycle, peaking at each group's LR: warm-up
+    25 %, ``lr_max/25`` to ``lr_max`` to ``lr_max/1e5``, cosine, momentum (beta1)
     0.95 -> 0.85 -> 0.95."""
-    param_groups, group_lrs = torch_param_groups(groups, lrs)
-    optimizer = torch.optim.AdamW(param_groups, lr=group_lrs[-1])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+    return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
-        max_lr=group_lrs,
+        max_lr=[g["lr"] for g in optimizer.param_groups],
         total_steps=total_steps,
         pct_start=PCT_START,
-        anneal_strategy="cos",
-        cycle_momentum=True,
         base_momentum=MOMS[1],
         max_momentum=MOMS[0],
         div_factor=DIV,
         final_div_factor=DIV_FINAL / DIV,  # torch divides the initial LR, fastai lr_max
     )
-    return optimizer, scheduler
 
 
-# --------------------------------------------------------------------------------- timers
-#: The two clocks every measurement reads. ``cpu`` is the CPU time of the whole process (all its
-#: threads, CLOCK_PROCESS_CPUTIME_ID): the work a contender does, which other processes on a
-#: shared machine barely change. ``wall`` is elapsed time, which they do.
-CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+def implementation(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Which of torch's implementations ``optimizer.step()`` runs, with the flags it read.
+    ``foreach=None`` (torch's default) means the single-tensor loop for CPU tensors."""
+    fused, foreach = optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
+    name = "fused" if fused else "foreach" if foreach else "single-tensor"
+    return {"optimizer": type(optimizer).__name__, "fused": fused, "foreach": foreach, "name": name}
 
 
+# --------------------------------------------------------------------------------- measuring
 def now() -> tuple[float, float]:
-    """``(cpu, wall)`` readings, in seconds."""
+    """``(cpu, wall)`` in seconds. CPU time is that of the whole process (all its threads): the
+    work a contender does, which other jobs on a shared machine barely change; wall time is
+    elapsed time, which they do."""
     return time.process_time(), time.perf_counter()
 
 
+def cycle_ms(starts: Sequence[Sequence[float]]) -> float:
+    """Median CPU time in ms from one batch's start to the next: the steady-state training
+    step, epoch ends and the first two batches of an epoch left out."""
+    return 1e3 * statistics.median(b - a for ep in starts for a, b in itertools.pairwise(ep[2:]))
+
+
 class StepTimer(Callback):
-    """Both clocks at every ``on_train_batch_start``, and the length of every training batch
-    (``on_train_batch_start`` to ``on_train_batch_end``: forward, backward, optimizer step)."""
+    """CPU time at every ``on_train_batch_start``, one list per epoch."""
 
     def __init__(self) -> None:
-        self.starts: list[list[tuple[float, float]]] = []
-        self.batch: dict[str, list[float]] = {"cpu": [], "wall": []}
-        self._t0 = (0.0, 0.0)
+        self.starts: list[list[float]] = []
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self.starts.append([])
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = now()
-        self.starts[-1].append(self._t0)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        cpu, wall = now()
-        self.batch["cpu"].append(cpu - self._t0[0])
-        self.batch["wall"].append(wall - self._t0[1])
-
-    def step(self, clock: str = "cpu", skip: int = 2) -> float:
-        """Median length of a training batch, the first ``skip`` left out."""
-        values = self.batch[clock]
-        return statistics.median(values[min(skip, len(values) - 1) :])
-
-    def cycle(self, clock: str = "cpu", skip: int = 2) -> float:
-        """Median time from one batch's start to the next (steady state, epoch ends excluded)."""
-        return cycle_time(self.starts, clock, skip)
-
-
-def cycle_time(
-    starts: Sequence[Sequence[tuple[float, float]]], clock: str = "cpu", skip: int = 2
-) -> float:
-    i = 0 if clock == "cpu" else 1
-    diffs = [b[i] - a[i] for epoch in starts for a, b in zip(epoch[skip:], epoch[skip + 1 :])]
-    return statistics.median(diffs) if diffs else math.nan
-
-
-@dataclass
-class Comparison:
-    """Times of contenders run interleaved: ``times[clock][name][repeat]`` in seconds."""
-
-    names: list[str]
-    times: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    extras: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-
-    def median(self, name: str, clock: str = "cpu") -> float:
-        return statistics.median(self.times[clock][name])
-
-    def ratio(self, name: str, baseline: str, clock: str = "cpu") -> dict[str, float]:
-        """``name`` over ``baseline``: ratio of the medians, and the median and range of the
-        per-repeat ratios (each repeat runs the two back to back)."""
-        paired = [a / b for a, b in zip(self.times[clock][name], self.times[clock][baseline])]
-        return {
-            "ratio_of_medians": self.median(name, clock) / self.median(baseline, clock),
-            "paired_median": statistics.median(paired),
-            "paired_min": min(paired),
-            "paired_max": max(paired),
-        }
-
-    def ratios(self, name: str, baseline: str) -> dict[str, dict[str, float]]:
-        return {clock: self.ratio(name, baseline, clock) for clock in CLOCKS}
-
-    def extra(self, name: str, key: str) -> float:
-        """Median over repeats of a number a contender reported."""
-        values = [e[key] for e in self.extras[name] if e and key in e]
-        return statistics.median(values) if values else math.nan
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "names": self.names,
-            "times_s": self.times,
-            "median_s": {clock: {n: self.median(n, clock) for n in self.names} for clock in CLOCKS},
-            "extras": self.extras,
-        }
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, i: int) -> None:
+        self.starts[-1].append(time.process_time())
 
 
 def interleave(
     contenders: dict[str, Prepare], repeats: int, log: Callable[[str], None] = print
-) -> Comparison:
+) -> dict[str, list[dict[str, Any]]]:
     """Run every contender once per repeat, back to back, rotating the order each repeat so that
-    no contender always runs first. ``prepare()`` (untimed) builds the model and data and returns
-    ``run``, which is timed on both clocks and may return numbers to keep."""
+    none always runs first. ``prepare()`` (untimed) builds model, data and Learner or module and
+    returns ``run``, which is timed on both clocks and returns numbers to keep; batch start
+    times (``"starts"``) become the steady-state step and the fixed cost of the fit (Trainer
+    construction, setup, epoch ends, teardown: what is not in the steady-state steps)."""
     names = list(contenders)
-    result = Comparison(names, {c: {n: [] for n in names} for c in CLOCKS}, {n: [] for n in names})
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             run = contenders[name]()
             gc.collect()
             with swallow_stdout():
                 cpu0, wall0 = now()
-                extra = run()
+                record = run()
                 cpu1, wall1 = now()
-            result.times["cpu"][name].append(cpu1 - cpu0)
-            result.times["wall"][name].append(wall1 - wall0)
-            result.extras[name].append(extra or {})
-            del run
+            record |= {"cpu_s": cpu1 - cpu0, "wall_s": wall1 - wall0}
+            if "starts" in record:
+                starts = record.pop("starts")
+                record["n_steps"] = sum(map(len, starts))
+                record["step_cpu_ms"] = cycle_ms(starts)
+                record["fixed_cpu_ms"] = (
+                    1e3 * record["cpu_s"] - record["n_steps"] * record["step_cpu_ms"]
+                )
+            record["cpu_ms_per_step"] = 1e3 * record["cpu_s"] / record["n_steps"]
+            runs[name].append(record)
             log(
-                f"    repeat {r + 1}/{repeats}  {name:<32s} cpu {cpu1 - cpu0:7.3f} s"
-                f"   wall {wall1 - wall0:7.3f} s"
+                f"    {r + 1}/{repeats}  {name:<32s} cpu {cpu1 - cpu0:7.3f} s  wall {wall1 - wall0:7.3f} s"
             )
-    return result
+    return runs
+
+
+def compare(
+    contenders: Callable[[Config, dict[str, Any]], dict[str, Prepare]],
+    learn: Any,
+    sizes: tuple[Config, Config],
+    repeats: int,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The implementation of ``learn``'s optimizer, given to the hand-written contenders too;
+    an untimed round on warm-up sizes (imports and first-call costs), then the timed rounds."""
+    impl, defaults = implementation(learn.opt), learn.opt.defaults
+    same = {key: defaults[key] for key in ("foreach", "fused") if key in defaults}
+    log(f"  difflr's default optimizer: {impl['name']} {impl['optimizer']}; warm-up (untimed)")
+    interleave(contenders(sizes[0], same), 1, log=lambda s: None)
+    return impl, interleave(contenders(sizes[1], same), repeats, log)
+
+
+def median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def differences(
+    runs: dict[str, list[dict[str, Any]]], name: str, baseline: str, key: str
+) -> list[float]:
+    """``name``'s ``key`` minus ``baseline``'s, repeat by repeat (the two ran back to back)."""
+    return [a[key] - b[key] for a, b in zip(runs[name], runs[baseline])]
+
+
+def paired(
+    runs: dict[str, list[dict[str, Any]]], name: str, baseline: str, key: str = "cpu_s"
+) -> dict[str, float]:
+    """``name`` over ``baseline`` on ``key``: the ratio of the medians, and the median and range
+    of the per-repeat ratios (each repeat runs the two back to back, so load drifts cancel)."""
+    ratios = [a[key] / b[key] for a, b in zip(runs[name], runs[baseline])]
+    return {
+        "ratio_of_medians": median(runs[name], key) / median(runs[baseline], key),
+        "paired_median": statistics.median(ratios),
+        "paired_min": min(ratios),
+        "paired_max": max(ratios),
+    }
+
+
+def ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """difflr over every other contender, on every clock the runs have."""
+    keys = [k for k in ("cpu_s", "wall_s", "step_cpu_ms") if k in runs["difflr"][0]]
+    return {
+        f"difflr/{name}": {key: paired(runs, "difflr", name, key) for key in keys}
+        for name in runs
+        if name != "difflr"
+    }
+
+
+def summary(
+    runs: dict[str, list[dict[str, Any]]], labels: dict[str, str], unit: str = "step"
+) -> list[dict[str, Any]]:
+    """One table row per contender: medians over the repeats, and difflr over it (paired)."""
+    rows = []
+    for name, label in labels.items():
+        run = runs[name][0]
+        row = {"contender": label, "CPU s": median(runs[name], "cpu_s")}
+        row["wall s"] = median(runs[name], "wall_s")
+        row[f"CPU ms / {unit}"] = median(runs[name], "cpu_ms_per_step")
+        row["difflr / this"] = paired(runs, "difflr", name)["paired_median"]
+        if "step_cpu_ms" in run:
+            row["steady-state step, CPU ms"] = median(runs[name], "step_cpu_ms")
+            row["difflr / this, step"] = paired(runs, "difflr", name, "step_cpu_ms")[
+                "paired_median"
+            ]
+            row["fixed CPU ms per fit"] = median(runs[name], "fixed_cpu_ms")
+        rows.append(row)
+    return rows
+
+
+def ratio_target(
+    comparison: str, ratio: dict[str, float], bound: float, strict: bool = False
+) -> dict[str, Any]:
+    """A target row, judged on the median of the paired ratios."""
+    value = ratio["paired_median"]
+    return {
+        "comparison": comparison,
+        "target": f"{'<' if strict else '≤'} {bound}",
+        "measured": f"{value:.3f} ({ratio['paired_min']:.2f}–{ratio['paired_max']:.2f}); "
+        f"of the medians {ratio['ratio_of_medians']:.3f}",
+        "holds": value < bound if strict else value <= bound,
+    }
 
 
 # --------------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def git_revision() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+uncommitted changes" if dirty else "")
-
-
 def machine_info() -> dict[str, Any]:
     import lightning
     import torchvision
 
-    info: dict[str, Any] = {
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    models = [ln for ln in lines if ln.startswith("model name")]
+    git = ["git", "describe", "--always", "--dirty"]
+    revision = subprocess.run(git, cwd=ROOT, capture_output=True, text=True, check=False).stdout
+    return {
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_model(),
+        "cpu": models[0].split(":", 1)[1].strip() if models else platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -433,11 +405,6 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "lightning": lightning.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "difflr_revision": git_revision(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "difflr_revision": revision.strip() or "unknown",
+        "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
     }
-    with contextlib.suppress(OSError):
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    return info
