@@ -37,7 +37,6 @@ from typing_extensions import override
 
 from difflr.checks import non_finite_names
 from difflr.files import TEMP_PREFIX, UnreadableFileError, atomic_save, safe_load
-from difflr.schedules import steps_per_epoch
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -189,15 +188,10 @@ class FitState(Callback):
         record: Plain values: ``learner`` and ``run`` (ids), ``stage`` and ``n_stages``,
             ``frozen`` (the stage's pattern), ``plan`` (see `check_resume`) and ``offsets`` (the
             logger's step and epoch offsets when the stage started).
-        resumed_from: The record of the checkpoint this stage resumes from, if it does: a
-            different number of steps per epoch is then refused when training starts.
     """
 
-    def __init__(
-        self, record: Mapping[str, Any], resumed_from: Mapping[str, Any] | None = None
-    ) -> None:
+    def __init__(self, record: Mapping[str, Any]) -> None:
         self.record = dict(record)
-        self.resumed_from = resumed_from
 
     @property
     @override
@@ -213,11 +207,6 @@ class FitState(Callback):
             "format": FORMAT,
             # Learner checkpoints are written at epoch ends, after the epoch's training.
             "epochs_done": trainer.current_epoch + 1,
-            "steps_per_epoch": steps_per_epoch(
-                int(trainer.num_training_batches), trainer.accumulate_grad_batches
-            )
-            if math.isfinite(trainer.num_training_batches)
-            else None,
             "rng": rng_state(),
         }
 
@@ -230,19 +219,6 @@ class FitState(Callback):
         state = checkpoint.get("difflr", {})
         if "rng" in state:
             set_rng_state(state["rng"])
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        saved = None if self.resumed_from is None else self.resumed_from.get("steps_per_epoch")
-        if saved is None or not math.isfinite(trainer.num_training_batches):
-            return
-        now = steps_per_epoch(int(trainer.num_training_batches), trainer.accumulate_grad_batches)
-        if now != saved:
-            raise ValueError(
-                f"the checkpoint's fit made {saved} optimizer steps per epoch, this one makes "
-                f"{now} (another dataset size, batch size or limit_train_batches): its schedule "
-                "would jump. Resume with the data that wrote it, or start the fit anew."
-            )
 
 
 def read_fit_state(path: Path) -> dict[str, Any]:
@@ -284,9 +260,10 @@ def check_resume(
 
     Args:
         state: From `read_fit_state`.
-        plan: What defines the fit being asked for, as the Learner records it: ``stages`` (each
-            stage's schedule, epochs, freeze pattern, LRs per group, ...), ``accumulate_grad_batches``
-            and ``groups`` (each layer group's name, parameter names and shapes).
+        plan: What defines the fit being asked for (`difflr.runner.Runner.describe_fit`):
+            ``stages`` (each stage's schedule, epochs, freeze pattern, LRs per group, ...),
+            ``accumulate_grad_batches``, ``steps_per_epoch`` and ``groups`` (each layer group's
+            name, parameter names and shapes).
         learner: The id of the Learner that resumes.
         last_run: The id of that Learner's last fit call in this process (``None`` if it has not
             fitted yet, e.g. a fresh process after a crash).

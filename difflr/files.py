@@ -71,7 +71,7 @@ def atomic_write(file: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     except BaseException as error:
         with contextlib.suppress(OSError):
             temp.unlink()
-        cause = _os_error(error)
+        cause = os_error_behind(error)
         if cause is not None:
             previous = "is unchanged" if file.exists() else "did not exist and still does not"
             raise OSError(
@@ -84,8 +84,9 @@ def atomic_write(file: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     return file
 
 
-def _os_error(error: BaseException) -> OSError | None:
-    """The OSError behind ``error`` (torch.save turns a failed write into a RuntimeError)."""
+def os_error_behind(error: BaseException | None) -> OSError | None:
+    """The OSError behind ``error``, if any: ``torch.save`` turns a failed write into a
+    ``RuntimeError``, Lightning's TensorBoard logger into a ``ValueError``."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, OSError):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from difflr.checks import is_int
-from difflr.groups import LayerGroup, norm_param_ids
+from difflr.groups import NORM_TYPES, LayerGroup, norm_param_ids
 
 
 def check_freeze_to(n: int, n_groups: int) -> int:
@@ -52,8 +52,9 @@ def apply_freeze(
     """Set ``requires_grad`` for every group's params from the ``frozen`` flags.
 
     With ``train_bn=True`` normalisation-layer params stay trainable inside frozen groups (their
-    statistics are specific to the new data). Gradients of params that become frozen are dropped
-    so the optimizer skips them.
+    statistics are specific to the new data); with ``train_bn=False`` they are frozen too, and
+    `frozen_norms_eval` keeps those layers in eval mode while training. Gradients of params that
+    become frozen are dropped so the optimizer skips them.
     """
     norm_ids = norm_param_ids(model) if train_bn else set()
     for group, is_frozen in zip(groups, frozen, strict=True):
@@ -73,3 +74,20 @@ def apply_freeze(
 def trainable_flags(groups: Sequence[LayerGroup]) -> list[bool]:
     """For each group, whether any of its params requires grad."""
     return [any(p.requires_grad for p in g.params) for g in groups]
+
+
+def frozen_norms_eval(model: nn.Module) -> None:
+    """Put the normalisation layers whose parameters are all frozen in eval mode, the others back
+    in the model's mode.
+
+    With ``train_bn=False`` the norm layers of frozen groups are frozen too: in eval mode their
+    running statistics stop moving and they normalise with them, as fastai's ``BnFreeze`` and
+    Lightning's ``BaseFinetuning.freeze(train_bn=False)`` intend. Call it after ``model.train()``
+    (each fit) and after each change of the frozen pattern. Layers without parameters
+    (``affine=False``) cannot be told frozen or not and keep the model's mode.
+    """
+    for module in model.modules():
+        if isinstance(module, NORM_TYPES):
+            params = list(module.parameters(recurse=False))
+            if params:
+                module.train(model.training and any(p.requires_grad for p in params))

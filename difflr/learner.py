@@ -64,7 +64,8 @@ class Learner:
         lr: Default LR spec of the fit methods (float, list per group or ``slice``).
         wd: Weight decay; ``None`` keeps the optimizer's default.
         wd_bn_bias: Also decay biases and normalisation-layer params.
-        train_bn: Keep normalisation layers trainable inside frozen groups.
+        train_bn: Keep normalisation layers trainable inside frozen groups (``False``: they are
+            frozen too, and run in eval mode while training, so their statistics stay put).
         moms: One-cycle momentum ``(start, middle, end)``, each in [0, 1).
         metrics: Functions ``(preds, targets) -> number`` (or torchmetrics metrics) computed on
             the validation set every epoch (``nn.Module`` models only).
@@ -156,6 +157,7 @@ class Learner:
             check_finite=check_finite,
             trainer_kwargs=trainer_kwargs,
             owner=self._id,
+            train_bn=self.train_bn,
         )
         #: The Trainer of the last fit (``None`` before the first).
         self.trainer: pl.Trainer | None = None
@@ -354,8 +356,10 @@ class Learner:
             >>> learn.fit_stages(Stage.from_milestones(milestones))  # doctest: +SKIP
         """
         stages = check_plan(stages, self.n_groups, self.lr)
+        self.runner.check_schedulable()
         schedulers = [stage.scheduler(self.opt, self.lr, self.moms) for stage in stages]
-        plan = self._describe(stages)
+        groups = group_fingerprint(self.model, self.splits)
+        plan = self.runner.describe_fit(stages, self.lr, self.moms, groups)
         first, saved = 0, None
         if ckpt_path is not None:
             resume = resolve_checkpoint(self.path / "checkpoints", ckpt_path)
@@ -363,7 +367,6 @@ class Learner:
             first, pattern = check_resume(
                 saved, plan, learner=self._id, last_run=self._run, path=resume
             )
-            self._check_steps_per_epoch(saved, resume)
         self._run = uuid.uuid4().hex if saved is None else saved["run"]
         self.recorder.reset()
         self.runner.table.start()
@@ -386,33 +389,10 @@ class Learner:
                 "plan": plan,
                 "offsets": self.runner.offsets(),
             }
-            state = FitState(record, resumed_from=saved if resuming else None)
-            self.trainer = self.runner.trainer([scheduler, state], max_epochs=stage.epochs)
-            self.runner.fit(self.trainer, scheduler, ckpt_path=resume if resuming else None)
-
-    def _describe(self, stages: Sequence[Stage]) -> dict[str, Any]:
-        """What defines a fit of ``stages`` on this Learner, as a checkpoint records it."""
-        return {
-            "stages": [stage.describe(self.n_groups, self.lr, self.moms) for stage in stages],
-            "accumulate_grad_batches": self.trainer_kwargs.get("accumulate_grad_batches", 1),
-            "groups": group_fingerprint(self.model, self.splits),
-        }
-
-    def _check_steps_per_epoch(self, saved: dict[str, Any], resume: Path) -> None:
-        # Before anything changes when the data has a length (else when training starts).
-        if saved.get("steps_per_epoch") is None:
-            return
-        try:
-            now = self.runner.steps_per_epoch()
-        except ValueError:
-            return
-        if now != saved["steps_per_epoch"]:
-            raise ValueError(
-                f"{resume} was written by a fit that made {saved['steps_per_epoch']} optimizer "
-                f"steps per epoch; this one makes {now} (another dataset size, batch size or "
-                "limit_train_batches), so its schedule would jump. Resume with the data that "
-                "wrote it, or start the fit anew."
+            self.trainer = self.runner.trainer(
+                [scheduler, FitState(record)], max_epochs=stage.epochs
             )
+            self.runner.fit(self.trainer, scheduler, ckpt_path=resume if resuming else None)
 
     # ----------------------------------------------------------------------------- previews
     def preview_one_cycle(

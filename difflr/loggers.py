@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from argparse import Namespace
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from typing_extensions import override
+
+from difflr.files import os_error_behind
 
 
 class ContinuousLogger(Logger):
@@ -55,13 +59,15 @@ class ContinuousLogger(Logger):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if "epoch" in metrics:
             metrics = {**metrics, "epoch": metrics["epoch"] + self.epoch_offset}
-        self.logger.log_metrics(metrics, None if step is None else step + self.step_offset)
+        with self._writing():
+            self.logger.log_metrics(metrics, None if step is None else step + self.step_offset)
 
     @override
     def log_hyperparams(
         self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any
     ) -> None:
-        self.logger.log_hyperparams(params, *args, **kwargs)
+        with self._writing():
+            self.logger.log_hyperparams(params, *args, **kwargs)
 
     @override
     def log_graph(self, model: Any, input_array: Any = None) -> None:
@@ -69,11 +75,36 @@ class ContinuousLogger(Logger):
 
     @override
     def save(self) -> None:
-        self.logger.save()
+        with self._writing():
+            self.logger.save()
 
     @override
     def finalize(self, status: str) -> None:
-        self.logger.finalize(status)
+        try:
+            with self._writing():
+                self.logger.finalize(status)
+        except OSError:
+            if status != "failed":
+                raise
+            # The fit is already failing, with this write error or another one: let that one
+            # through rather than the writer's echo of it.
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Turn a failed write into an OSError that names the folder and the fix (Lightning's
+        TensorBoardLogger reports a full disk as "you tried to log 1.0")."""
+        try:
+            yield
+        except (ValueError, OSError) as error:
+            cause = os_error_behind(error)
+            if cause is None:
+                raise
+            raise OSError(
+                cause.errno,
+                f"could not write the logs in {self.log_dir} ({cause.strerror or cause}); free "
+                "disk space, or pass logger=False to train without logs (checkpoints are "
+                "separate and keep their last good file).",
+            ) from error
 
     @override
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:

@@ -24,6 +24,9 @@ from difflr.checks import check_int, is_number
 
 LRSpec: TypeAlias = "float | Sequence[float] | np.ndarray | slice"
 
+#: The largest finite float32: an LR above it overflows in the optimizer's arithmetic.
+FLOAT32_MAX = 3.4028234663852886e38
+
 _FIX = "pass a positive float, a slice(lo, hi) with 0 < lo <= hi, or {n} positive values"
 
 
@@ -39,6 +42,12 @@ def _check_value(value: object, name: str, n_groups: int, allow_zero: bool) -> f
         raise ValueError(
             f"{name} is {value!r}; learning rates must be finite and "
             f"{'non-negative' if allow_zero else 'positive'}: " + _FIX.format(n=n_groups) + "."
+        )
+    if value > FLOAT32_MAX:
+        raise ValueError(
+            f"{name} is {value!r}, more than a float32 parameter can be stepped by (about 3.4e38); "
+            + _FIX.format(n=n_groups)
+            + " (learning rates are usually between 1e-6 and 1)."
         )
     return value
 

@@ -152,6 +152,28 @@ class _StopOnDivergence(Callback):
         self.best = min(self.best, smoothed)
 
 
+class _StopOnEmptyEpoch(Callback):
+    """Refuse a loader that yields no batch: the sweep repeats epochs until it has made its
+    steps, which would never end."""
+
+    def __init__(self) -> None:
+        self._batches = 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batches += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._batches == 0:
+            raise ValueError(
+                "the training loader yielded no batch, so the sweep could make no step; check the "
+                "dataset (an empty IterableDataset?), its batch_size and drop_last, and "
+                "limit_train_batches."
+            )
+
+
 def lr_find(
     learn: Sweepable,
     start_lr: LRSpec = 1e-7,
@@ -178,9 +200,14 @@ def lr_find(
     num_it = check_int(num_it, "num_it", 2, what="sweep iterations")
     check_choice(snapshot, "snapshot", ("memory", "disk"))
     funcs = _suggestion_funcs(suggest_funcs)
+    if learn.runner.trainer_kwargs.get("limit_train_batches") in (0, 0.0):
+        raise ValueError(
+            "limit_train_batches=0 leaves the sweep no batch to train on; lr_find needs at least "
+            "one (drop limit_train_batches, or pass a positive one)."
+        )
 
     scheduler = ParamScheduler(exp_range(starts, ends), None, total_steps=num_it)
-    callbacks = [scheduler, *([_StopOnDivergence()] if stop_div else [])]
+    callbacks = [scheduler, _StopOnEmptyEpoch(), *([_StopOnDivergence()] if stop_div else [])]
     # Not a fit: no epoch table, NaN guard (the sweep's own rule handles a loss that is not
     # finite), user callbacks, checkpoints, logs or validation.
     trainer = learn.runner.trainer(

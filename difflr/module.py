@@ -95,8 +95,26 @@ class LearnerModule(pl.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs, target = split_batch(batch)
-        loss = self.loss_func(self._forward(inputs, batch), *target)
+        loss = self._scalar_loss(self.loss_func(self._forward(inputs, batch), *target))
         self.log("train_loss", loss, on_step=True, prog_bar=True)
+        return loss
+
+    def _scalar_loss(self, loss: Any) -> torch.Tensor:
+        """``loss`` if it is what backward needs (a tensor with one value), else an error that
+        says how to get one."""
+        name = getattr(self.loss_func, "__name__", type(self.loss_func).__name__)
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                f"loss_func ({name}) returned a {type(loss).__name__} ({loss!r}), not a tensor; "
+                "compute the loss with torch operations on the model's output so that it can be "
+                "backpropagated."
+            )
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss_func ({name}) returned a tensor of shape {tuple(loss.shape)}, one loss per "
+                "item; the Learner needs one number per batch: reduce it (reduction='mean', or "
+                ".mean() in your function)."
+            )
         return loss
 
     def _forward(self, inputs: tuple[Any, ...], batch: Any) -> Any:
@@ -144,6 +162,12 @@ class LearnerModule(pl.LightningModule):
         preds, targets = torch.cat(self._preds), torch.cat(self._targets)
         for name, metric in zip(self.metric_names, self.metrics):
             value = metric.compute() if is_stateful_metric(metric) else metric(preds, targets)
+            if not _is_number(value):
+                raise TypeError(
+                    f"metric {name!r} returned {value!r} ({type(value).__name__}); a metric must "
+                    "return a number (a float or a one-element tensor), e.g. accuracy(preds, "
+                    "targets) -> tensor(0.93)."
+                )
             # Under DDP: the mean of the ranks' values (exact for accuracy-like metrics over equal
             # shards; torchmetrics objects already compute over every rank).
             self.log(
@@ -205,3 +229,9 @@ def make_module(
         if not callable(m) and not hasattr(m, "compute"):
             raise TypeError(f"metric {m!r} is not callable (preds, targets) -> number.")
     return LearnerModule(model, loss_func, metrics, optimizer)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and (value.is_floating_point() or not value.is_complex())
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -79,12 +79,16 @@ def plot_sched(
     moms: ArrayLike | None = None,
     names: Sequence[str] | None = None,
     boundaries: Sequence[int] = (),
+    trainable: Sequence[Sequence[bool]] | None = None,
 ) -> Figure:
     """Plot every layer group's learning rate and momentum at each optimizer step.
 
     The left axes show the LRs on a log scale, one line per group, with a legend of the group
     names; the right axes show the momentum (SGD ``momentum`` or Adam's ``beta1``), one line per
     group. Dashed vertical lines mark ``boundaries``, the first step of each fit after the first.
+    An LR of 0 (the original milestone plans give frozen groups 0) has no place on a log axis and
+    is left out; with ``trainable``, the stretches where a group is frozen are drawn faint and
+    dotted, so a line neither plunges to the axis floor nor looks like training.
 
     Args:
         lrs: LR per step and group, shape ``(n_steps, n_groups)``; a 1-D array is one group.
@@ -92,6 +96,8 @@ def plot_sched(
             optimizer without momentum) leaves the momentum axes out.
         names: One name per group, e.g. ``["0.stem", "1.head"]``; default ``"group 0"``, ...
         boundaries: Steps at which a new fit or stage starts.
+        trainable: For the first fit and each boundary, which groups train (a list per fit, as
+            ``Recorder.trainable``); ``None`` draws every stretch as training.
 
     Returns:
         The figure, with one axes (no momentum) or two.
@@ -126,11 +132,18 @@ def plot_sched(
         if np.isnan(mom_array).all():
             mom_array = None
 
+    trains = _trainable_mask(trainable, boundaries, n_steps, n_groups)
     fig, axes = _new_figure(1 if mom_array is None else 2)
     steps = np.arange(n_steps)
     lr_ax = axes[0]
+    positive = np.where(lr_array > 0, lr_array, np.nan)
     for group, name in enumerate(group_names):
-        lr_ax.plot(steps, lr_array[:, group], label=name)
+        (line,) = lr_ax.plot(
+            steps, np.where(trains[:, group], positive[:, group], np.nan), label=name
+        )
+        if not trains[:, group].all():
+            frozen = np.where(trains[:, group], np.nan, positive[:, group])
+            lr_ax.plot(steps, frozen, color=line.get_color(), linestyle=":", alpha=0.5)
     lr_ax.set_yscale("log")
     lr_ax.set_xlabel("optimizer step")
     lr_ax.set_ylabel("learning rate")
@@ -145,6 +158,27 @@ def plot_sched(
         for step in boundaries:
             ax.axvline(step, color="grey", linestyle="--", linewidth=1)
     return fig
+
+
+def _trainable_mask(
+    trainable: Sequence[Sequence[bool]] | None,
+    boundaries: Sequence[int],
+    n_steps: int,
+    n_groups: int,
+) -> np.ndarray:
+    """``(n_steps, n_groups)`` flags from one row of flags per fit (the first starts at 0)."""
+    mask = np.ones((n_steps, n_groups), dtype=bool)
+    if trainable is None:
+        return mask
+    starts = [0, *boundaries]
+    if len(trainable) != len(starts):
+        raise ValueError(
+            f"trainable has {len(trainable)} rows but there are {len(starts)} fits (boundaries "
+            f"{list(boundaries)}); pass one row of flags per fit."
+        )
+    for start, end, flags in zip(starts, [*starts[1:], n_steps], trainable):
+        mask[start:end] = np.asarray(flags, dtype=bool)
+    return mask
 
 
 def plot_loss(

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,14 +28,14 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from difflr.callbacks import FiniteLossGuard, ParamScheduler, Recorder
+from difflr.callbacks import FiniteLossGuard, FrozenNormEval, ParamScheduler, Recorder
 from difflr.checkpoints import (
     AtomicCheckpointIO,
     FolderClaim,
     LearnerCheckpoint,
     checkpoint_callbacks,
 )
-from difflr.checks import check_choice
+from difflr.checks import check_choice, check_int
 from difflr.data import Data, loader_length
 from difflr.display import in_notebook
 from difflr.distributed import (
@@ -90,6 +91,7 @@ class Runner:
             gradients too, ``False`` checks nothing (see `FiniteLossGuard`).
         trainer_kwargs: Passed to every Trainer; they mean what they mean in Lightning.
         owner: The Learner's id, which claims the checkpoint folder during a fit.
+        train_bn: ``False`` keeps the norm layers of frozen groups in eval mode while training.
 
     Raises:
         TypeError: ``trainer_kwargs`` sets the length of training, the callbacks or the logger
@@ -112,6 +114,7 @@ class Runner:
         check_finite: bool | str = True,
         trainer_kwargs: Mapping[str, Any] | None = None,
         owner: str = "",
+        train_bn: bool = True,
     ) -> None:
         trainer_kwargs = dict(trainer_kwargs or {})
         reserved = [k for k in RESERVED_TRAINER_ARGS if k in trainer_kwargs]
@@ -129,6 +132,8 @@ class Runner:
                 "enable_checkpointing=False turns checkpointing off; pass one of them."
             )
         check_choice(check_finite, "check_finite", (True, False, "grads"))
+        if "accumulate_grad_batches" in trainer_kwargs:
+            check_int(trainer_kwargs["accumulate_grad_batches"], "accumulate_grad_batches", 1)
         self.module = module
         self.optimizer = optimizer
         self.data = data
@@ -139,10 +144,16 @@ class Runner:
         self.callbacks = list(callbacks)
         # Lightning's switch means what it means: enable_checkpointing=False writes no file.
         self.checkpoint = switch is not False if checkpoint is None else bool(checkpoint)
+        if monitor is not None and not self.checkpoint:
+            raise ValueError(
+                f"monitor={monitor!r} keeps path/checkpoints/best.ckpt, but checkpointing is off "
+                "(checkpoint=False or enable_checkpointing=False); turn it on, or drop monitor."
+            )
         self.monitor = monitor
         self.check_finite = check_finite
         self.trainer_kwargs = trainer_kwargs
         self.owner = owner
+        self.train_bn = train_bn
         self._notified_optimizer = False
 
     def trainer(
@@ -174,6 +185,8 @@ class Runner:
         kwargs.update(self.trainer_kwargs)
         kwargs.update(overrides)
         extra: list[pl.Callback] = [self.recorder]
+        if not self.train_bn:
+            extra.append(FrozenNormEval())
         if standard:
             extra += [self.table, *self.callbacks]
             if self.check_finite:
@@ -212,10 +225,12 @@ class Runner:
         Raises:
             KeyboardInterrupt: Ctrl-C (Lightning would raise ``SystemExit``).
         """
+        writes = any(isinstance(cb, LearnerCheckpoint) for cb in trainer.callbacks)
+        if writes or (log and self.logger is not None):
+            self._check_path()
         handler = signal.getsignal(signal.SIGINT)
         # Lightning 2 keeps the module's train/eval mode; a fit trains (as fastai's does).
         self.module.train()
-        writes = any(isinstance(cb, LearnerCheckpoint) for cb in trainer.callbacks)
         claim = (
             FolderClaim(self.path / "checkpoints", self.owner)
             if writes and trainer.is_global_zero
@@ -265,6 +280,62 @@ class Runner:
             if log and self.logger is not None:
                 self.logger.step_offset += scheduler.step
                 self.logger.epoch_offset += trainer.current_epoch
+
+    def describe_fit(
+        self,
+        stages: Sequence[Any],
+        default_lr: Any,
+        default_moms: Sequence[float],
+        groups: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """What defines a fit of ``stages`` (`difflr.stages.Stage`s) run by this Runner, as its
+        checkpoints record it: every stage with its defaults resolved, the gradient accumulation,
+        the optimizer steps per epoch (``None`` when the data has no length) and the layer groups
+        (`difflr.groups.group_fingerprint`)."""
+        try:
+            steps = self.steps_per_epoch()
+        except ValueError:
+            steps = None
+        return {
+            "stages": [stage.describe(len(groups), default_lr, default_moms) for stage in stages],
+            "accumulate_grad_batches": self.trainer_kwargs.get("accumulate_grad_batches", 1),
+            "steps_per_epoch": steps,
+            "groups": groups,
+        }
+
+    def check_schedulable(self) -> None:
+        """Refuse, before anything changes, a training loader whose epoch has no known length:
+        a schedule needs the number of steps it runs over.
+
+        Raises:
+            ValueError: The loader has no ``len`` and ``limit_train_batches`` is not an int.
+        """
+        limit = self.trainer_kwargs.get("limit_train_batches")
+        loader = self.data.train_dl
+        if loader is None or loader_length(loader) is not None:
+            return
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return
+        raise ValueError(
+            "the training loader has no length (an IterableDataset), so a schedule cannot know "
+            "how many steps an epoch has: give the dataset a __len__, or pass "
+            "limit_train_batches=<batches per epoch> (an int) to the Learner."
+        )
+
+    def _check_path(self) -> None:
+        """Refuse a ``path`` that cannot hold logs and checkpoints before training, not after
+        the first epoch has trained."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.path):
+                pass
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"path={str(self.path)!r} cannot hold the Learner's logs and checkpoints "
+                f"({error.strerror or error}); pass a writable folder as path=, or logger=False "
+                "and checkpoint=False to write nothing.",
+            ) from error
 
     def offsets(self) -> list[int]:
         """The logger's step and epoch offsets (where the next fit starts on the timeline)."""

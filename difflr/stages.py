@@ -34,7 +34,7 @@ from difflr.checks import (
     check_wd,
     is_int,
 )
-from difflr.freezing import apply_freeze, check_freeze_to, frozen_pattern
+from difflr.freezing import apply_freeze, check_freeze_to, frozen_norms_eval, frozen_pattern
 from difflr.groups import (
     GROUP_INDEX_KEY,
     LayerGroup,
@@ -398,7 +398,7 @@ class SchedulePreview:
         """Every group's LR and momentum, as ``Recorder.plot_sched`` draws a finished fit."""
         from difflr.plotting import plot_sched
 
-        return plot_sched(self.lrs, self.moms, self.names, self.boundaries[1:])
+        return plot_sched(self.lrs, self.moms, self.names, self.boundaries[1:], self.trainable)
 
 
 def preview_plan(
@@ -567,6 +567,8 @@ class GradualUnfreezing(Callback):
         self._steps_per_epoch = steps_per_epoch(
             trainer.num_training_batches, trainer.accumulate_grad_batches
         )
+        if not self.train_bn:  # not at setup: Lightning warns of eval modules before this hook
+            frozen_norms_eval(pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -581,6 +583,8 @@ class GradualUnfreezing(Callback):
             optimizer.state.clear()
         if self._applied != self.stage:
             self._freeze(pl_module, self.stage)
+            if not self.train_bn:
+                frozen_norms_eval(pl_module)
             set_weight_decay(optimizer, self.stages[self.stage].wd)
             self._applied = self.stage
         if self._scheduler is None or self._scheduler_stage != self.stage:

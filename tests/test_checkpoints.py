@@ -101,7 +101,7 @@ def test_a_resume_with_other_gradient_accumulation_is_refused(tmp_path):
 def test_a_resume_with_another_batch_count_is_refused(tmp_path):
     crashed_learner(tmp_path, lambda L: L.fit_one_cycle(5, 1e-2))
     other = make_learner(tmp_path, data=make_loaders(n=64))
-    with pytest.raises(ValueError, match="made 6 optimizer steps per epoch; this one makes 4"):
+    with pytest.raises(ValueError, match="steps_per_epoch is 6 in the checkpoint, 4 in this call"):
         other.fit_one_cycle(5, 1e-2, ckpt_path="last")
 
 
@@ -363,7 +363,7 @@ class LitNaN(pl.LightningModule):
 def test_a_lightning_module_gets_the_guard_too(tmp_path):
     learn = Learner(
         LitNaN(),
-        make_loaders(),
+        (make_loaders()[0], None),
         path=tmp_path,
         logger=False,
         enable_progress_bar=False,
@@ -427,3 +427,10 @@ def test_sigterm_stops_after_the_batch_keeps_the_finished_epochs_and_exits(
     resumed.fit_one_cycle(4, 1e-2, ckpt_path="last")
     assert len(resumed.recorder.lrs) == 4 * 6
     assert np.isfinite(resumed.recorder.losses).all()
+
+
+def test_a_checkpoint_of_three_groups_into_two_is_refused_naming_the_groups(tmp_path):
+    crashed_learner(tmp_path, lambda L: L.fit_one_cycle(3, 1e-2))
+    two = make_learner(tmp_path, splitter=lambda m: [m[:5], m[5]])
+    with pytest.raises(ValueError, match="groups has 3 entries in the checkpoint, 2 in this call"):
+        two.fit_one_cycle(3, 1e-2, ckpt_path="last")

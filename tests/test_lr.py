@@ -48,6 +48,8 @@ def test_slice_with_equal_bounds_is_constant():
         ([1e-3, -1.0, 1e-3], r"lr\[1\] is -1.0"),
         (slice(1e-3, 1e-2, 2), "step"),
         (slice(None, None), "no upper bound"),
+        (1e300, "more than a float32 parameter can be stepped by"),
+        (slice(1e-5, 1e39), r"lr\.stop is 1e\+39, more than a float32"),
     ],
 )
 def test_bad_specs_raise_a_value_error_that_names_the_value(spec, words):

@@ -212,3 +212,41 @@ def test_bad_sweep_arguments_are_refused_before_anything_runs(tmp_path, kwargs, 
         learn.lr_find(show_plot=False, **kwargs)
     _assert_same(before, _state(learn))
     assert learn.trainer is None
+
+
+def test_the_divergence_stop_tests_whole_optimizer_steps_and_the_curve_shows_why(tmp_path):
+    # With 4 micro-batches per step, the stop is tested on each step's mean loss, smoothed as the
+    # recorder smooths it: the sweep ends on a step boundary, at a point of the recorded curve
+    # that is over 4x the best one.
+    learn = _learner(tmp_path, accumulate_grad_batches=4)
+    learn.lr_find(start_lr=1e-3, end_lr=1e6, num_it=40, show_plot=False, suggest_funcs=None)
+    losses = learn.recorder.losses
+    assert len(losses) == len(learn.recorder.lrs) < 40
+    assert losses[-1] > 4 * np.nanmin(losses[:-1]) or not np.isfinite(losses[-1])
+
+
+def test_lr_find_without_suggestion_functions_records_plots_and_returns_none(tmp_path):
+    learn = _learner(tmp_path)
+    assert learn.lr_find(num_it=20, show_plot=False, suggest_funcs=None) is None
+    assert len(learn.recorder.lrs) == 20
+    assert learn.recorder.plot_lr_find().axes[0].get_lines()
+
+
+def test_a_loader_that_yields_nothing_is_refused_instead_of_looping_forever(tmp_path):
+    class Empty(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    learn = Learner(
+        make_model(),
+        (torch.utils.data.DataLoader(Empty(), batch_size=4), None),
+        F.cross_entropy,
+        splitter=three_groups,
+        path=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+    )
+    with pytest.raises(ValueError, match="yielded no batch"):
+        learn.lr_find(num_it=10, show_plot=False)
+    with pytest.raises(ValueError, match="limit_train_batches=0 leaves the sweep no batch"):
+        _learner(tmp_path, limit_train_batches=0).lr_find(show_plot=False)

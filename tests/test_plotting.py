@@ -303,3 +303,26 @@ def test_show_in_a_real_jupyter_kernel_outputs_one_image_per_call(tmp_path: Any)
     for cell in (notebook.cells[0], notebook.cells[2]):
         images = [out for out in cell.outputs if "image/png" in out.get("data", {})]
         assert len(images) == 1
+
+
+def test_plot_sched_leaves_zero_lrs_out_and_draws_frozen_stretches_faint() -> None:
+    # The original milestone plan: group 0 frozen at LR 0 for two steps, then trained.
+    lrs = [[0.0, 1e-3], [0.0, 1e-3], [1e-5, 1e-4], [1e-5, 1e-4]]
+    fig = plot_sched(
+        lrs, names=["stem", "head"], boundaries=[2], trainable=[[False, True], [True, True]]
+    )
+    stem, head = (line for line in fig.axes[0].get_lines() if line.get_label() in ("stem", "head"))
+    assert np.isnan(stem.get_ydata()[:2]).all()  # not at the axis floor
+    np.testing.assert_allclose(stem.get_ydata()[2:], [1e-5, 1e-5])
+    np.testing.assert_allclose(head.get_ydata(), [1e-3, 1e-3, 1e-4, 1e-4])
+    frozen = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == ":"]
+    assert len(frozen) == 1 and np.isnan(frozen[0].get_ydata()).all()  # LR 0: nothing to draw
+
+
+def test_plot_sched_draws_a_frozen_group_with_an_lr_dotted() -> None:
+    fig = plot_sched([[1e-4, 1e-3]] * 3, names=["stem", "head"], trainable=[[False, True]])
+    dotted = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == ":"]
+    assert len(dotted) == 1
+    np.testing.assert_allclose(dotted[0].get_ydata(), [1e-4] * 3)
+    stem = next(line for line in fig.axes[0].get_lines() if line.get_label() == "stem")
+    assert np.isnan(stem.get_ydata()).all()
