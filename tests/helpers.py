@@ -1,10 +1,21 @@
-"""Tiny models and data for the tests: a few Linear layers, a BatchNorm, synthetic data."""
+"""Tiny models and data for the tests: a few Linear layers, a BatchNorm, synthetic data; a
+Learner over them; a script run in a fresh process."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_model() -> nn.Sequential:
@@ -30,3 +41,29 @@ def make_loaders(n: int = 96, batch_size: int = 16, seed: int = 0) -> tuple[Data
     y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
     ds = TensorDataset(x, y)
     return DataLoader(ds, batch_size=batch_size), DataLoader(ds, batch_size=32)
+
+
+def make_learner(path: Any, model: nn.Module | None = None, data: Any = None, **kwargs: Any):
+    """A quiet Learner over `make_model` (three groups) and `make_loaders`; ``kwargs`` win."""
+    from difflr import Learner
+
+    options = {
+        "splitter": three_groups,
+        "path": path,
+        "logger": False,
+        "enable_progress_bar": False,
+        **kwargs,
+    }
+    return Learner(model or make_model(), data or make_loaders(), F.cross_entropy, **options)
+
+
+def run_script(code: str, *args: Any, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` (dedented) in a fresh Python process from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )

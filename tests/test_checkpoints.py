@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -24,20 +23,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from difflr import Learner
 from difflr.checkpoints import read_fit_state
 from difflr.files import UnreadableFileError, safe_load
-from tests.helpers import make_loaders, make_model, three_groups
+from tests.helpers import make_learner, make_loaders, make_model, run_script, three_groups
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_learner(path, model=None, data=None, **kwargs) -> Learner:
-    options = {
-        "splitter": three_groups,
-        "path": path,
-        "logger": False,
-        "enable_progress_bar": False,
-        **kwargs,
-    }
-    return Learner(model or make_model(), data or make_loaders(), F.cross_entropy, **options)
 
 
 class Crash(Callback):
@@ -380,8 +368,7 @@ def test_a_lightning_module_gets_the_guard_too(tmp_path):
 # SIGTERM
 # ------------------------------------------------------------------------------------------------
 
-SIGTERMED = textwrap.dedent(
-    """
+SIGTERMED = """
     import os, signal, sys
     import torch.nn.functional as F
     from lightning.pytorch.callbacks import Callback
@@ -401,7 +388,6 @@ SIGTERMED = textwrap.dedent(
         print("caught a KeyboardInterrupt: training goes on")
     print("after the fit")
     """
-)
 
 
 @pytest.mark.parametrize(("batch", "epochs_saved"), [(2, 1), (5, 2)])
@@ -411,14 +397,7 @@ def test_sigterm_stops_after_the_batch_keeps_the_finished_epochs_and_exits(
     # Mid-epoch (batch 2 of 6) the running epoch is given up: Lightning restarts a plain loader
     # at its first batch, so only an epoch end resumes exactly. In the last batch, the epoch's
     # training has finished and is saved before Lightning stops in the validation.
-    result = subprocess.run(
-        [sys.executable, "-c", SIGTERMED, str(tmp_path), str(batch)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    result = run_script(SIGTERMED, str(tmp_path), str(batch))
     assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr
     assert "caught" not in result.stdout and "after the fit" not in result.stdout
     assert "SIGTERM received" in result.stderr and "ckpt_path='last'" in result.stderr

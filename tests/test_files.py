@@ -18,15 +18,9 @@ from torch import nn
 
 from difflr import Learner
 from difflr.files import UnreadableFileError, atomic_save, safe_load, state_file
-from tests.helpers import make_loaders, make_model, three_groups
+from tests.helpers import make_learner, make_loaders, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_learner(path, model=None, **kwargs) -> Learner:
-    options = {"splitter": three_groups, "path": path, "logger": False, **kwargs}
-    options.setdefault("enable_progress_bar", False)
-    return Learner(model or make_model(), make_loaders(), F.cross_entropy, **options)
 
 
 class RunsCode:
@@ -258,8 +252,7 @@ def tempfile_dir(base: Path) -> str:
     return tempfile.mkdtemp(prefix="difflr-test-", dir=base)
 
 
-FULL_DISK = textwrap.dedent(
-    """
+FULL_DISK = """
     import resource, signal, sys
     import torch, torch.nn.functional as F
     from torch import nn
@@ -279,19 +272,11 @@ FULL_DISK = textwrap.dedent(
     except OSError as error:
         print("refused:", error)
     """
-)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
 def test_a_full_disk_keeps_the_previous_save_and_says_so(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-c", FULL_DISK, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    result = run_script(FULL_DISK, str(tmp_path))
     assert "refused: " in result.stdout, result.stdout + result.stderr
     assert "the previous model.pth is unchanged" in result.stdout
     state = safe_load(tmp_path / "models" / "model.pth")

@@ -12,18 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from difflr import Learner, Stage
-from tests.helpers import make_loaders, make_model, three_groups
-
-
-def make_learner(path, model=None, data=None, **kwargs) -> Learner:
-    options = {
-        "splitter": three_groups,
-        "path": path,
-        "logger": False,
-        "enable_progress_bar": False,
-        **kwargs,
-    }
-    return Learner(model or make_model(), data or make_loaders(), F.cross_entropy, **options)
+from tests.helpers import make_learner, make_loaders, make_model, three_groups
 
 
 class Crash(Callback):

@@ -3,28 +3,16 @@ settings are refused before anything trains."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
 from torch.utils.data import DataLoader, IterableDataset
 
-from difflr import Learner
-from tests.helpers import make_loaders, make_model, three_groups
+from tests.helpers import make_learner, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_learner(path, data=None, **kwargs) -> Learner:
-    options = {"splitter": three_groups, "path": path, "logger": False, **kwargs}
-    options.setdefault("enable_progress_bar", False)
-    return Learner(make_model(), data or make_loaders(), F.cross_entropy, **options)
 
 
 def ckpt_files(path: Path) -> list[str]:
@@ -112,8 +100,7 @@ def test_a_loader_without_length_says_how_to_give_the_schedule_its_steps(tmp_pat
     assert len(learn.recorder.lrs) == 4
 
 
-LOGS_ON_A_FULL_DISK = textwrap.dedent(
-    """
+LOGS_ON_A_FULL_DISK = """
     import resource, signal, sys
     import torch.nn.functional as F
     from difflr import Learner
@@ -128,18 +115,10 @@ LOGS_ON_A_FULL_DISK = textwrap.dedent(
     except OSError as error:
         print("refused:", error)
     """
-)
 
 
 def test_a_full_disk_under_the_logs_names_the_folder_and_the_fix(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-c", LOGS_ON_A_FULL_DISK, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    result = run_script(LOGS_ON_A_FULL_DISK, str(tmp_path))
     assert "refused: " in result.stdout, result.stdout + result.stderr
     assert "could not write the logs in" in result.stdout
     assert "pass logger=False" in result.stdout
