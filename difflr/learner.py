@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
+from difflr import predictions
 from difflr.callbacks import Recorder
 from difflr.checkpoints import PlanState, read_plan_state, resolve_checkpoint
 from difflr.checks import check_moms, check_wd
@@ -36,6 +37,7 @@ from difflr.lr import LRSpec, expand_lrs
 from difflr.lr_finder import lr_find
 from difflr.module import make_module
 from difflr.optim import make_optimizer
+from difflr.predictions import check_vocab, find_vocab
 from difflr.runner import Runner
 from difflr.splitters import split_model
 from difflr.stages import SchedulePreview, Stage, check_plan, fine_tune_stages, preview_plan
@@ -77,6 +79,8 @@ class Learner:
         check_finite: Stop at a NaN or infinite training loss, before that step's update, with
             an error naming the step, the loss and each group's LR. It reads the loss on the
             host every step; on a GPU pass ``False`` to avoid that sync.
+        vocab: Class names, index ``i`` → ``vocab[i]``, for `predict` and
+            ``ClassificationInterpretation``; ``None`` finds them in the data (see `vocab`).
         **trainer_kwargs: Passed to every ``Trainer`` (``accelerator``, ``devices``,
             ``strategy``, ``precision``, ``accumulate_grad_batches``, ...).
 
@@ -119,6 +123,7 @@ class Learner:
         checkpoint: bool = True,
         monitor: str | None = None,
         check_finite: bool = True,
+        vocab: Sequence[Any] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         self.module = make_module(model, loss_func, metrics, lambda: self.opt)
@@ -153,6 +158,7 @@ class Learner:
         #: The Trainer of the last fit (``None`` before the first).
         self.trainer: pl.Trainer | None = None
         self._frozen = [not t for t in trainable_flags(self.splits)]
+        self._vocab = check_vocab(vocab)
 
     # ----------------------------------------------------------------------------- data, parts
     @property
@@ -425,6 +431,103 @@ class Learner:
             ValueError: ``start_lr >= end_lr`` for a group, a non-positive bound, ``num_it < 2``.
         """
         return lr_find(self, start_lr, end_lr, num_it, stop_div, show_plot, suggest_funcs, snapshot)
+
+    # ----------------------------------------------------------------------------- after the fit
+    @property
+    def vocab(self) -> list[Any] | None:
+        """Class names, index ``i`` → ``vocab[i]``: as given (``Learner(vocab=...)`` or
+        ``learn.vocab = [...]``), else the ``vocab`` or ``classes`` of the datamodule or of the
+        validation or training dataset (torchvision's ``ImageFolder`` has ``classes``), else
+        ``None`` (class indices are shown)."""
+        return self._vocab if self._vocab is not None else find_vocab(self.runner.data)
+
+    @vocab.setter
+    def vocab(self, names: Sequence[Any] | None) -> None:
+        self._vocab = check_vocab(names)
+
+    def validate(self, dl: Any = None) -> dict[str, float]:
+        """The loss and every metric on the validation set (or ``dl``), as one more row of the
+        epoch table would show them, through ``Trainer.validate`` on a fresh Trainer.
+
+        The model is evaluated as it is (eval mode during the pass, its own mode restored
+        after). Nothing is recorded or logged: ``learn.recorder`` and the TensorBoard timeline
+        are left as they were, so that a question asked of the model (on any ``dl``, any number
+        of times) never shows up as a point of the training curves. A shuffling or
+        ``drop_last`` loader is rebuilt without either (every item counts once).
+
+        Args:
+            dl: A loader of ``(x, y)`` batches; ``None`` for the validation set.
+
+        Returns:
+            ``{"valid_loss": ..., "<metric>": ...}`` (for your own ``LightningModule``, what its
+            ``validation_step`` logs).
+
+        Raises:
+            ValueError: There is no validation set and no ``dl``; the loader is empty.
+        """
+        return predictions.validate(self.runner, dl)
+
+    def get_preds(
+        self,
+        dl: Any = None,
+        with_input: bool = False,
+        with_loss: bool = False,
+        act: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[Any, ...]:
+        """Predictions and targets for every item of the validation set (or ``dl``), in
+        dataset order, through ``Trainer.predict``: ``(inputs?, preds, targets, losses?)``.
+
+        Outputs are moved to the CPU batch by batch and no graph is kept, so memory grows with
+        the outputs only. Under DDP each process predicts its shard; the shards are gathered
+        once and put back in dataset order, every item once, on every process. A shuffling or
+        ``drop_last`` ``DataLoader`` is rebuilt without either, as fastai does.
+
+        Args:
+            dl: A loader; ``None`` for the validation set.
+            with_input: Also return the inputs (first).
+            with_loss: Also return each item's loss (last), shape ``(n_items,)``: the loss
+                function with ``reduction="none"`` when it has that argument, else called on
+                each item alone.
+            act: Applied to the outputs. ``None``: softmax for cross-entropy, sigmoid for
+                binary cross-entropy with logits, ``exp`` for NLL, the loss's own
+                ``activation`` attribute if it has one, identity otherwise
+                (`difflr.predictions.activation_for`).
+
+        Returns:
+            ``(preds, targets)`` (``targets`` ``None`` for batches without one), with
+            ``inputs`` first and ``losses`` last when asked for; CPU tensors.
+
+        Raises:
+            ValueError: No validation set and no ``dl``; an empty loader.
+            TypeError: ``with_loss`` for a ``LightningModule`` without a ``loss_func``.
+        """
+        return predictions.get_preds(self.runner, dl, with_input, with_loss, act)
+
+    def predict(self, x: Any, *, is_batch: bool | None = None) -> Any:
+        """Predict one item or a batch: eval mode, no gradient, on the model's device, without
+        a Trainer (the module's ``forward``); the model's mode is restored after.
+
+        Args:
+            x: One input, a batch, or a tuple of them for a model with several inputs.
+            is_batch: Whether ``x`` is a batch; ``None`` compares its shape with an item of
+                the Learner's dataset.
+
+        Returns:
+            For a classifier (cross-entropy or NLL loss): ``(decoded, index, probs)``: the
+            class name from `vocab` (else the index), the class index and the probabilities
+            (for a batch: a list of names, and tensors with a batch dimension). For binary
+            cross-entropy with logits (multi-label): the names with a probability above 0.5,
+            a boolean tensor, the probabilities. Otherwise the raw output. On the CPU.
+
+        Raises:
+            ValueError: ``is_batch`` is needed, or ``x``'s shape fits no item; `vocab` does not
+                have one name per class.
+
+        Examples:
+            >>> learn.predict(x_valid[0])  # doctest: +SKIP
+            ('seven', tensor(7), tensor([0.0010, ..., 0.0021]))
+        """
+        return predictions.predict(self.runner, x, vocab=self.vocab, is_batch=is_batch)
 
     # ----------------------------------------------------------------------------- persistence
     def save(self, name: str, with_opt: bool = True) -> Path:
