@@ -74,7 +74,9 @@ class Interpretation:
         vocab: Class names, index ``i`` → ``vocab[i]``.
 
     Attributes:
-        preds, targs, losses, dl, inputs, vocab: As given.
+        preds: As given (`ClassificationInterpretation`: probabilities).
+        targs: As given.
+        losses: As given.
 
     Raises:
         ValueError: ``losses`` is not one number per item.
@@ -222,7 +224,8 @@ class ClassificationInterpretation(Interpretation):
             softmax.
         targs: Class indices, shape ``(n_items,)``, integers in ``[0, n_classes)``.
         losses: Each item's loss, shape ``(n_items,)``.
-        dl, inputs: See `Interpretation`.
+        dl: The loader the items came from (see `Interpretation`).
+        inputs: The inputs, when the loader cannot give items by index.
         vocab: Class names, index ``i`` → ``vocab[i]``; ``None`` shows indices.
 
     Attributes:
