@@ -30,9 +30,8 @@ from difflr.module import split_inputs
 from difflr.plotting import _teach_kernel_figures
 from difflr.predictions import (
     Activation,
-    activation_for,
+    activate,
     collect_predictions,
-    loss_func_of,
     sequential_loader,
     validation_loader,
 )
@@ -132,13 +131,8 @@ class Interpretation:
         found = collect_predictions(
             runner, loader, with_input=not _indexable(loader), with_loss=True
         )
-        preds = found.preds
-        if act is not None:
-            preds = act(preds)
-        elif isinstance(preds, torch.Tensor):
-            preds = activation_for(loss_func_of(runner.module))(preds)
         return cls(
-            preds,
+            activate(found.preds, act, runner.module),
             found.targets,
             found.losses,
             dl=found.loader,

@@ -446,20 +446,15 @@ class Learner:
         self._vocab = check_vocab(names)
 
     def validate(self, dl: Any = None) -> dict[str, float]:
-        """The loss and every metric on the validation set (or ``dl``), as one more row of the
-        epoch table would show them, through ``Trainer.validate`` on a fresh Trainer.
+        """The loss and every metric on the validation set (or ``dl``), keyed as in the epoch
+        table, through ``Trainer.validate`` on a fresh Trainer, in eval mode.
 
-        The model is evaluated as it is (eval mode during the pass, its own mode restored
-        after). Nothing is recorded or logged: ``learn.recorder`` and the TensorBoard timeline
-        are left as they were, so that a question asked of the model (on any ``dl``, any number
-        of times) never shows up as a point of the training curves. A shuffling or
-        ``drop_last`` loader is rebuilt without either (every item counts once).
-
-        Args:
-            dl: A loader of ``(x, y)`` batches; ``None`` for the validation set.
+        Nothing is recorded or logged (``learn.recorder`` and the TensorBoard timeline are left
+        as they were): a question asked of the model is not a point of the training curves. A
+        shuffling or ``drop_last`` loader is rebuilt without either.
 
         Returns:
-            ``{"valid_loss": ..., "<metric>": ...}`` (for your own ``LightningModule``, what its
+            ``{"valid_loss": ..., "<metric>": ...}`` (your ``LightningModule``'s: what its
             ``validation_step`` logs).
 
         Raises:
@@ -477,25 +472,21 @@ class Learner:
         """Predictions and targets for every item of the validation set (or ``dl``), in
         dataset order, through ``Trainer.predict``: ``(inputs?, preds, targets, losses?)``.
 
-        Outputs are moved to the CPU batch by batch and no graph is kept, so memory grows with
-        the outputs only. Under DDP each process predicts its shard; the shards are gathered
-        once and put back in dataset order, every item once, on every process. A shuffling or
-        ``drop_last`` ``DataLoader`` is rebuilt without either, as fastai does.
+        Outputs go to the CPU batch by batch, without graphs. Under DDP the shards are gathered
+        once, in dataset order, each item once, on every process. A shuffling or ``drop_last``
+        ``DataLoader`` is rebuilt without either, as fastai does.
 
         Args:
             dl: A loader; ``None`` for the validation set.
             with_input: Also return the inputs (first).
-            with_loss: Also return each item's loss (last), shape ``(n_items,)``: the loss
-                function with ``reduction="none"`` when it has that argument, else called on
-                each item alone.
-            act: Applied to the outputs. ``None``: softmax for cross-entropy, sigmoid for
-                binary cross-entropy with logits, ``exp`` for NLL, the loss's own
-                ``activation`` attribute if it has one, identity otherwise
-                (`difflr.predictions.activation_for`).
+            with_loss: Also return each item's loss (last), shape ``(n_items,)``
+                (`difflr.predictions.per_item_loss`: any loss function).
+            act: Applied to the outputs. ``None``: softmax for cross-entropy, sigmoid for BCE
+                with logits, ``exp`` for NLL, the loss's ``activation`` attribute, else
+                identity (`difflr.predictions.activation_for`).
 
         Returns:
-            ``(preds, targets)`` (``targets`` ``None`` for batches without one), with
-            ``inputs`` first and ``losses`` last when asked for; CPU tensors.
+            CPU tensors; ``targets`` is ``None`` for batches without one.
 
         Raises:
             ValueError: No validation set and no ``dl``; an empty loader.
@@ -513,11 +504,10 @@ class Learner:
                 the Learner's dataset.
 
         Returns:
-            For a classifier (cross-entropy or NLL loss): ``(decoded, index, probs)``: the
-            class name from `vocab` (else the index), the class index and the probabilities
-            (for a batch: a list of names, and tensors with a batch dimension). For binary
-            cross-entropy with logits (multi-label): the names with a probability above 0.5,
-            a boolean tensor, the probabilities. Otherwise the raw output. On the CPU.
+            On the CPU, for a classifier (cross-entropy or NLL loss): ``(decoded, index,
+            probs)``, the class name from `vocab` (else the index), its index and the
+            probabilities (a list and batched tensors for a batch); for BCE with logits, the
+            names above 0.5, a boolean mask and the probabilities; else the raw output.
 
         Raises:
             ValueError: ``is_batch`` is needed, or ``x``'s shape fits no item; `vocab` does not

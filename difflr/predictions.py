@@ -46,6 +46,7 @@ from difflr.runner import Runner
 __all__ = [
     "Activation",
     "Predictions",
+    "activate",
     "activation_for",
     "check_vocab",
     "collect_predictions",
@@ -143,6 +144,17 @@ def is_single_label(act: Any) -> bool:
 def is_multi_label(act: Any) -> bool:
     """Whether ``act`` makes an independent probability per output (any number of labels)."""
     return act is sigmoid
+
+
+def activate(preds: Any, act: Activation | None, module: pl.LightningModule) -> Any:
+    """``act(preds)``; with ``act=None``, `activation_for` the module's loss function, applied
+    to a tensor of outputs (a tuple or dict of outputs is returned as it is: the rule does not
+    know which one to activate)."""
+    if act is not None:
+        return act(preds)
+    if isinstance(preds, torch.Tensor):
+        return activation_for(loss_func_of(module))(preds)
+    return preds
 
 
 def loss_func_of(module: pl.LightningModule) -> Callable[..., torch.Tensor] | None:
@@ -636,8 +648,9 @@ def collect_predictions(
     if not parts:
         raise ValueError(f"get_preds read no batch from {type(loader).__name__}; it is empty.")
     joined = {key: _join([p[key] for p in parts]) for key in parts[0]}
-    if joined["indices"] is not None:
-        order, _ = _dataset_order(joined["indices"], loader, trainer.world_size)
+    indices = joined.pop("indices")
+    if indices is not None:
+        order, _ = _dataset_order(indices, loader, trainer.world_size)
         joined = {key: None if v is None else _take(v, order) for key, v in joined.items()}
     return Predictions(
         joined["preds"], joined["targets"], joined["losses"], joined["inputs"], loader
@@ -677,13 +690,7 @@ def get_preds(
     if act is not None:
         check_callable(act, "act", "act(preds) -> tensor")
     found = collect_predictions(runner, dl, with_input=with_input, with_loss=with_loss)
-    if act is not None:
-        preds = act(found.preds)
-    elif isinstance(found.preds, torch.Tensor):
-        preds = activation_for(loss_func_of(runner.module))(found.preds)
-    else:  # a tuple or dict of outputs: the rule does not know which one to activate
-        preds = found.preds
-    result = [preds, found.targets]
+    result = [activate(found.preds, act, runner.module), found.targets]
     if with_input:
         result.insert(0, found.inputs)
     if with_loss:
