@@ -6,6 +6,7 @@ policy and the LR range test, as a ``Learner`` facade and as drop-in Lightning c
 
 from difflr.callbacks import ParamScheduler, Recorder
 from difflr.groups import LayerGroup
+from difflr.interpretation import ClassificationInterpretation, Interpretation
 from difflr.learner import Learner
 from difflr.lr import LRSpec, expand_lrs
 from difflr.metrics import accuracy, error_rate
@@ -17,7 +18,9 @@ from difflr.vision import vision_learner
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClassificationInterpretation",
     "GradualUnfreezing",
+    "Interpretation",
     "LRSpec",
     "LayerGroup",
     "Learner",

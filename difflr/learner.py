@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
+from difflr import predictions
 from difflr.callbacks import Recorder
 from difflr.checkpoints import FitState, check_resume, read_fit_state, resolve_checkpoint
 from difflr.checks import check_moms, check_wd
@@ -38,6 +39,7 @@ from difflr.lr import LRSpec, expand_lrs
 from difflr.lr_finder import lr_find
 from difflr.module import make_module
 from difflr.optim import make_optimizer
+from difflr.predictions import check_vocab, find_vocab
 from difflr.runner import Runner
 from difflr.splitters import split_model
 from difflr.stages import SchedulePreview, Stage, check_plan, fine_tune_stages, preview_plan
@@ -83,6 +85,8 @@ class Learner:
             the failing batch moved are put back. ``"grads"`` also checks the gradients before
             each update (one more pass over them). It reads the loss on the host every step; on
             a GPU pass ``False`` to avoid that sync.
+        vocab: Class names, index ``i`` → ``vocab[i]``, for `predict` and
+            ``ClassificationInterpretation``; ``None`` finds them in the data (see `vocab`).
         **trainer_kwargs: Passed to every ``Trainer`` (``accelerator``, ``devices``,
             ``strategy``, ``precision``, ``accumulate_grad_batches``, ...).
 
@@ -125,6 +129,7 @@ class Learner:
         checkpoint: bool | None = None,
         monitor: str | None = None,
         check_finite: bool | str = True,
+        vocab: Sequence[Any] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         self.module = make_module(model, loss_func, metrics, lambda: self.opt)
@@ -163,6 +168,7 @@ class Learner:
         self.trainer: pl.Trainer | None = None
         self._frozen = [not t for t in trainable_flags(self.splits)]
         self._run: str | None = None  # the id of its last fit call
+        self._vocab = check_vocab(vocab)
 
     # ----------------------------------------------------------------------------- data, parts
     @property
@@ -454,6 +460,93 @@ class Learner:
             ValueError: ``start_lr >= end_lr`` for a group, a non-positive bound, ``num_it < 2``.
         """
         return lr_find(self, start_lr, end_lr, num_it, stop_div, show_plot, suggest_funcs, snapshot)
+
+    # ----------------------------------------------------------------------------- after the fit
+    @property
+    def vocab(self) -> list[Any] | None:
+        """Class names, index ``i`` → ``vocab[i]``: as given (``Learner(vocab=...)`` or
+        ``learn.vocab = [...]``), else the ``vocab`` or ``classes`` of the datamodule or of the
+        validation or training dataset (torchvision's ``ImageFolder`` has ``classes``), else
+        ``None`` (class indices are shown)."""
+        return self._vocab if self._vocab is not None else find_vocab(self.runner.data)
+
+    @vocab.setter
+    def vocab(self, names: Sequence[Any] | None) -> None:
+        self._vocab = check_vocab(names)
+
+    def validate(self, dl: Any = None) -> dict[str, float]:
+        """The loss and every metric on the validation set (or ``dl``), keyed as in the epoch
+        table, through ``Trainer.validate`` on a fresh Trainer, in eval mode.
+
+        Nothing is recorded or logged (``learn.recorder`` and the TensorBoard timeline are left
+        as they were): a question asked of the model is not a point of the training curves. A
+        shuffling or ``drop_last`` loader is rebuilt without either.
+
+        Returns:
+            ``{"valid_loss": ..., "<metric>": ...}`` (your ``LightningModule``'s: what its
+            ``validation_step`` logs).
+
+        Raises:
+            ValueError: There is no validation set and no ``dl``; the loader is empty.
+        """
+        return predictions.validate(self.runner, dl)
+
+    def get_preds(
+        self,
+        dl: Any = None,
+        with_input: bool = False,
+        with_loss: bool = False,
+        act: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[Any, ...]:
+        """Predictions and targets for every item of the validation set (or ``dl``), in
+        dataset order, through ``Trainer.predict``: ``(inputs?, preds, targets, losses?)``.
+
+        Outputs go to the CPU batch by batch, without graphs. Under DDP the shards are gathered
+        once, in dataset order, each item once, on every process. A shuffling or ``drop_last``
+        ``DataLoader`` is rebuilt without either, as fastai does.
+
+        Args:
+            dl: A loader; ``None`` for the validation set.
+            with_input: Also return the inputs (first).
+            with_loss: Also return each item's loss (last), shape ``(n_items,)``
+                (`difflr.predictions.per_item_loss`: any loss function).
+            act: Applied to the outputs. ``None``: softmax for cross-entropy, sigmoid for BCE
+                with logits, ``exp`` for NLL, the loss's ``activation`` attribute, else
+                identity (`difflr.predictions.activation_for`).
+
+        Returns:
+            CPU tensors; ``targets`` is ``None`` for batches without one.
+
+        Raises:
+            ValueError: No validation set and no ``dl``; an empty loader.
+            TypeError: ``with_loss`` for a ``LightningModule`` without a ``loss_func``.
+        """
+        return predictions.get_preds(self.runner, dl, with_input, with_loss, act)
+
+    def predict(self, x: Any, *, is_batch: bool | None = None) -> Any:
+        """Predict one item or a batch: eval mode, no gradient, on the model's device, without
+        a Trainer (the module's ``forward``); the model's mode is restored after.
+
+        Args:
+            x: One input, a batch, or a tuple of them for a model with several inputs.
+            is_batch: Whether ``x`` is a batch; ``None`` compares its shape with an item of
+                the Learner's dataset.
+
+        Returns:
+            On the CPU, for a classifier (cross-entropy or NLL loss): ``(decoded, index,
+            probs)``, the class name from `vocab` (else the index), its index and the
+            probabilities (a list and batched tensors for a batch); for BCE with logits, the
+            names above 0.5, a boolean mask and the probabilities; else the raw output.
+
+        Raises:
+            ValueError: ``is_batch`` is needed, or ``x``'s shape fits no item; `vocab` does not
+                have one name per class.
+
+        Examples:
+            >>> learn.predict(x_valid[0])  # doctest: +SKIP
+            ('seven', tensor(7), tensor([0.0010, ..., 0.0021]))
+        """
+        return predictions.predict(self.runner, x, vocab=self.vocab, is_batch=is_batch)
 
     # ----------------------------------------------------------------------------- persistence
     def save(self, name: str | Path, with_opt: bool = True) -> Path:

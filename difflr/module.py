@@ -42,6 +42,19 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     )
 
 
+def split_inputs(batch: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The inputs and the target of a batch that may come without a target (prediction).
+
+    A tuple of two or more items is read by `split_batch` (the last item is the target); a
+    one-item tuple, a tensor or any other object is inputs alone: ``((x,), ())``.
+    """
+    if not isinstance(batch, (tuple, list)):
+        return (batch,), ()
+    if len(batch) == 1:
+        return tuple(batch), ()
+    return split_batch(batch)
+
+
 def describe(obj: Any) -> str:
     """A short structural description of a batch: types and tensor shapes."""
     if isinstance(obj, torch.Tensor):
@@ -177,8 +190,7 @@ class LearnerModule(pl.LightningModule):
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
-        inputs = split_batch(batch)[0] if isinstance(batch, (tuple, list)) else (batch,)
-        return self.model(*inputs)
+        return self._forward(split_inputs(batch)[0], batch)
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:

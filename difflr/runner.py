@@ -3,9 +3,9 @@
 Every fit, every stage of a plan and every ``lr_find`` gets a fresh ``Trainer`` (so that freezing
 is in place before a DDP wrapper sees the model), built by `Runner.trainer` from the Learner's
 arguments and run by `Runner.fit`: with the Learner's optimizer, quiet logs, a clean
-``KeyboardInterrupt`` on Ctrl-C, and one TensorBoard timeline across calls. ``lr_find`` and
-later analysis tools use the same two methods; they are the Learner's public seam to Lightning
-(``learn.runner``).
+``KeyboardInterrupt`` on Ctrl-C, and one TensorBoard timeline across calls. ``lr_find`` uses the
+same two methods, and the after-fit analysis (`difflr.predictions`) `Runner.validate` and
+`Runner.predict`; they are the Learner's public seam to Lightning (``learn.runner``).
 """
 
 from __future__ import annotations
@@ -347,6 +347,49 @@ class Runner:
         """Move the timeline back to where a resumed fit started, so it continues its own."""
         if self.logger is not None:
             self.logger.step_offset, self.logger.epoch_offset = (int(v) for v in offsets)
+
+    def validate(self, trainer: pl.Trainer, **data: Any) -> list[dict[str, float]]:
+        """``trainer.validate`` of the module, with quiet logs and a clean interrupt; nothing is
+        printed (the values come back).
+
+        Args:
+            trainer: From `trainer`.
+            **data: ``dataloaders=`` or ``datamodule=`` (none: the module's own loader).
+
+        Returns:
+            One dict per loader of the values the module logged (Lightning's return value).
+
+        Raises:
+            KeyboardInterrupt: Ctrl-C.
+        """
+        with self._evaluating(trainer, "validate"):
+            return trainer.validate(self.module, verbose=False, **data)
+
+    def predict(self, trainer: pl.Trainer, **data: Any) -> None:
+        """``trainer.predict`` of the module, with quiet logs and a clean interrupt. Lightning
+        keeps no outputs: a callback of ``trainer`` collects what it needs (see
+        `difflr.predictions`).
+
+        Raises:
+            KeyboardInterrupt: Ctrl-C.
+        """
+        with self._evaluating(trainer, "predict"):
+            trainer.predict(self.module, return_predictions=False, **data)
+
+    @contextmanager
+    def _evaluating(self, trainer: pl.Trainer, what: str) -> Iterator[None]:
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            with quiet_lightning(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)")
+                yield
+        except SystemExit:
+            if trainer.interrupted:  # Lightning's SystemExit for Ctrl-C, as in `fit`
+                raise KeyboardInterrupt(f"{what} interrupted; the model is unchanged.") from None
+            raise
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, handler)
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch in one process, as the Trainer will count them.

@@ -5,8 +5,9 @@ Lightning's script launcher starts rank 1 by running this same command again wit
 ``LOCAL_RANK=1``: everything happens under ``if __name__ == "__main__"``, and the model and data
 are built from fixed seeds, so both ranks start from the same state. Each rank writes
 ``OUTDIR/rank{r}.pt``: the model's state after every fit (and every phase of ``fine_tune`` and
-``fit_stages``), the recorder's per-step LRs, the lr_find results, the refusal of
-``GradualUnfreezing``, and a control run in which the replicas are expected to drift.
+``fit_stages``), the recorder's per-step LRs, what ``validate`` and ``get_preds`` return, the
+lr_find results, the refusal of ``GradualUnfreezing``, and a control run in which the replicas
+are expected to drift.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ STAGES = [(-1, 1, 1e-2), (-2, 1, (1e-3, 1e-2)), (0, 1, (1e-4, 1e-2))]
 LR_FIND_ITERATIONS = 60
 #: Rank 1's loss jumps at this step of a second sweep, so that its own stop rule would fire there.
 SPIKE_AT = 20
+#: Items of the dataset given to get_preds: odd, so that the two shards differ in length.
+PREDS_ITEMS = 95
 
 
 def state(module: Any) -> dict[str, Any]:
@@ -39,6 +42,7 @@ def main(out: Path) -> None:
     import torch
     import torch.nn.functional as F
     from lightning.pytorch.callbacks import Callback
+    from torch.utils.data import DataLoader, TensorDataset
 
     from difflr import Learner, Stage, accuracy
     from difflr.module import LearnerModule
@@ -114,6 +118,19 @@ def main(out: Path) -> None:
     learn.fit_one_cycle(UNFROZEN_EPOCHS, slice(1e-4, 1e-2))
     results["unfrozen"] = record(learn, tap)
     results["times"]["freeze_fit_unfreeze_fit"] = time.perf_counter() - start
+
+    # After the fit: validate, and get_preds through a shuffling, drop_last loader (rebuilt) of
+    # an odd number of items, sharded unevenly; each rank must get every item once, in order.
+    start = time.perf_counter()
+    x_valid, y_valid = valid_dl.dataset.tensors
+    odd = TensorDataset(x_valid[:PREDS_ITEMS], y_valid[:PREDS_ITEMS])
+    shuffled = DataLoader(odd, batch_size=16, shuffle=True, drop_last=True)
+    results["after_fit"] = {
+        "state": state(learn.module),
+        "validate": learn.validate(),
+        "get_preds": learn.get_preds(shuffled, with_input=True, with_loss=True),
+    }
+    results["times"]["after_fit"] = time.perf_counter() - start
 
     # lr_find from a frozen state, diverging before its end (rank 0 decides when to stop)
     start = time.perf_counter()

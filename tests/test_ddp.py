@@ -212,6 +212,31 @@ def test_the_preview_shows_the_steps_each_rank_makes(run: DDPRun) -> None:
         np.testing.assert_array_equal(record["head"]["preview"], record["head"]["lrs"])
 
 
+# --------------------------------------------------------------------------------- after the fit
+def test_get_preds_gives_every_rank_each_item_once_in_dataset_order(run: DDPRun) -> None:
+    x, y = (t[: ddp_script.PREDS_ITEMS] for t in make_loaders()[1].dataset.tensors)
+    model = make_model()
+    final = run.ranks[0]["after_fit"]["state"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in final.items()})
+    with torch.no_grad():
+        outputs = model.eval()(x)
+    for record in run.ranks:
+        inputs, preds, targets, losses = record["after_fit"]["get_preds"]
+        # 95 items in shards of 48 and 47: none missing, no padding item twice, in order.
+        assert torch.equal(inputs, x) and torch.equal(targets, y)
+        torch.testing.assert_close(preds, outputs.softmax(1))
+        torch.testing.assert_close(losses, F.cross_entropy(outputs, y, reduction="none"))
+
+
+def test_validate_gives_every_rank_the_epoch_tables_last_row(run: DDPRun) -> None:
+    for record in run.ranks:
+        row = record["unfrozen"]["values"][-1]
+        assert record["after_fit"]["validate"] == {
+            "valid_loss": pytest.approx(row["valid_loss"], rel=1e-6),
+            "accuracy": pytest.approx(row["accuracy"]),
+        }
+
+
 # --------------------------------------------------------------------------------- lr_find
 def stop_step(losses: np.ndarray, factor: float = 4.0) -> int | None:
     """The number of steps after which the sweep's stop rule fires on this curve."""
