@@ -64,9 +64,10 @@ def quiet_lightning() -> Iterator[None]:
 def _wants_live_progress(kwargs: Mapping[str, Any], callbacks: Sequence[pl.Callback]) -> bool:
     """Whether a Trainer gets difflr's live progress: unless ``enable_progress_bar=False`` or the
     user brings a progress bar of their own (a Trainer takes one)."""
-    return bool(kwargs.get("enable_progress_bar", True)) and not any(
-        isinstance(cb, ProgressBar) for cb in callbacks
-    )
+    enabled = kwargs.get("enable_progress_bar")
+    if enabled is not None and not enabled:  # None is Lightning's default: on
+        return False
+    return not any(isinstance(cb, ProgressBar) for cb in callbacks)
 
 
 class Runner:

@@ -372,6 +372,9 @@ def test_each_fit_gets_the_live_line_unless_the_progress_bar_is_off(tmp_path):
     assert trainer.progress_bar_callback.table is learn.runner.table
     assert learn.runner.table not in trainer.callbacks  # the line shows the table's rows
 
+    trainer = _learner(tmp_path, enable_progress_bar=None).runner.trainer()  # Lightning's "on"
+    assert isinstance(trainer.progress_bar_callback, LiveProgress)
+
     trainer = _learner(tmp_path, enable_progress_bar=False).runner.trainer()
     assert trainer.progress_bar_callback is None
     assert any(isinstance(cb, ProgressTable) for cb in trainer.callbacks)
