@@ -143,7 +143,9 @@ class Runner:
             callbacks: This run's own callbacks (its scheduler), placed first.
             standard: Add the epoch table, the NaN guard, the user's callbacks and the
                 checkpoints (a fit); ``False`` for a run that is not one (``lr_find``). The
-                recorder is always added.
+                recorder is always added, and the live progress line (`LiveProgress`, which
+                then shows the table) unless ``enable_progress_bar=False`` or the user's
+                callbacks hold a progress bar of their own.
             progress_label: What the live progress line calls the run (``None``: the epoch).
             **overrides: Trainer arguments that win over the Learner's.
         """

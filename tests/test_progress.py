@@ -298,9 +298,14 @@ def test_the_line_is_refreshed_during_the_epoch_at_a_bounded_rate(notebook, monk
 
 
 def test_with_gradient_accumulation_the_line_smooths_per_optimizer_step(notebook):
-    _, recorder, bar, _ = _fit(notebook, _data(30), accumulate_grad_batches=4)
-    # 30 batches: 7 steps of 4 and a last one of 2 (Lightning steps at the epoch's end).
-    assert len(recorder.losses) == 8
+    _, recorder, bar, _ = _fit(notebook, _data(30), accumulate_grad_batches=3)
+    assert len(recorder.losses) == 10  # optimizer steps
+    # The refresh after 16 batches came one batch into the 6th step: it shows 5 steps' curve,
+    # and that batch's loss waited for the rest of its step.
+    texts = notebook.texts()
+    assert parse(texts[1].splitlines()[-1]) == ("epoch 0", 16, 30)
+    shown = float(re.search(r"train_loss=(\S+)]", texts[1]).group(1))
+    assert shown == pytest.approx(recorder.losses[4], rel=1e-3)
     assert bar.loss == pytest.approx(recorder.losses[-1], rel=1e-6)
 
 
@@ -326,14 +331,6 @@ class Fail(Callback):
 
 
 def test_an_error_leaves_the_line_where_training_stopped(notebook):
-    with pytest.raises(RuntimeError, match="boom"):
-        _fit_failing(notebook)
-    last = notebook.texts()[-1]
-    assert last.endswith("stopped by RuntimeError]") and parse(last)[1:] == (10, 100)
-    assert 'data-state="interrupted"' in notebook.displays[-1][-1]["text/html"]
-
-
-def _fit_failing(notebook):
     bar = LiveProgress(ProgressTable(Recorder(log_hypers=False)), clock=FakeClock())
     trainer = pl.Trainer(
         max_epochs=1,
@@ -342,7 +339,11 @@ def _fit_failing(notebook):
         enable_checkpointing=False,
         enable_model_summary=False,
     )
-    trainer.fit(Tiny(), _data(100))
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(Tiny(), _data(100))
+    last = notebook.texts()[-1]
+    assert last.endswith("stopped by RuntimeError]") and parse(last)[1:] == (10, 100)
+    assert 'data-state="interrupted"' in notebook.displays[-1][-1]["text/html"]
 
 
 def test_refresh_s_must_be_positive():
