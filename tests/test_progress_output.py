@@ -1,18 +1,22 @@
 """What a user sees while training: a script's output in a terminal (a pseudo-terminal, so the
 script runs as it would in one), and the display a fit leaves in a real Jupyter kernel.
 
-The fits themselves are tiny; most of the few seconds each test takes is a fresh Python process
-importing torch and Lightning.
+The fits themselves are tiny: most of the time is the two fresh Python processes importing torch
+and Lightning, so the script and the kernel run at the same time.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,44 +63,107 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run_in_a_terminal(tmp_path: Path) -> str:
-    """Run ``SCRIPT`` with its stdout on a 120-column pseudo-terminal; return what it wrote."""
-    pty = pytest.importorskip("pty", reason="needs a POSIX pseudo-terminal")
-    import fcntl
-    import struct
-    import termios
+class _Terminal:
+    """``SCRIPT`` running with its stdout on a 120-column pseudo-terminal, read by a thread."""
 
-    main, child = pty.openpty()
-    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    with open(tmp_path / "stderr.txt", "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, str(tmp_path)],
-            stdout=child,
-            stderr=stderr,
-            cwd=tmp_path,
-            env=_env(),
-        )
-    os.close(child)
-    chunks = []
-    try:
+    def __init__(self, tmp_path: Path) -> None:
+        import fcntl
+        import pty
+        import struct
+        import termios
+
+        self.stderr = tmp_path / "stderr.txt"
+        main, child = pty.openpty()
+        fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        with open(self.stderr, "wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", SCRIPT, str(tmp_path)],
+                stdout=child,
+                stderr=stderr,
+                cwd=tmp_path,
+                env=_env(),
+            )
+        os.close(child)
+        self.main, self.chunks = main, []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
         while True:
             try:
-                chunk = os.read(main, 65536)
+                chunk = os.read(self.main, 65536)
             except OSError:  # EIO: the script has exited and closed the terminal
-                break
+                return
             if not chunk:
-                break
-            chunks.append(chunk)
-        process.wait(timeout=TIMEOUT)
+                return
+            self.chunks.append(chunk)
+
+    def output(self) -> str:
+        """What the script wrote, once it has ended (killed after ``TIMEOUT`` seconds)."""
+        try:
+            self.process.wait(timeout=TIMEOUT)
+        finally:
+            self.process.kill()
+            self.reader.join(timeout=10)
+            os.close(self.main)
+        assert self.process.returncode == 0, self.stderr.read_text()[-4000:]
+        return b"".join(self.chunks).decode("utf-8")
+
+
+KERNEL_SETUP = """
+import torch.nn.functional as F
+from difflr import Learner
+from tests.helpers import make_loaders, make_model, three_groups
+learn = Learner(make_model(), make_loaders(400, 8), loss_func=F.cross_entropy,
+                splitter=three_groups, logger=False, checkpoint=False)
+"""
+
+
+def _run_in_a_kernel(tmp_path: Path) -> Any:
+    """A notebook whose second cell fits one epoch of 50 batches, run in a fresh kernel."""
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell(KERNEL_SETUP), nbformat.v4.new_code_cell("learn.fit(1)")]
+    )
+    env = _env()
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("PYTHONPATH", "OMP_NUM_THREADS"):
+            patch.setenv(key, env[key])
+        nbclient.NotebookClient(
+            notebook,
+            kernel_name="python3",
+            timeout=TIMEOUT,
+            resources={"metadata": {"path": str(tmp_path)}},
+        ).execute()
+    return notebook
+
+
+@dataclass
+class Seen:
+    terminal: str | None  # what the script wrote; None without a pseudo-terminal
+    notebook: Any  # the executed notebook; None without nbclient and ipykernel
+
+
+@pytest.fixture(scope="module")
+def seen(tmp_path_factory: pytest.TempPathFactory) -> Seen:
+    """The script and the kernel, run at the same time: each is mostly a fresh Python process
+    importing torch and Lightning."""
+    has_pty = importlib.util.find_spec("pty") is not None and sys.platform != "win32"
+    has_kernel = all(importlib.util.find_spec(m) for m in ("nbclient", "nbformat", "ipykernel"))
+    terminal = _Terminal(tmp_path_factory.mktemp("terminal")) if has_pty else None
+    try:
+        notebook = _run_in_a_kernel(tmp_path_factory.mktemp("kernel")) if has_kernel else None
     finally:
-        process.kill()
-        os.close(main)
-    assert process.returncode == 0, (tmp_path / "stderr.txt").read_text()[-4000:]
-    return b"".join(chunks).decode("utf-8")
+        raw = terminal.output() if terminal is not None else None
+    return Seen(raw, notebook)
 
 
-def test_in_a_terminal_the_table_rows_and_the_bar_never_share_a_line(tmp_path):
-    raw = _run_in_a_terminal(tmp_path)
+def test_in_a_terminal_the_table_rows_and_the_bar_never_share_a_line(seen):
+    if seen.terminal is None:
+        pytest.skip("needs a POSIX pseudo-terminal")
+    raw = seen.terminal
     lines = screen(raw)
 
     # On screen at the end: the three tables, each row on a line of its own, lr_find's last line
@@ -138,32 +205,10 @@ def test_in_a_terminal_the_table_rows_and_the_bar_never_share_a_line(tmp_path):
     assert not [p for p in pieces[pieces.index("--- no progress bar ---") :] if BAR.match(p)]
 
 
-def test_in_a_jupyter_kernel_a_fit_leaves_one_display_that_shows_every_batch(tmp_path):
-    nbclient = pytest.importorskip("nbclient", reason="nbclient runs the kernel ([dev] extra)")
-    nbformat = pytest.importorskip("nbformat", reason="nbformat builds the notebook ([dev] extra)")
-    pytest.importorskip("ipykernel", reason="the notebook runs in an ipykernel ([dev] extra)")
-    setup = """
-import torch.nn.functional as F
-from difflr import Learner
-from tests.helpers import make_loaders, make_model, three_groups
-learn = Learner(make_model(), make_loaders(400, 8), loss_func=F.cross_entropy,
-                splitter=three_groups, logger=False, checkpoint=False)
-"""
-    notebook = nbformat.v4.new_notebook(
-        cells=[nbformat.v4.new_code_cell(setup), nbformat.v4.new_code_cell("learn.fit(1)")]
-    )
-    env = _env()
-    with pytest.MonkeyPatch.context() as patch:
-        for key in ("PYTHONPATH", "OMP_NUM_THREADS"):
-            patch.setenv(key, env[key])
-        client = nbclient.NotebookClient(
-            notebook,
-            kernel_name="python3",
-            timeout=TIMEOUT,
-            resources={"metadata": {"path": str(tmp_path)}},
-        )
-        client.execute()
-
+def test_in_a_jupyter_kernel_a_fit_leaves_one_display_that_shows_every_batch(seen):
+    if seen.notebook is None:
+        pytest.skip("nbclient, nbformat and ipykernel run the kernel ([dev] extra)")
+    notebook = seen.notebook
     outputs = notebook.cells[1].outputs
     displays = [o for o in outputs if o.output_type == "display_data"]
     assert len(displays) == 1, json.dumps(outputs, indent=1)[:4000]  # one display per fit call
