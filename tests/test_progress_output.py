@@ -142,28 +142,42 @@ def _run_in_a_kernel(tmp_path: Path) -> Any:
 
 @dataclass
 class Seen:
-    terminal: str | None  # what the script wrote; None without a pseudo-terminal
-    notebook: Any  # the executed notebook; None without nbclient and ipykernel
+    terminal: str | BaseException | None  # what the script wrote; None without a pseudo-terminal
+    notebook: Any  # the executed notebook (or its error); None without nbclient and ipykernel
 
 
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory: pytest.TempPathFactory) -> Seen:
     """The script and the kernel, run at the same time: each is mostly a fresh Python process
-    importing torch and Lightning."""
+    importing torch and Lightning. A failure of one is raised by its own test only."""
     has_pty = importlib.util.find_spec("pty") is not None and sys.platform != "win32"
     has_kernel = all(importlib.util.find_spec(m) for m in ("nbclient", "nbformat", "ipykernel"))
     terminal = _Terminal(tmp_path_factory.mktemp("terminal")) if has_pty else None
-    try:
-        notebook = _run_in_a_kernel(tmp_path_factory.mktemp("kernel")) if has_kernel else None
-    finally:
-        raw = terminal.output() if terminal is not None else None
+    notebook: Any = None
+    if has_kernel:
+        try:
+            notebook = _run_in_a_kernel(tmp_path_factory.mktemp("kernel"))
+        except Exception as error:  # CellExecutionError names the cell
+            notebook = error
+    raw: str | BaseException | None = None
+    if terminal is not None:
+        try:
+            raw = terminal.output()
+        except Exception as error:
+            raw = error
     return Seen(raw, notebook)
 
 
+def _result(value: Any, skip: str) -> Any:
+    if value is None:
+        pytest.skip(skip)
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
 def test_in_a_terminal_the_table_rows_and_the_bar_never_share_a_line(seen):
-    if seen.terminal is None:
-        pytest.skip("needs a POSIX pseudo-terminal")
-    raw = seen.terminal
+    raw = _result(seen.terminal, "needs a POSIX pseudo-terminal")
     lines = screen(raw)
 
     # On screen at the end: the three tables, each row on a line of its own, lr_find's last line
@@ -206,9 +220,7 @@ def test_in_a_terminal_the_table_rows_and_the_bar_never_share_a_line(seen):
 
 
 def test_in_a_jupyter_kernel_a_fit_leaves_one_display_that_shows_every_batch(seen):
-    if seen.notebook is None:
-        pytest.skip("nbclient, nbformat and ipykernel run the kernel ([dev] extra)")
-    notebook = seen.notebook
+    notebook = _result(seen.notebook, "nbclient, nbformat and ipykernel run it ([dev] extra)")
     outputs = notebook.cells[1].outputs
     displays = [o for o in outputs if o.output_type == "display_data"]
     assert len(displays) == 1, json.dumps(outputs, indent=1)[:4000]  # one display per fit call
