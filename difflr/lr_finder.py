@@ -209,16 +209,17 @@ def lr_find(
     scheduler = ParamScheduler(exp_range(starts, ends), None, total_steps=num_it)
     callbacks = [scheduler, _StopOnEmptyEpoch(), *([_StopOnDivergence()] if stop_div else [])]
     # Not a fit: no epoch table, NaN guard (the sweep's own rule handles a loss that is not
-    # finite), user callbacks, checkpoints, logs or validation.
+    # finite), user callbacks, checkpoints, logs or validation. The live line counts the
+    # sweep's iterations (unless the Learner has enable_progress_bar=False).
     trainer = learn.runner.trainer(
         callbacks,
         standard=False,
+        progress_label="lr_find",
         max_steps=num_it,
         max_epochs=-1,
         limit_val_batches=0,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
     )
     saved = _Snapshot(learn.module, learn.opt, learn.path if snapshot == "disk" else None)
     learn.recorder.reset()

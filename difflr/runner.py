@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from difflr.callbacks import FiniteLossGuard, FrozenNormEval, ParamScheduler, Recorder
@@ -37,7 +38,6 @@ from difflr.checkpoints import (
 )
 from difflr.checks import check_choice, check_int
 from difflr.data import Data, loader_length
-from difflr.display import in_notebook
 from difflr.distributed import (
     SyncBuffers,
     batches_per_process,
@@ -46,7 +46,7 @@ from difflr.distributed import (
 )
 from difflr.loggers import ContinuousLogger
 from difflr.module import LearnerModule
-from difflr.progress import ProgressTable
+from difflr.progress import LiveProgress, ProgressTable
 from difflr.schedules import steps_per_epoch
 
 __all__ = ["Runner", "quiet_lightning"]
@@ -71,6 +71,15 @@ def quiet_lightning() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def _wants_live_progress(kwargs: Mapping[str, Any], callbacks: Sequence[pl.Callback]) -> bool:
+    """Whether a Trainer gets difflr's live progress: unless ``enable_progress_bar=False`` or the
+    user brings a progress bar of their own (a Trainer takes one)."""
+    enabled = kwargs.get("enable_progress_bar")
+    if enabled is not None and not enabled:  # None is Lightning's default: on
+        return False
+    return not any(isinstance(cb, ProgressBar) for cb in callbacks)
 
 
 class Runner:
@@ -157,7 +166,12 @@ class Runner:
         self._notified_optimizer = False
 
     def trainer(
-        self, callbacks: Sequence[pl.Callback] = (), *, standard: bool = True, **overrides: Any
+        self,
+        callbacks: Sequence[pl.Callback] = (),
+        *,
+        standard: bool = True,
+        progress_label: str | None = None,
+        **overrides: Any,
     ) -> pl.Trainer:
         """A fresh Trainer with the Learner's arguments.
 
@@ -165,7 +179,10 @@ class Runner:
             callbacks: This run's own callbacks (its scheduler), placed first.
             standard: Add the epoch table, the NaN guard, the user's callbacks and the
                 checkpoints (a fit); ``False`` for a run that is not one (``lr_find``). The
-                recorder is always added.
+                recorder is always added, and the live progress line (`LiveProgress`, which
+                then shows the table) unless ``enable_progress_bar=False`` or the user's
+                callbacks hold a progress bar of their own.
+            progress_label: What the live progress line calls the run (``None``: the epoch).
             **overrides: Trainer arguments that win over the Learner's.
         """
         kwargs: dict[str, Any] = {
@@ -175,10 +192,6 @@ class Runner:
             "enable_model_summary": False,
             "num_sanity_val_steps": 0,
         }
-        if in_notebook():
-            # Lightning's text bar would print a line per refresh in a notebook; the epoch table
-            # updates in place instead (pass enable_progress_bar=True to have both).
-            kwargs["enable_progress_bar"] = False
         n_batches = loader_length(self.data.train_dl)
         if n_batches:
             kwargs["log_every_n_steps"] = max(1, min(50, n_batches))
@@ -187,8 +200,14 @@ class Runner:
         extra: list[pl.Callback] = [self.recorder]
         if not self.train_bn:
             extra.append(FrozenNormEval())
+        live = None
+        if _wants_live_progress(kwargs, [*callbacks, *(self.callbacks if standard else ())]):
+            # Lightning takes it instead of its own bar; it shows the table's rows too.
+            kwargs["enable_progress_bar"] = True
+            live = LiveProgress(self.table if standard else None, label=progress_label)
+            extra.append(live)  # after the recorder: it shows the row the recorder just made
         if standard:
-            extra += [self.table, *self.callbacks]
+            extra += [*([self.table] if live is None else []), *self.callbacks]
             if self.check_finite:
                 extra.append(FiniteLossGuard(check_grads=self.check_finite == "grads"))
             if self.checkpoint:
