@@ -4,10 +4,11 @@ Layer groups, discriminative learning rates, freezing and gradual unfreezing, th
 policy and the LR range test, as a ``Learner`` facade and as drop-in Lightning callbacks.
 """
 
+from difflr.blocks import BlockSplitter
 from difflr.callbacks import ParamScheduler, Recorder
 from difflr.groups import LayerGroup
 from difflr.learner import Learner
-from difflr.lr import LRSpec, expand_lrs
+from difflr.lr import LayerDecay, LRSpec, expand_lrs, layer_decay
 from difflr.metrics import accuracy, error_rate
 from difflr.splitters import split_model
 from difflr.stages import GradualUnfreezing, Stage
@@ -17,8 +18,10 @@ from difflr.vision import vision_learner
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockSplitter",
     "GradualUnfreezing",
     "LRSpec",
+    "LayerDecay",
     "LayerGroup",
     "Learner",
     "ParamScheduler",
@@ -29,6 +32,7 @@ __all__ = [
     "accuracy",
     "error_rate",
     "expand_lrs",
+    "layer_decay",
     "minimum",
     "slide",
     "split_model",
