@@ -7,6 +7,7 @@ skipped when transformers is not installed (it comes with the [dev] and [transfo
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from difflr import BlockSplitter, Learner, accuracy, expand_lrs, layer_decay
 from difflr.hf import is_transformers_model, transformers_trunk
 from difflr.schedules import one_cycle_lr
-from difflr.splitters import find_splitter, split_model
+from difflr.splitters import describe_group, find_splitter, split_model
 from tests.test_lr_finder import _assert_same, _state
 
 transformers = pytest.importorskip("transformers")
@@ -425,3 +426,28 @@ def test_pairs_of_tensors_work_too(tmp_path) -> None:
     learn.fit(1, 1e-3)
     assert len(learn.recorder.losses) == 3 and np.isfinite(learn.recorder.losses).all()
     assert not torch.equal(before["classifier.weight"], model.classifier.weight)
+
+
+# --------------------------------------------------------------------------------------------
+# The docs' table of groups per family is what split_model finds
+# --------------------------------------------------------------------------------------------
+
+BY_CLASS = {type(make()).__name__: make for make, *_ in FAMILIES.values()}
+
+
+def _docs_table() -> list[list[str]]:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "concepts.md").read_text()
+    section = text.split("### Groups found for each family", 1)[1].split("\n#", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_the_docs_table_of_groups_per_family_is_what_split_model_finds() -> None:
+    rows = _docs_table()
+    assert {row[0].strip("`") for row in rows} == set(BY_CLASS)
+    for name, layers, embeddings, head in rows:
+        model = BY_CLASS[name.strip("`")]()
+        groups = split_model(model)
+        assert layers.strip("`").format(i=0) == describe_group(model, groups[1]), name
+        assert embeddings.strip("`") == describe_group(model, groups[0]), name
+        assert head.split("` (")[0].strip("`") == describe_group(model, groups[-1]), name
