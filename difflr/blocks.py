@@ -5,19 +5,20 @@ blocks of one type applied in turn (``encoder.layer``, ``h``, ``layers``, ``bloc
 ``layer1`` .. ``layer4`` that each hold such blocks), and an output part (a final norm, a pooler,
 a head). `BlockSplitter` cuts a model along that shape:
 
-=========================  ====================================================================
-group                      parameters
-=========================  ====================================================================
-``stem``                   registered before the trunk (embeddings, patch projection, stem)
-``block0`` .. ``block{n}``  one per block, in order (or ``block_groups`` contiguous runs of them)
-``head``                   registered after the trunk (final norm, pooler, classifier)
-=========================  ====================================================================
+============================  =================================================================
+group                         parameters
+============================  =================================================================
+``stem``                      registered before the trunk (embeddings, patch projection, stem)
+``block0`` .. ``block{n-1}``  one per block, in order (or ``block_groups`` contiguous runs)
+``head``                      registered after the trunk (final norm, pooler, classifier)
+============================  =================================================================
 
-*Registration order* (the order of ``model.named_parameters()``) stands in for forward order,
-which cannot be known without running the model: a module assigned in ``__init__`` before the
-trunk is taken to run before it. That holds for every Hugging Face, timm and torchvision model;
-a model that registers its head first needs ``BlockSplitter(...)`` with an explicit splitter, or
-its own ``model_splits()``.
+(``embeddings``, ``layer0`` .. and ``head`` for a Hugging Face model.) *Registration order* (the
+order of ``model.named_parameters()``) stands in for forward order, which cannot be known
+without running the model: a module assigned in ``__init__`` before the trunk is taken to run
+before it. That is how models are usually written, and how the Hugging Face families in the docs
+are; a model that registers its head before its trunk needs a splitter of its own (or a
+``model_splits()`` method).
 
 **How the trunk is found** (`find_trunk`). A *block* is a child module that holds parameters in
 children of its own (so ``nn.Linear`` or ``nn.LayerNorm`` is not a block, a transformer layer or
@@ -55,8 +56,10 @@ __all__ = [
     "BlockSplitter",
     "Trunk",
     "chunks",
+    "cut_along_trunk",
     "find_trunk",
     "tied_parameters",
+    "trunk_at",
 ]
 
 #: Layer groups as this module builds them: ``{name: params}``, in forward order, head last.
@@ -263,7 +266,7 @@ def tied_parameters(model: nn.Module) -> list[tuple[str, ...]]:
     return [tuple(group) for group in names.values() if len(group) > 1]
 
 
-def block_groups(
+def cut_along_trunk(
     model: nn.Module,
     trunk: Trunk,
     block_groups: int | None = None,
@@ -400,5 +403,5 @@ class BlockSplitter:
 
     def __call__(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
         trunk, names = self._locate(model)
-        groups = block_groups(model, trunk, self.block_groups, self.tied, names)
+        groups = cut_along_trunk(model, trunk, self.block_groups, self.tied, names)
         return {name: params for name, params in groups.items() if params}

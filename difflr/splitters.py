@@ -32,7 +32,7 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2
 
-from difflr.blocks import BlockSplitter, block_groups, chunks, find_trunk, trunk_at
+from difflr.blocks import BlockSplitter, chunks, cut_along_trunk, find_trunk, trunk_at
 from difflr.groups import LayerGroup, Splitter, layer_groups
 from difflr.hf import GROUP_NAMES as TRANSFORMERS_NAMES
 from difflr.hf import is_transformers_model, transformers_trunk
@@ -269,7 +269,7 @@ def _transformers_groups(model: nn.Module) -> NamedGroups:
     # embeddings) is the first group, what after them (final norm, pooler, task head) the last.
     layers = transformers_trunk(model)
     assert layers is not None  # _family checked it
-    return block_groups(model, trunk_at(model, layers), names=TRANSFORMERS_NAMES)
+    return cut_along_trunk(model, trunk_at(model, layers), names=TRANSFORMERS_NAMES)
 
 
 FAMILIES: tuple[tuple[str, type[nn.Module], Callable[[nn.Module], NamedGroups]], ...] = (

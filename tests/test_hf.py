@@ -6,6 +6,7 @@ skipped when transformers is not installed (it comes with the [dev] and [transfo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -448,6 +449,8 @@ def test_the_docs_table_of_groups_per_family_is_what_split_model_finds() -> None
     for name, layers, embeddings, head in rows:
         model = BY_CLASS[name.strip("`")]()
         groups = split_model(model)
-        assert layers.strip("`").format(i=0) == describe_group(model, groups[1]), name
+        # A family whose layers moved between transformers versions lists both paths.
+        paths = [path.format(i=0) for path in re.findall(r"`([^`]+)`", layers)]
+        assert describe_group(model, groups[1]) in paths, name
         assert embeddings.strip("`") == describe_group(model, groups[0]), name
         assert head.split("` (")[0].strip("`") == describe_group(model, groups[-1]), name
