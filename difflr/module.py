@@ -192,10 +192,12 @@ def forward_batch(
     loss = output_loss(output)
     if loss is None:
         given = "with labels=" if parts.target else "without labels (the batch has none)"
+        hint = " (a Hugging Face model returns a tuple when return_dict=False)"
         raise TypeError(
             f"loss_func is None, so the model's own loss is used, but {type(model).__name__} "
             f"returned {type(output).__name__} with no .loss when called {given}. Put the target "
             "in the batch under 'labels', or pass a loss_func."
+            + (hint if isinstance(output, tuple) else "")
         )
     return StepOutput(preds, parts.target, loss, output)
 
@@ -268,10 +270,6 @@ class LearnerModule(pl.LightningModule):
         loss = forward_batch(self.model, batch, self.loss_func).loss
         self.log("train_loss", loss, on_step=True, prog_bar=True)
         return loss
-
-    def _forward(self, inputs: tuple[Any, ...], batch: Any) -> Any:
-        """``model(*inputs)``, with an error that describes ``batch`` (see `call_model`)."""
-        return call_model(self.model, Batch(inputs, {}, ()), raw=batch)
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
