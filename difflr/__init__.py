@@ -4,11 +4,12 @@ Layer groups, discriminative learning rates, freezing and gradual unfreezing, th
 policy and the LR range test, as a ``Learner`` facade and as drop-in Lightning callbacks.
 """
 
+from difflr.blocks import BlockSplitter
 from difflr.callbacks import ParamScheduler, Recorder
 from difflr.groups import LayerGroup
 from difflr.interpretation import ClassificationInterpretation, Interpretation
 from difflr.learner import Learner
-from difflr.lr import LRSpec, expand_lrs
+from difflr.lr import LayerDecay, LRSpec, expand_lrs, layer_decay
 from difflr.metrics import accuracy, error_rate
 from difflr.splitters import split_model
 from difflr.stages import GradualUnfreezing, Stage
@@ -18,10 +19,12 @@ from difflr.vision import vision_learner
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockSplitter",
     "ClassificationInterpretation",
     "GradualUnfreezing",
     "Interpretation",
     "LRSpec",
+    "LayerDecay",
     "LayerGroup",
     "Learner",
     "ParamScheduler",
@@ -32,6 +35,7 @@ __all__ = [
     "accuracy",
     "error_rate",
     "expand_lrs",
+    "layer_decay",
     "minimum",
     "slide",
     "split_model",

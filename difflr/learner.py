@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from difflr import predictions
+from difflr.blocks import tied_parameters
 from difflr.callbacks import Recorder
 from difflr.checkpoints import FitState, check_resume, read_fit_state, resolve_checkpoint
 from difflr.checks import check_moms, check_wd
@@ -41,7 +42,7 @@ from difflr.module import make_module
 from difflr.optim import make_optimizer
 from difflr.predictions import check_vocab, find_vocab
 from difflr.runner import Runner
-from difflr.splitters import split_model
+from difflr.splitters import describe_group, split_model
 from difflr.stages import SchedulePreview, Stage, check_plan, fine_tune_stages, preview_plan
 from difflr.suggestions import SuggestedLRs, valley
 
@@ -59,9 +60,14 @@ class Learner:
             superseded by the Learner's optimizer).
         data: ``(train_dl, valid_dl)`` (``valid_dl`` may be ``None``), a ``LightningDataModule``,
             or ``None`` when the LightningModule has its own dataloaders.
-        loss_func: ``loss_func(preds, target) -> scalar`` for an ``nn.Module``.
+        loss_func: ``loss_func(preds, target) -> scalar`` for an ``nn.Module``; ``None`` for a
+            model that computes its own loss from ``labels=`` (a Hugging Face model). Batches
+            are tuples ``(inputs..., target)`` or dicts with the target under ``"labels"``
+            (see `difflr.module.forward_batch`).
         splitter: ``splitter(model)`` returning the layer groups (see `difflr.splitters`);
-            else ``model.model_splits()``, else a built-in splitter, else one group.
+            else ``model.model_splits()``, else a built-in splitter (torchvision, timm,
+            Hugging Face), else the repeated-blocks rule (`difflr.blocks.BlockSplitter`), else
+            one group, with a warning.
         opt_func: Optimizer factory called as ``opt_func(param_groups, lr=lr)``.
         lr: Default LR spec of the fit methods (float, list per group or ``slice``).
         wd: Weight decay; ``None`` keeps the optimizer's default.
@@ -597,17 +603,35 @@ class Learner:
 
     # ----------------------------------------------------------------------------- inspection
     def summary(self) -> str:
-        """A table of the layer groups: name, parameter count, trainable state and current LR."""
+        """A table of the layer groups: name, parameter count, trainable state, current LR and
+        the modules each holds; then a line per tied parameter (one tensor under several names)
+        saying which group trains it.
+
+        Examples:
+            >>> print(learn.summary())  # doctest: +SKIP
+            group         params  trainable  lr        modules
+            0.embeddings  1,376   no         4.00e-04  bert.embeddings
+            1.layer0      2,224   no         6.32e-04  bert.encoder.layer.0
+            2.layer1      2,224   no         1.00e-03  bert.encoder.layer.1
+            3.head        323     yes        1.00e-03  bert.pooler, classifier
+        """
         lrs, _ = read_hypers(self.opt)
-        rows = [("group", "params", "trainable", "lr")]
+        rows = [("group", "params", "trainable", "lr", "modules")]
         for group, frozen, lr in zip(self.splits, self._frozen, lrs):
             trainable = sum(p.numel() for p in group.params if p.requires_grad)
             state = (
                 "no" if trainable == 0 else ("yes" if not frozen else f"norm only ({trainable:,})")
             )
-            rows.append((group.name, f"{group.n_params:,}", state, f"{lr:.2e}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+            modules = describe_group(self.model, group)
+            rows.append((group.name, f"{group.n_params:,}", state, f"{lr:.2e}", modules))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        owner = {id(p): g.name for g in self.splits for p in g.params}
+        named = dict(self.model.named_parameters())
+        for names in tied_parameters(self.model):
+            where = owner.get(id(named[names[0]]), "no group")
+            lines.append(f"tied: {' = '.join(names)} (one tensor, trained in {where})")
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return (

@@ -9,20 +9,96 @@ spec                   value for group ``i`` of ``N``
 ``[a, b, ..., z]``     as given (exactly ``N`` values)
 ``slice(hi)``          ``hi / 10`` for every group but the last, ``hi`` for the last
 ``slice(lo, hi)``      ``lo * (hi / lo) ** (i / (N - 1))``: geometric from stem to head
+``layer_decay(hi, d)`` ``hi * d ** (N - 1 - i)``: ``hi`` at the head, times ``d`` per group
+                       towards the stem (timm's and BEiT's layer-wise LR decay)
 =====================  ===================================================================
+
+Layer-wise LR decay is the discriminative LR of the transformer literature, said the other way
+round: ``layer_decay(hi, d)`` over ``N`` groups *is* ``slice(hi * d ** (N - 1), hi)``, whose
+geometric spacing multiplies the LR by ``1 / d`` from one group to the next. Say it with the
+decay when you think per layer ("0.75 per layer"), with the slice when you think of the range.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypeAlias
 
 import numpy as np
 
-from difflr.checks import check_int, is_number
+from difflr.checks import check_int, check_number, is_number
 
-LRSpec: TypeAlias = "float | Sequence[float] | np.ndarray | slice"
+LRSpec: TypeAlias = "float | Sequence[float] | np.ndarray | slice | LayerDecay"
+
+
+@dataclass(frozen=True)
+class LayerDecay:
+    """An LR spec: ``hi`` for the last layer group (the head), multiplied by ``decay`` for each
+    group towards the first (the embeddings or the stem). Made by `layer_decay`.
+
+    Attributes:
+        hi: The head's learning rate (> 0).
+        decay: The factor from one group to the one before it, in (0, 1].
+    """
+
+    hi: float
+    decay: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hi", check_number(self.hi, "hi", 0, what="the head's LR"))
+        decay = check_number(
+            self.decay,
+            "decay",
+            0,
+            1,
+            open_high=False,
+            what="the LR factor per layer group",
+            example="0.75",
+        )
+        object.__setattr__(self, "decay", decay)
+
+    def expand(self, n_groups: int) -> list[float]:
+        """One LR per group: ``hi * decay ** (n_groups - 1 - i)`` for group ``i``."""
+        check_int(n_groups, "n_groups", 1, what="a number of layer groups")
+        return [self.hi * self.decay ** (n_groups - 1 - i) for i in range(n_groups)]
+
+    def as_slice(self, n_groups: int) -> slice:
+        """The ``slice(lo, hi)`` that gives the same LRs over ``n_groups`` groups."""
+        check_int(n_groups, "n_groups", 1, what="a number of layer groups")
+        return slice(self.hi * self.decay ** (n_groups - 1), self.hi)
+
+    def __repr__(self) -> str:
+        return f"layer_decay({self.hi!r}, {self.decay!r})"
+
+
+def layer_decay(hi: float, decay: float) -> LayerDecay:
+    """Layer-wise LR decay as an LR spec: ``hi`` at the head, times ``decay`` per group towards
+    the embeddings (timm's ``layer_decay``, BEiT's and ELECTRA's fine-tuning recipe).
+
+    Usable wherever an LR spec is (``fit_one_cycle(n, lr_max=layer_decay(1e-3, 0.75))``,
+    ``Learner(lr=...)``, ``Stage``, ``lr_find``'s bounds). Over ``N`` groups it equals
+    ``slice(hi * decay ** (N - 1), hi)``; with one group per transformer layer plus the
+    embeddings and the head (what difflr finds for a Hugging Face model), it gives each layer
+    timm's per-layer scale ``decay ** (N - 1 - i)``.
+
+    Args:
+        hi: The head's learning rate (> 0).
+        decay: Factor per group, in (0, 1]; 1 gives every group ``hi``.
+
+    Raises:
+        TypeError: ``hi`` or ``decay`` is not a number.
+        ValueError: ``hi <= 0``, or ``decay`` is outside (0, 1].
+
+    Examples:
+        >>> expand_lrs(layer_decay(1e-3, 0.5), 4)
+        [0.000125, 0.00025, 0.0005, 0.001]
+        >>> layer_decay(1e-3, 0.5).as_slice(4)
+        slice(0.000125, 0.001, None)
+    """
+    return LayerDecay(hi, decay)
+
 
 #: The largest finite float32: an LR above it overflows in the optimizer's arithmetic.
 FLOAT32_MAX = 3.4028234663852886e38
@@ -58,8 +134,8 @@ def expand_lrs(
     """Expand an LR spec into one learning rate per layer group.
 
     Args:
-        spec: A float, a sequence of one or ``n_groups`` floats, or a ``slice``
-            (``slice(hi)`` or ``slice(lo, hi)``); see the module docstring.
+        spec: A float, a sequence of one or ``n_groups`` floats, a ``slice``
+            (``slice(hi)`` or ``slice(lo, hi)``) or a `layer_decay`; see the module docstring.
         n_groups: Number of layer groups, frozen ones included (N >= 1).
         name: The argument's name, used in error messages.
         allow_zero: Accept 0 in a list (the original milestone plans give frozen groups 0).
@@ -80,6 +156,8 @@ def expand_lrs(
         [0.0001, 0.0001, 0.001]
     """
     check_int(n_groups, "n_groups", 1, what="a number of layer groups")
+    if isinstance(spec, LayerDecay):
+        return spec.expand(n_groups)
     if isinstance(spec, slice):
         return _expand_slice(spec, n_groups, name)
     if isinstance(spec, (Sequence, np.ndarray)) and not isinstance(spec, (str, bytes)):

@@ -1,10 +1,22 @@
-"""The LightningModule a Learner builds around a plain ``nn.Module`` and a loss function."""
+"""The LightningModule a Learner builds around a plain ``nn.Module`` and a loss function.
+
+Batches come in two shapes. A tuple ``(inputs..., target)`` calls ``model(*inputs)``, as in fastai.
+A dict (what Hugging Face loaders and collators give: ``input_ids``, ``attention_mask``,
+``labels``, ...) calls ``model(**inputs)``; its target is the ``labels`` entry (or ``label`` /
+``label_ids``, the names Hugging Face's collators rename to ``labels``). With a ``loss_func`` the
+model is called without the target and the loss is ``loss_func(preds, target)``; without one the
+model computes its own: the target goes in as ``labels=`` and the loss is ``output.loss``. A model
+output with a ``.logits`` (a Hugging Face ``ModelOutput``) hands the logits to ``loss_func`` and to
+the metrics; any other output is handed over as it is. `forward_batch` does all of this for one
+batch; `unpack_batch`, `call_model`, `output_preds` and `output_loss` are its parts.
+"""
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -42,6 +54,164 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     )
 
 
+#: The keys a dict batch may hold its target under, in order of preference: ``labels`` is what
+#: Hugging Face models take; its collators rename ``label`` and ``label_ids`` to it.
+TARGET_KEYS = ("labels", "label", "label_ids")
+
+
+class Batch(NamedTuple):
+    """A batch taken apart: what the model is called with, and the target.
+
+    Attributes:
+        args: Positional inputs (a tuple batch without its last item).
+        kwargs: Keyword inputs (a dict batch without its target).
+        target: ``(target,)``, or ``()`` when the batch has none.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    target: tuple[Any, ...]
+
+
+class StepOutput(NamedTuple):
+    """What one batch gives: the predictions (logits), the target and the loss.
+
+    Attributes:
+        preds: The model's output, or its ``.logits`` when it has them.
+        target: ``(target,)``, or ``()`` when the batch has none.
+        loss: ``loss_func(preds, target)``, or the model's own ``output.loss``.
+        output: The model's raw output.
+    """
+
+    preds: Any
+    target: tuple[Any, ...]
+    loss: torch.Tensor
+    output: Any
+
+
+def unpack_batch(batch: Any, need_target: bool = True) -> Batch:
+    """Take a batch apart into the model's inputs and the target.
+
+    Args:
+        batch: A tuple or list ``(inputs..., target)``, or a dict (or any mapping, such as
+            Hugging Face's ``BatchEncoding``) of keyword inputs with the target under
+            ``"labels"`` (or ``"label"``, ``"label_ids"``).
+        need_target: Raise when the batch has no target. A dict without one is otherwise
+            allowed (prediction, or a model that needs no labels for its loss); a tuple's last
+            item is always the target.
+
+    Raises:
+        TypeError: A tuple of fewer than two items; a dict without a target when one is needed.
+
+    Examples:
+        >>> import torch
+        >>> unpack_batch({"input_ids": torch.ones(2, 3), "labels": torch.zeros(2)}).target
+        (tensor([0., 0.]),)
+    """
+    if isinstance(batch, Mapping):
+        key = next((k for k in TARGET_KEYS if k in batch), None)
+        if key is None and need_target:
+            raise TypeError(
+                f"a dict batch must hold its target under 'labels' when a loss_func or metrics "
+                f"need it; got {describe(batch)}. Add the labels to the batch (Hugging Face's "
+                "collators do), or use loss_func=None with a model that computes its own loss."
+            )
+        kwargs = {k: v for k, v in batch.items() if k != key}
+        return Batch((), kwargs, () if key is None else (batch[key],))
+    inputs, target = split_batch(batch)
+    return Batch(inputs, {}, target)
+
+
+def call_model(model: Any, batch: Batch, with_labels: bool = False, raw: Any = None) -> Any:
+    """``model(*batch.args, **batch.kwargs)``, with ``labels=target`` added when ``with_labels``
+    (for a model that computes its own loss). An error from the model gets a line that says what
+    it was called with (``raw``: the batch as the loader gave it)."""
+    kwargs = batch.kwargs
+    if with_labels and batch.target:
+        kwargs = {**kwargs, "labels": batch.target[0]}
+    try:
+        return model(*batch.args, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        # Say what the model was given: most such errors are a batch of the wrong shape.
+        how = "model(**batch)" if not batch.args else "model(*batch[:-1])"
+        raise type(exc)(
+            f"{exc}\n(the model was called as {how} on a batch "
+            f"{describe(raw if raw is not None else batch)}; make the data match the model's "
+            "input)"
+        ) from exc
+
+
+def _field(output: Any, name: str) -> Any:
+    if isinstance(output, torch.Tensor):
+        return None
+    value = getattr(output, name, None)
+    if value is None and isinstance(output, Mapping):
+        value = output.get(name)
+    return value
+
+
+def output_preds(output: Any) -> Any:
+    """The predictions in a model's output: its ``.logits`` (or ``["logits"]``) when it has them
+    (a Hugging Face ``ModelOutput``), else the output itself."""
+    logits = _field(output, "logits")
+    return output if logits is None else logits
+
+
+def output_loss(output: Any) -> torch.Tensor | None:
+    """The loss a model computed itself: its output's ``.loss`` (or ``["loss"]``), else ``None``."""
+    return _field(output, "loss")
+
+
+def forward_batch(
+    model: Any, batch: Any, loss_func: Callable[..., torch.Tensor] | None
+) -> StepOutput:
+    """Run ``model`` on one batch and compute the loss, for a tuple or a dict batch.
+
+    With ``loss_func`` the model is called without the target and the loss is
+    ``loss_func(preds, target)``. Without one (``None``) the target is passed as ``labels=`` and
+    the loss is the model's own ``output.loss``, as Hugging Face models compute it.
+
+    Raises:
+        TypeError: The batch has no target where ``loss_func`` needs one; ``loss_func`` is
+            ``None`` and the model returned no ``.loss``.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 2)
+        >>> step = forward_batch(model, (torch.ones(4, 3), torch.zeros(4).long()),
+        ...                      nn.functional.cross_entropy)
+        >>> step.preds.shape, step.loss.ndim
+        (torch.Size([4, 2]), 0)
+    """
+    parts = unpack_batch(batch, need_target=loss_func is not None)
+    output = call_model(model, parts, with_labels=loss_func is None, raw=batch)
+    preds = output_preds(output)
+    if loss_func is not None:
+        return StepOutput(preds, parts.target, loss_func(preds, *parts.target), output)
+    loss = output_loss(output)
+    if loss is None:
+        given = "with labels=" if parts.target else "without labels (the batch has none)"
+        hint = " (a Hugging Face model returns a tuple when return_dict=False)"
+        raise TypeError(
+            f"loss_func is None, so the model's own loss is used, but {type(model).__name__} "
+            f"returned {type(output).__name__} with no .loss when called {given}. Put the target "
+            "in the batch under 'labels', or pass a loss_func."
+            + (hint if isinstance(output, tuple) else "")
+        )
+    return StepOutput(preds, parts.target, loss, output)
+
+
+def computes_own_loss(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes a ``labels`` argument, as Hugging Face models do: such a
+    model computes its own loss when given the target, so it needs no ``loss_func``."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "labels" in parameters
+
+
 def split_inputs(batch: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """The inputs and the target of a batch that may come without a target (prediction).
 
@@ -74,17 +244,20 @@ class LearnerModule(pl.LightningModule):
     ``configure_optimizers``. The module's state dict is the model's, under ``model.``.
 
     Args:
-        model: The network; called as ``model(*inputs)``.
-        loss_func: ``loss_func(preds, target) -> scalar tensor``.
+        model: The network; called as ``model(*inputs)`` on a tuple batch ``(inputs..., target)``
+            and as ``model(**inputs)`` on a dict batch (see `forward_batch`).
+        loss_func: ``loss_func(preds, target) -> scalar tensor``; ``None`` for a model that
+            computes its own loss from ``labels=`` (a Hugging Face model): ``output.loss``.
         metrics: Functions ``(preds, targets) -> number``, computed on the whole validation set,
-            or torchmetrics-like objects (``update``/``compute``/``reset``).
+            or torchmetrics-like objects (``update``/``compute``/``reset``). ``preds`` are the
+            output's ``.logits`` when it has them.
         optimizer: Returns the optimizer to train with.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss_func: Callable[..., torch.Tensor],
+        loss_func: Callable[..., torch.Tensor] | None,
         metrics: Sequence[Any] = (),
         optimizer: Callable[[], torch.optim.Optimizer] | None = None,
     ) -> None:
@@ -102,64 +275,60 @@ class LearnerModule(pl.LightningModule):
         self._targets: list[torch.Tensor] = []
 
     @override
-    def forward(self, *inputs: Any) -> Any:
-        return self.model(*inputs)
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        return self.model(*inputs, **kwargs)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        inputs, target = split_batch(batch)
-        loss = self._scalar_loss(self.loss_func(self._forward(inputs, batch), *target))
+        loss = self._scalar_loss(forward_batch(self.model, batch, self.loss_func).loss)
         self.log("train_loss", loss, on_step=True, prog_bar=True)
         return loss
 
     def _scalar_loss(self, loss: Any) -> torch.Tensor:
         """``loss`` if it is what backward needs (a tensor with one value), else an error that
         says how to get one."""
-        name = getattr(self.loss_func, "__name__", type(self.loss_func).__name__)
+        name = (
+            "the model's own output.loss"
+            if self.loss_func is None
+            else getattr(self.loss_func, "__name__", type(self.loss_func).__name__)
+        )
         if not isinstance(loss, torch.Tensor):
             raise TypeError(
-                f"loss_func ({name}) returned a {type(loss).__name__} ({loss!r}), not a tensor; "
+                f"the loss ({name}) is a {type(loss).__name__} ({loss!r}), not a tensor; "
                 "compute the loss with torch operations on the model's output so that it can be "
                 "backpropagated."
             )
         if loss.numel() != 1:
             raise ValueError(
-                f"loss_func ({name}) returned a tensor of shape {tuple(loss.shape)}, one loss per "
+                f"the loss ({name}) is a tensor of shape {tuple(loss.shape)}, one loss per "
                 "item; the Learner needs one number per batch: reduce it (reduction='mean', or "
                 ".mean() in your function)."
             )
         return loss
 
-    def _forward(self, inputs: tuple[Any, ...], batch: Any) -> Any:
-        try:
-            return self.model(*inputs)
-        except (RuntimeError, TypeError, ValueError) as exc:
-            # Say what the model was given: most such errors are a batch of the wrong shape.
-            raise type(exc)(
-                f"{exc}\n(the model was called as model(*batch[:-1]) on a batch "
-                f"{describe(batch)}; make the data match the model's input)"
-            ) from exc
-
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        inputs, target = split_batch(batch)
-        preds = self._forward(inputs, batch)
-        loss = self.loss_func(preds, *target)
+        step = forward_batch(self.model, batch, self.loss_func)
         self.log(
             "valid_loss",
-            loss,
+            step.loss,
             on_epoch=True,
             prog_bar=True,
-            batch_size=_batch_size(target),
+            batch_size=_batch_size(step.target),
             sync_dist=True,  # under DDP each rank sees a shard of the validation set
         )
         if not self.metrics:
             return
+        if not step.target:
+            raise TypeError(
+                f"the metrics need a target, but this validation batch has none: "
+                f"{describe(batch)}; put it under 'labels', or drop the metrics."
+            )
         for metric in self.metrics:
             if is_stateful_metric(metric):
-                metric.update(preds, *target)
-        self._preds.append(preds.detach())
-        self._targets.append(target[0].detach())
+                metric.update(step.preds, *step.target)
+        self._preds.append(step.preds.detach())
+        self._targets.append(step.target[0].detach())
 
     @override
     def on_validation_epoch_start(self) -> None:
@@ -190,7 +359,12 @@ class LearnerModule(pl.LightningModule):
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
-        return self._forward(split_inputs(batch)[0], batch)
+        # Dict batches (Hugging Face) as in training; a tuple may come without its target.
+        if isinstance(batch, Mapping):
+            parts = unpack_batch(batch, need_target=False)
+        else:
+            parts = Batch(split_inputs(batch)[0], {}, ())
+        return output_preds(call_model(self.model, parts, raw=batch))
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -200,7 +374,8 @@ class LearnerModule(pl.LightningModule):
 
 
 def _batch_size(target: tuple[Any, ...]) -> int | None:
-    first = target[0]
+    # None (no target): Lightning infers it from the batch.
+    first = target[0] if target else None
     return len(first) if hasattr(first, "__len__") else None
 
 
@@ -209,9 +384,12 @@ def make_module(
 ) -> pl.LightningModule:
     """``model`` itself if it is a ``LightningModule``, else a `LearnerModule` around it.
 
+    ``loss_func`` may be ``None`` for a model whose ``forward`` takes ``labels`` (a Hugging Face
+    model): it computes its own loss.
+
     Raises:
         TypeError: ``model`` is not a module; a plain module comes without a callable
-            ``loss_func``; a metric is not callable.
+            ``loss_func`` and does not compute its own loss; a metric is not callable.
     """
     if isinstance(model, pl.LightningModule):
         if loss_func is not None or metrics:
@@ -225,12 +403,12 @@ def make_module(
         raise TypeError(
             f"model must be an nn.Module or a LightningModule, got {type(model).__name__}."
         )
-    if loss_func is None:
+    if loss_func is None and not computes_own_loss(model):
         raise TypeError(
             f"a plain nn.Module ({type(model).__name__}) needs a loss_func, e.g. "
             "Learner(model, data, loss_func=F.cross_entropy); or pass a LightningModule."
         )
-    if not callable(loss_func):
+    if loss_func is not None and not callable(loss_func):
         raise TypeError(f"loss_func must be callable (preds, target) -> loss, got {loss_func!r}.")
     if metrics is None:
         metrics = []

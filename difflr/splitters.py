@@ -2,12 +2,16 @@
 
 ``split_model(model, splitter=None)`` asks, in order: the ``splitter`` given; the model's own
 ``model_splits()`` (the method the original ParametersSplitsModule example defined); a built-in
-splitter for a recognised architecture (`find_splitter`); else the whole model is one group.
+splitter for a recognised architecture (`find_splitter`); the repeated-blocks rule
+(`difflr.blocks.BlockSplitter`: a group before the trunk of blocks, one per block, one after it);
+else, with a warning that says how to pass a splitter, the whole model is one group.
 
 `find_splitter` recognises the torchvision classification families (ResNet/ResNeXt/Wide-ResNet,
 ConvNeXt, EfficientNet v1/v2, MobileNet v2/v3, RegNet, DenseNet, VGG, ViT, Swin, ShuffleNetV2,
-MNASNet) and, when timm is installed, every timm model that declares its own ``group_matcher``.
-It also finds such a backbone inside a wrapper (an ``nn.Sequential``, a ``LightningModule`` or any
+MNASNet), every timm model that declares its own ``group_matcher`` (when timm is installed) and
+every Hugging Face transformers model whose config counts its layers (BERT, RoBERTa, DistilBERT,
+GPT-2, LLaMA-style decoders, ViT, ...: ``embeddings``, ``layer0`` .. ``layer{n-1}``, ``head``; see
+`difflr.hf`). It also finds such a backbone inside a wrapper (an ``nn.Sequential``, a ``LightningModule`` or any
 module holding it as an attribute). The groups it returns go stem first, stages in forward order,
 head last, and cover every parameter of the model exactly once.
 
@@ -17,19 +21,26 @@ are, so a discriminative ``slice(lo, hi)`` spreads over comparable stages whatev
 
 from __future__ import annotations
 
+import re
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import torchvision.models as tvm
 from torch import nn
 from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2
 
+from difflr.blocks import BlockSplitter, chunks, cut_along_trunk, find_trunk, trunk_at
 from difflr.groups import LayerGroup, Splitter, layer_groups
+from difflr.hf import GROUP_NAMES as TRANSFORMERS_NAMES
+from difflr.hf import is_transformers_model, transformers_trunk
 
 __all__ = [
     "FAMILIES",
     "default_splitter",
+    "describe_group",
     "find_splitter",
     "resnet_splitter",
     "split_model",
@@ -100,18 +111,6 @@ def _split_by_resolution(
     groups.update({f"stage{k}": _params(*stage) for k, stage in enumerate(stages[1:], 1)})
     groups["head"] = _params(*head)
     return groups
-
-
-def _chunks(items: Sequence[Any], n_chunks: int) -> list[list[Any]]:
-    """``items`` cut into ``n_chunks`` runs whose lengths differ by at most one, longer first."""
-    n_chunks = min(n_chunks, len(items))
-    size, extra = divmod(len(items), n_chunks)
-    chunks, start = [], 0
-    for k in range(n_chunks):
-        stop = start + size + (1 if k < extra else 0)
-        chunks.append(list(items[start:stop]))
-        start = stop
-    return chunks
 
 
 def _drop_empty(groups: NamedGroups) -> NamedGroups:
@@ -202,7 +201,7 @@ def _vit_groups(model: nn.Module) -> NamedGroups:
     # projection; the final LayerNorm feeds the classifier only, so it goes with the head.
     encoder = model.encoder
     groups = {"stem": _params(model.conv_proj, model.class_token, encoder.pos_embedding)}
-    for k, blocks in enumerate(_chunks(list(encoder.layers), _VIT_STAGES), 1):
+    for k, blocks in enumerate(chunks(list(encoder.layers), _VIT_STAGES), 1):
         groups[f"stage{k}"] = _params(*blocks)
     groups["head"] = _params(encoder.ln, model.heads)
     return groups
@@ -265,6 +264,14 @@ def _readable_name(param_names: Sequence[str], index: int) -> str:
     return "_".join(path) or f"group{index}"
 
 
+def _transformers_groups(model: nn.Module) -> NamedGroups:
+    # The layers the config counts are the trunk; what is registered before them (the
+    # embeddings) is the first group, what after them (final norm, pooler, task head) the last.
+    layers = transformers_trunk(model)
+    assert layers is not None  # _family checked it
+    return cut_along_trunk(model, trunk_at(model, layers), names=TRANSFORMERS_NAMES)
+
+
 FAMILIES: tuple[tuple[str, type[nn.Module], Callable[[nn.Module], NamedGroups]], ...] = (
     ("resnet", tvm.ResNet, _resnet_groups),
     ("convnext", tvm.ConvNeXt, _convnext_groups),
@@ -283,6 +290,7 @@ _GROUPERS: dict[str, Callable[[nn.Module], NamedGroups]] = {
     name: grouper for name, _, grouper in FAMILIES
 }
 _GROUPERS["timm"] = _timm_groups
+_GROUPERS["transformers"] = _transformers_groups
 
 
 def torchvision_family(module: nn.Module) -> str | None:
@@ -294,6 +302,8 @@ def _family(module: nn.Module) -> str | None:
     family = torchvision_family(module)
     if family is None and callable(getattr(module, "group_matcher", None)) and _has_timm():
         family = "timm"
+    if family is None and is_transformers_model(module) and transformers_trunk(module):
+        family = "transformers"
     return family
 
 
@@ -377,9 +387,11 @@ def find_splitter(model: nn.Module) -> Splitter | None:
     ``head``), ConvNeXt, EfficientNet v1/v2, MobileNet v2/v3, DenseNet, VGG, ViT, Swin and MNASNet
     (``stem``, ``stage1`` .. ``stage4``, ``head``: one stage per feature-map resolution, or four
     runs of encoder blocks for ViT), RegNet (``stem``, ``block1`` .. ``block4``, ``head``),
-    ShuffleNetV2 (``stem``, ``stage2`` .. ``stage4``, ``head``), subclasses of these, and, when
-    timm is installed, any timm model with ``group_matcher`` (timm's coarse groups, named after
-    their modules). A model that is none of these but holds exactly one of them (inside an
+    ShuffleNetV2 (``stem``, ``stage2`` .. ``stage4``, ``head``), subclasses of these; when timm
+    is installed, any timm model with ``group_matcher`` (timm's coarse groups, named after
+    their modules); and any Hugging Face transformers model whose config counts its layers
+    (``embeddings``, ``layer0`` .. ``layer{n-1}``, ``head``: BERT, RoBERTa, DistilBERT, GPT-2,
+    LLaMA-style decoders, ViT, ...). A model that is none of these but holds exactly one of them (inside an
     ``nn.Sequential``, as ``self.model`` of a ``LightningModule``, ...) is split around it: its
     other parameters join the first group if registered before the backbone, the head otherwise.
 
@@ -427,20 +439,37 @@ def _whole_model(model: nn.Module) -> list[nn.Module]:
     return [model]
 
 
+def _model_splits(model: nn.Module) -> object:
+    return model.model_splits()  # type: ignore[operator]
+
+
 def default_splitter(model: nn.Module) -> Splitter:
-    """The splitter used when none is given: ``model.model_splits`` if the model defines it, else
-    `find_splitter`'s, else one that returns the whole model as one group."""
+    """The splitter used when none is given, the first that applies of: ``model.model_splits``;
+    `find_splitter`'s (a known architecture); `BlockSplitter` (the model has a trunk of repeated
+    blocks); one that returns the whole model as one group (with a warning from `split_model`).
+
+    Examples:
+        >>> from torch import nn
+        >>> block = lambda: nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+        >>> default_splitter(nn.Sequential(nn.Linear(4, 8), block(), block()))
+        BlockSplitter(trunk=None, block_groups=None, tied='head', names=None)
+    """
     if callable(getattr(model, "model_splits", None)):
-        return lambda m: m.model_splits()
-    return find_splitter(model) or _whole_model
+        return _model_splits
+    found = find_splitter(model)
+    if found is not None:
+        return found
+    if find_trunk(model) is not None:
+        return BlockSplitter()
+    return _whole_model
 
 
 def split_model(model: nn.Module, splitter: Splitter | None = None) -> list[LayerGroup]:
     """Cut ``model`` into named layer groups and check that they cover it exactly once.
 
     The groups come from ``splitter(model)`` if given, else from `default_splitter`: the
-    model's ``model_splits()``, else a built-in splitter for known architectures, else the whole
-    model is one group.
+    model's ``model_splits()``, else a built-in splitter for known architectures, else the
+    repeated-blocks rule, else the whole model is one group, with a warning.
 
     Args:
         model: The model to split.
@@ -455,6 +484,10 @@ def split_model(model: nn.Module, splitter: Splitter | None = None) -> list[Laye
         ValueError: A trainable parameter is in no group or in several; a group is empty.
         TypeError: The splitter is not callable or returned something that is not a group.
 
+    Warns:
+        UserWarning: No splitter was given and the model has no recognisable structure, so it
+            is one group: discriminative LRs and freezing then have nothing to work on.
+
     Examples:
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -463,8 +496,95 @@ def split_model(model: nn.Module, splitter: Splitter | None = None) -> list[Laye
     """
     if splitter is None:
         splitter = default_splitter(model)
+        if splitter is _whole_model:
+            warnings.warn(
+                f"difflr found no layer groups in {type(model).__name__} (no model_splits(), no "
+                "known architecture, no run of two or more blocks of one class), so it is one "
+                "group and slice(lo, hi) or freeze_to() have nothing to spread over. Pass "
+                "splitter=lambda m: {'body': m.body, 'head': m.head} (groups in forward order), "
+                "splitter=BlockSplitter(trunk='path.to.blocks'), or define model_splits().",
+                stacklevel=_caller_stacklevel(),
+            )
     elif not callable(splitter):
         raise TypeError(
             f"splitter must be a function model -> list of groups, got {type(splitter).__name__}."
         )
     return layer_groups(model, splitter(model))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside difflr: the user's
+    line, however deep in difflr it was raised (``Learner(...)``, a callback's setup)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "difflr":
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+# --------------------------------------------------------------------------------------------
+# What a group holds, for people
+# --------------------------------------------------------------------------------------------
+
+
+def describe_group(model: nn.Module, group: LayerGroup, limit: int = 4) -> str:
+    """The modules (and loose parameters) that make up ``group``, in a few words.
+
+    The fewest module paths whose parameters are all in the group and together are exactly the
+    group; runs of numbered siblings are collapsed (``"bert.encoder.layer.0-3"``).
+
+    Args:
+        model: The model the group was cut from.
+        group: One of ``split_model(model)``'s groups.
+        limit: Show at most this many items, then ``"+ n more"``.
+
+    Examples:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+        >>> groups = split_model(model, lambda m: {"body": m[:3], "head": m[3]})
+        >>> describe_group(model, groups[0])
+        '0-2'
+    """
+    wanted = {id(p) for p in group.params}
+    # The parameters under each module path, by name: a module whose weight is tied to one
+    # elsewhere (an LM head) still counts as wholly in the group that holds the tensor.
+    under: dict[str, set[int]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        parts = name.split(".")
+        for depth in range(len(parts)):
+            under.setdefault(".".join(parts[:depth]), set()).add(id(p))
+    if under.get("", set()) <= wanted:
+        return f"(all of {type(model).__name__})"
+    taken: list[str] = []
+    covered: set[int] = set()
+    for path, ids in under.items():  # a module comes before its children
+        if path and ids <= wanted and not any(path.startswith(f"{t}.") for t in taken):
+            taken.append(path)
+            covered |= ids
+    loose = [name for name, p in model.named_parameters() if id(p) in wanted - covered]
+    items = _collapse_numbered(taken) + loose
+    shown = ", ".join(items[:limit])
+    return shown + (f" + {len(items) - limit} more" if len(items) > limit else "")
+
+
+_NUMBERED = re.compile(r"^(.*?)(\d+)$")
+
+
+def _collapse_numbered(paths: list[str]) -> list[str]:
+    """``["a.0", "a.1", "a.2", "b"]`` -> ``["a.0-2", "b"]``."""
+    result: list[str] = []
+    run: tuple[str, int, int] | None = None  # prefix, first, last
+    for path in [*paths, None]:
+        match = _NUMBERED.match(path) if path is not None else None
+        if match and run and match.group(1) == run[0] and int(match.group(2)) == run[2] + 1:
+            run = (run[0], run[1], int(match.group(2)))
+            continue
+        if run:
+            result.append(f"{run[0]}{run[1]}" if run[1] == run[2] else f"{run[0]}{run[1]}-{run[2]}")
+            run = None
+        if match:
+            run = (match.group(1), int(match.group(2)), int(match.group(2)))
+        elif path is not None:
+            result.append(path)
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import functools
 import itertools
 import pickle
@@ -14,8 +15,16 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
+import difflr.splitters
+from difflr.blocks import BlockSplitter
 from difflr.groups import LayerGroup
-from difflr.splitters import find_splitter, resnet_splitter, split_model
+from difflr.splitters import (
+    default_splitter,
+    describe_group,
+    find_splitter,
+    resnet_splitter,
+    split_model,
+)
 
 RESNET_NAMES = ["0.stem", "1.layer1", "2.layer2", "3.layer3", "4.layer4", "5.head"]
 STAGE_NAMES = ["0.stem", "1.stage1", "2.stage2", "3.stage3", "4.stage4", "5.head"]
@@ -265,7 +274,8 @@ def test_found_splitter_applied_to_another_model_says_to_call_find_splitter() ->
 def test_unknown_model_has_no_splitter_and_stays_one_group() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     assert find_splitter(model) is None
-    assert len(split_model(model)) == 1
+    with pytest.warns(UserWarning, match="found no layer groups"):
+        assert len(split_model(model)) == 1
 
 
 def test_two_backbones_are_ambiguous_so_no_splitter() -> None:
@@ -338,3 +348,97 @@ def test_timm_groups_are_named_stem_blocks_head(monkeypatch: pytest.MonkeyPatch)
 def test_model_with_group_matcher_but_no_timm_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # makes `import timm` raise ImportError
     assert find_splitter(_TimmLike()) is None
+
+
+# --------------------------------------------------------------------------------------------
+# The lookup: specific splitters first, then the repeated-blocks rule, then one group + warning
+# --------------------------------------------------------------------------------------------
+
+
+class _Blocks(nn.Module):
+    """Embeddings, three blocks of one class in a ModuleList, a head: no known architecture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)) for _ in range(3)
+        )
+        self.head = nn.Linear(8, 2)
+
+
+def test_a_model_of_repeated_blocks_is_split_by_the_general_rule() -> None:
+    model = _Blocks()
+    groups = split_model(model)
+    assert [g.name for g in groups] == ["0.stem", "1.block0", "2.block1", "3.block2", "4.head"]
+    assert _ids(groups[0]) == _ids_of(model, ["embed"])
+    assert _ids(groups[2]) == _ids_of(model, ["blocks.1"])
+    assert repr(default_splitter(model)).startswith("BlockSplitter(")
+
+
+def test_a_known_architecture_wins_over_the_general_rule() -> None:
+    # resnet18's layer1..layer4 are also a run of stages; its own splitter still decides.
+    model = _built("resnet18")
+    assert default_splitter(model) == find_splitter(model)
+    assert [g.name for g in split_model(model)] == RESNET_NAMES
+
+
+def test_model_splits_wins_over_the_general_rule() -> None:
+    class WithSplits(_Blocks):
+        def model_splits(self) -> list[nn.Module]:
+            return [nn.ModuleList([self.embed, self.blocks]), self.head]
+
+    assert len(split_model(WithSplits())) == 2
+
+
+def test_no_structure_means_one_group_and_a_warning_that_says_how_to_pass_a_splitter() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.warns(UserWarning, match="found no layer groups in Sequential") as record:
+        groups = split_model(model)
+    assert len(groups) == 1
+    message = str(record[0].message)
+    assert "splitter=lambda m:" in message and "BlockSplitter(trunk=" in message
+    assert "model_splits()" in message
+    assert record[0].filename == __file__  # points at the caller's line, not at difflr
+
+
+def test_a_given_splitter_or_a_structure_gives_no_warning(recwarn: pytest.WarningsRecorder) -> None:
+    split_model(_Blocks())
+    split_model(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), lambda m: [m[0], m[1]])
+    assert not [w for w in recwarn if "found no layer groups" in str(w.message)]
+
+
+# --------------------------------------------------------------------------------------------
+# describe_group
+# --------------------------------------------------------------------------------------------
+
+
+def test_describe_group_names_the_fewest_modules_and_collapses_numbered_ones() -> None:
+    model = _Blocks()
+    groups = split_model(model, BlockSplitter(block_groups=1))
+    assert [describe_group(model, g) for g in groups] == ["embed", "blocks", "head"]
+    groups = split_model(
+        model,
+        lambda m: [
+            [*m.embed.parameters(), *m.blocks[:2].parameters()],
+            [*m.blocks[2].parameters(), *m.head.parameters()],
+        ],
+    )
+    assert describe_group(model, groups[0]) == "embed, blocks.0-1"
+    assert describe_group(model, groups[1]) == "blocks.2, head"
+
+
+def test_describe_group_lists_loose_parameters_and_truncates() -> None:
+    model = tvm.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16
+    )
+    stem = split_model(model)[0]
+    assert describe_group(model, stem) == "conv_proj, class_token, encoder.pos_embedding"
+    assert describe_group(model, stem, limit=1) == "conv_proj + 2 more"
+    whole = split_model(model, lambda m: [m])[0]
+    assert describe_group(model, whole) == "(all of VisionTransformer)"
+
+
+def test_the_docstring_examples_run() -> None:
+    results = doctest.testmod(difflr.splitters)
+    assert results.attempted > 0 and results.failed == 0
