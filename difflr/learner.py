@@ -35,7 +35,7 @@ from difflr.loggers import make_logger
 from difflr.lr import LRSpec, expand_lrs
 from difflr.lr_finder import lr_find
 from difflr.module import make_module
-from difflr.optim import make_optimizer
+from difflr.optim import OptFunc, describe_optimizer, make_optimizer
 from difflr.runner import Runner
 from difflr.splitters import split_model
 from difflr.stages import SchedulePreview, Stage, check_plan, fine_tune_stages, preview_plan
@@ -58,7 +58,12 @@ class Learner:
         loss_func: ``loss_func(preds, target) -> scalar`` for an ``nn.Module``.
         splitter: ``splitter(model)`` returning the layer groups (see `difflr.splitters`);
             else ``model.model_splits()``, else a built-in splitter, else one group.
-        opt_func: Optimizer factory called as ``opt_func(param_groups, lr=lr)``.
+        opt_func: Optimizer factory called as ``opt_func(param_groups, lr=lr)`` and used
+            exactly as given (``torch.optim.AdamW`` runs torch's default implementation, the
+            single-tensor loop on CPU). ``None``: AdamW with the fastest implementation torch
+            runs where the parameters are, fused on CPU and CUDA (`difflr.optim.fastest`; use
+            ``fastest(torch.optim.SGD, momentum=0.9)`` for the same with another optimizer).
+            ``repr(learn)`` and ``learn.summary()`` name the implementation.
         lr: Default LR spec of the fit methods (float, list per group or ``slice``).
         wd: Weight decay; ``None`` keeps the optimizer's default.
         wd_bn_bias: Also decay biases and normalisation-layer params.
@@ -106,7 +111,7 @@ class Learner:
         loss_func: Callable[..., torch.Tensor] | None = None,
         *,
         splitter: Splitter | None = None,
-        opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+        opt_func: OptFunc | None = None,
         lr: LRSpec = 1e-3,
         wd: float | None = None,
         wd_bn_bias: bool = False,
@@ -456,7 +461,8 @@ class Learner:
 
     # ----------------------------------------------------------------------------- inspection
     def summary(self) -> str:
-        """A table of the layer groups: name, parameter count, trainable state and current LR."""
+        """A table of the layer groups (name, parameter count, trainable state, current LR),
+        then the optimizer and the implementation its step runs, e.g. ``AdamW (fused)``."""
         lrs, _ = read_hypers(self.opt)
         rows = [("group", "params", "trainable", "lr")]
         for group, frozen, lr in zip(self.splits, self._frozen, lrs):
@@ -466,10 +472,12 @@ class Learner:
             )
             rows.append((group.name, f"{group.n_params:,}", state, f"{lr:.2e}"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+        table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+        n_param_groups = len(self.opt.param_groups)
+        return f"{table}\noptimizer: {describe_optimizer(self.opt)}, {n_param_groups} param groups"
 
     def __repr__(self) -> str:
         return (
             f"Learner({type(self.model).__name__}, {self.n_groups} layer groups, "
-            f"opt={type(self.opt).__name__}, frozen={sum(self._frozen)}/{self.n_groups})"
+            f"opt={describe_optimizer(self.opt)}, frozen={sum(self._frozen)}/{self.n_groups})"
         )
