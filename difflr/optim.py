@@ -214,7 +214,6 @@ class _KeepFastest:
         self.probe_kwargs = {k: v for k, v in optimizer.defaults.items() if k in accepted}
         self.opt_class = opt_class
         self.placement: frozenset[Placement] | None = None
-        self.choice: str | None = None
         self._warned: set[str] = set()
 
     def __call__(
@@ -241,10 +240,9 @@ class _KeepFastest:
         if placement == self.placement:
             return
         choice, refused = self._choose(placement)
-        if choice != self.choice:
-            _set_implementation(optimizer, choice)
+        _set_implementation(optimizer, choice)
         _conform_state(optimizer)
-        self.placement, self.choice = placement, choice
+        self.placement = placement
         if refused and choice not in self._warned:
             self._warned.add(choice)
             warnings.warn(
@@ -337,7 +335,9 @@ def _hashable(kwargs: dict[str, Any]) -> tuple[tuple[str, str], ...]:
 
 
 def _set_implementation(optimizer: torch.optim.Optimizer, impl: str) -> None:
-    for group in optimizer.param_groups:
+    # The defaults too, so that a group added later (Lightning's BaseFinetuning adds some) gets
+    # the same implementation from the start.
+    for group in (*optimizer.param_groups, optimizer.defaults):
         for key, value in _FLAGS[impl].items():
             if key in group:
                 group[key] = value

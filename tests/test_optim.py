@@ -195,6 +195,14 @@ def test_a_fastest_factory_reads_like_the_call_that_made_it():
     assert opt.param_groups[0]["momentum"] == 0.8 and opt.param_groups[0]["nesterov"]
 
 
+def test_a_param_group_added_later_runs_the_same_implementation():
+    # As Lightning's BaseFinetuning does when it unfreezes a layer.
+    first, later = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3))
+    opt = fastest(torch.optim.AdamW)([first], lr=0.1)
+    opt.add_param_group({"params": [later], "lr": 0.01})
+    assert implementation(opt) == "fused"
+
+
 # ------------------------------------------------------------------------------------------------
 # Same numbers as the single-tensor loop
 # ------------------------------------------------------------------------------------------------
