@@ -24,6 +24,7 @@ import random
 import socket
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "FitState",
     "FolderClaim",
     "LearnerCheckpoint",
+    "Resume",
     "check_resume",
     "checkpoint_callbacks",
     "read_fit_state",
@@ -219,6 +221,18 @@ class FitState(Callback):
         state = checkpoint.get("difflr", {})
         if "rng" in state:
             set_rng_state(state["rng"])
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a fit resumes: the checkpoint, its stage and frozen pattern, the fit call's id and
+    the timeline offsets when that stage started."""
+
+    path: Path
+    stage: int
+    frozen: list[bool]
+    run: str
+    offsets: list[int]
 
 
 def read_fit_state(path: Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ __all__ = [
     "atomic_write",
     "check_state_fits",
     "export_model",
+    "load_state",
     "read_state",
     "safe_load",
     "state_file",
@@ -276,6 +277,27 @@ def check_state_fits(
                     f"{tuple(value.shape)}, the parameter {tuple(params[index].shape)}; load with "
                     "with_opt=False."
                 )
+
+
+def load_state(
+    file: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    groups: list[dict[str, Any]] | None = None,
+    strict: bool = True,
+) -> list[bool] | None:
+    """Load what `write_state` wrote into ``model`` (and ``optimizer``, unless ``None``), all or
+    nothing: the file is checked (`check_state_fits`) before anything changes.
+
+    Returns:
+        The saved frozen pattern, if the file has one.
+    """
+    state = read_state(file)
+    check_state_fits(state, model, optimizer, file, strict, groups)
+    model.load_state_dict(state["model"], strict=strict)
+    if optimizer is not None and "opt" in state:
+        optimizer.load_state_dict(state["opt"])
+    return state.get("frozen")
 
 
 def export_model(model: nn.Module, file: Path) -> Path:

@@ -21,10 +21,9 @@ from torch import nn
 from difflr import predictions
 from difflr.blocks import tied_parameters
 from difflr.callbacks import Recorder
-from difflr.checkpoints import FitState, check_resume, read_fit_state, resolve_checkpoint
 from difflr.checks import check_moms, check_wd
 from difflr.data import Data
-from difflr.files import check_state_fits, export_model, read_state, state_file, write_state
+from difflr.files import export_model, load_state, state_file, write_state
 from difflr.freezing import apply_freeze, check_freeze_to, frozen_pattern, trainable_flags
 from difflr.groups import (
     LayerGroup,
@@ -39,7 +38,7 @@ from difflr.loggers import make_logger
 from difflr.lr import LRSpec, expand_lrs
 from difflr.lr_finder import lr_find
 from difflr.module import make_module
-from difflr.optim import make_optimizer
+from difflr.optim import OptFunc, describe_optimizer, make_optimizer
 from difflr.predictions import check_vocab, find_vocab
 from difflr.runner import Runner
 from difflr.splitters import describe_group, split_model
@@ -61,14 +60,13 @@ class Learner:
         data: ``(train_dl, valid_dl)`` (``valid_dl`` may be ``None``), a ``LightningDataModule``,
             or ``None`` when the LightningModule has its own dataloaders.
         loss_func: ``loss_func(preds, target) -> scalar`` for an ``nn.Module``; ``None`` for a
-            model that computes its own loss from ``labels=`` (a Hugging Face model). Batches
-            are tuples ``(inputs..., target)`` or dicts with the target under ``"labels"``
-            (see `difflr.module.forward_batch`).
-        splitter: ``splitter(model)`` returning the layer groups (see `difflr.splitters`);
-            else ``model.model_splits()``, else a built-in splitter (torchvision, timm,
-            Hugging Face), else the repeated-blocks rule (`difflr.blocks.BlockSplitter`), else
-            one group, with a warning.
-        opt_func: Optimizer factory called as ``opt_func(param_groups, lr=lr)``.
+            model that computes its own loss from ``labels=`` (tuple or dict batches: see
+            `difflr.module.forward_batch`).
+        splitter: ``splitter(model)`` returning the layer groups; else ``model.model_splits()``,
+            else a built-in or the repeated-blocks splitter (`difflr.splitters`).
+        opt_func: Optimizer factory ``opt_func(param_groups, lr=lr)``, used exactly as given;
+            ``None``: AdamW with the fastest implementation torch runs where the parameters are
+            (`difflr.optim.fastest`, which serves any torch optimizer).
         lr: Default LR spec of the fit methods (float, list per group or ``slice``).
         wd: Weight decay; ``None`` keeps the optimizer's default.
         wd_bn_bias: Also decay biases and normalisation-layer params.
@@ -81,16 +79,12 @@ class Learner:
         logger: ``True`` for TensorBoard under ``path``, ``False`` for none, or any Lightning
             logger.
         callbacks: Extra Lightning callbacks given to every Trainer.
-        checkpoint: Keep ``path/checkpoints/last.ckpt`` (written at each epoch end) so that an
-            interrupted fit can resume with ``ckpt_path="last"``. ``None`` (default): on, unless
-            the Trainer argument ``enable_checkpointing=False`` turns checkpointing off.
+        checkpoint: Keep ``path/checkpoints/last.ckpt`` for ``ckpt_path="last"``; ``None``: on
+            unless ``enable_checkpointing=False``.
         monitor: Also keep ``path/checkpoints/best.ckpt``, the best epoch by this logged metric
             (``"valid_loss"`` is minimised, anything else maximised).
-        check_finite: Stop at a NaN or infinite training loss, before that step's update, with
-            an error naming the step, the loss and each group's LR; the normalisation statistics
-            the failing batch moved are put back. ``"grads"`` also checks the gradients before
-            each update (one more pass over them). It reads the loss on the host every step; on
-            a GPU pass ``False`` to avoid that sync.
+        check_finite: Stop at a NaN or infinite loss before the update (`FiniteLossGuard`);
+            ``"grads"``: gradients too; ``False`` saves a host read of the loss per step.
         vocab: Class names, index ``i`` → ``vocab[i]``, for `predict` and
             ``ClassificationInterpretation``; ``None`` finds them in the data (see `vocab`).
         **trainer_kwargs: Passed to every ``Trainer`` (``accelerator``, ``devices``,
@@ -122,7 +116,7 @@ class Learner:
         loss_func: Callable[..., torch.Tensor] | None = None,
         *,
         splitter: Splitter | None = None,
-        opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+        opt_func: OptFunc | None = None,
         lr: LRSpec = 1e-3,
         wd: float | None = None,
         wd_bn_bias: bool = False,
@@ -179,32 +173,32 @@ class Learner:
     # ----------------------------------------------------------------------------- data, parts
     @property
     def train_dl(self) -> Any:
-        """The training loader given to the Learner (``None`` with a datamodule)."""
+        """The training loader (None with a datamodule)."""
         return self.runner.data.train_dl
 
     @property
     def valid_dl(self) -> Any:
-        """The validation loader given to the Learner (``None`` with a datamodule)."""
+        """The validation loader (or None)."""
         return self.runner.data.valid_dl
 
     @property
-    def datamodule(self) -> pl.LightningDataModule | None:
-        """The ``LightningDataModule`` given to the Learner, if any."""
+    def datamodule(self) -> Any:
+        """The LightningDataModule, if any."""
         return self.runner.data.datamodule
 
     @property
-    def logger(self) -> Logger | None:
-        """The logger every fit writes to (one timeline), or ``None``."""
+    def logger(self) -> Any:
+        """The logger every fit writes to."""
         return self.runner.logger
 
     @property
-    def trainer_kwargs(self) -> dict[str, Any]:
-        """The Trainer arguments every fit gets (a dict you may change)."""
+    def trainer_kwargs(self) -> Any:
+        """Trainer arguments for every fit."""
         return self.runner.trainer_kwargs
 
     @property
-    def callbacks(self) -> list[pl.Callback]:
-        """The user's callbacks, given to every fit's Trainer (a list you may change)."""
+    def callbacks(self) -> Any:
+        """Your callbacks, in every fit."""
         return self.runner.callbacks
 
     # ----------------------------------------------------------------------------- freezing
@@ -289,9 +283,8 @@ class Learner:
             pct_start: Fraction of the steps spent warming up, in (0, 1).
             wd: Weight decay; ``None`` keeps the current one.
             moms: ``(start, middle, end)`` momentum; ``None`` uses the Learner's ``moms``.
-            ckpt_path: Resume this fit from a checkpoint written by the same call (a path, or
-                ``"last"`` for ``path/checkpoints/last.ckpt``): weights, optimizer state, freeze
-                pattern, schedule position and recorder continue where it stopped.
+            ckpt_path: Resume the fit that wrote this checkpoint (a path, or ``"last"``); see
+                `fit_stages`.
 
         Examples:
             >>> learn.fit_one_cycle(4, lr_max=slice(1e-5, 1e-3))  # doctest: +SKIP
@@ -351,9 +344,6 @@ class Learner:
         """Run a plan: for each stage, its frozen pattern (``freeze_to``), its weight decay and
         its schedule over its epochs, in a fresh Trainer. Every fit method comes here.
 
-        The recorder and TensorBoard show the whole plan as one timeline, with every group's LR,
-        momentum and trainable state, and a boundary at each stage.
-
         Args:
             stages: A ``Stage`` or a list of them, e.g. ``Stage.from_milestones(milestones)``.
             ckpt_path: Resume the same plan from a checkpoint (a path, or ``"last"``): the stages
@@ -370,41 +360,25 @@ class Learner:
         stages = check_plan(stages, self.n_groups, self.lr)
         self.runner.check_schedulable()
         schedulers = [stage.scheduler(self.opt, self.lr, self.moms) for stage in stages]
-        groups = group_fingerprint(self.model, self.splits)
-        plan = self.runner.describe_fit(stages, self.lr, self.moms, groups)
-        first, saved = 0, None
-        if ckpt_path is not None:
-            resume = resolve_checkpoint(self.path / "checkpoints", ckpt_path)
-            saved = read_fit_state(resume)
-            first, pattern = check_resume(
-                saved, plan, learner=self._id, last_run=self._run, path=resume
-            )
-        self._run = uuid.uuid4().hex if saved is None else saved["run"]
+        plan = self.runner.describe_fit(
+            stages, self.lr, self.moms, group_fingerprint(self.model, self.splits)
+        )
+        resume = self.runner.resume_point(ckpt_path, plan, self._id, self._run)
+        self._run = uuid.uuid4().hex if resume is None else resume.run
         self.recorder.reset()
         self.runner.table.start()
-        for k in range(first, len(stages)):
-            stage, scheduler = stages[k], schedulers[k]
-            resuming = saved is not None and k == first
+        for k in range(0 if resume is None else resume.stage, len(stages)):
+            resuming = resume is not None and k == resume.stage
             if resuming:
-                self._set_frozen(pattern)
-                self.runner.set_offsets(saved["offsets"])  # continue the interrupted timeline
-            elif stage.freeze_to is not None:
-                self.freeze_to(stage.freeze_to)
-            set_weight_decay(self.opt, stage.wd)
-            self.wd = self.wd if stage.wd is None else stage.wd
-            record = {
-                "learner": self._id,
-                "run": self._run,
-                "stage": k,
-                "n_stages": len(stages),
-                "frozen": self._frozen,
-                "plan": plan,
-                "offsets": self.runner.offsets(),
-            }
-            self.trainer = self.runner.trainer(
-                [scheduler, FitState(record)], max_epochs=stage.epochs
+                self._set_frozen(resume.frozen)
+            elif stages[k].freeze_to is not None:
+                self.freeze_to(stages[k].freeze_to)
+            set_weight_decay(self.opt, stages[k].wd)
+            self.wd = self.wd if stages[k].wd is None else stages[k].wd
+            record = {"learner": self._id, "run": self._run, "stage": k, "plan": plan}
+            self.trainer = self.runner.fit_stage(
+                stages[k], schedulers[k], record, self._frozen, resume if resuming else None
             )
-            self.runner.fit(self.trainer, scheduler, ckpt_path=resume if resuming else None)
 
     # ----------------------------------------------------------------------------- previews
     def preview_one_cycle(
@@ -439,12 +413,9 @@ class Learner:
         """The LR range test: train ``num_it`` steps with an exponentially growing LR, suggest an
         LR from the loss curve, and leave the Learner exactly as it was.
 
-        The LR of step ``i`` is ``start * (end / start) ** (i / num_it)`` for every layer group,
-        so bounds given as lists or slices keep the ratios between groups (frozen groups do not
-        move). Weights, buffers, optimizer state and hyper-parameters, ``requires_grad`` flags,
-        train/eval modes and the torch/numpy/python RNG states are restored bit for bit
-        afterwards, also when the sweep diverges, raises or is interrupted. Nothing is logged or
-        written to disk (unless ``snapshot="disk"``).
+        Step ``i`` uses ``start * (end / start) ** (i / num_it)`` for every group, so list or
+        slice bounds keep the ratios between groups. Weights, buffers, optimizer state, flags,
+        modes and RNG states are restored bit for bit, also after an error or an interrupt.
 
         Args:
             start_lr: First LR: a float, a list per group or a slice (see ``expand_lrs``).
@@ -481,16 +452,9 @@ class Learner:
         self._vocab = check_vocab(names)
 
     def validate(self, dl: Any = None) -> dict[str, float]:
-        """The loss and every metric on the validation set (or ``dl``), keyed as in the epoch
-        table, through ``Trainer.validate`` on a fresh Trainer, in eval mode.
-
-        Nothing is recorded or logged (``learn.recorder`` and the TensorBoard timeline are left
-        as they were): a question asked of the model is not a point of the training curves. A
-        shuffling or ``drop_last`` loader is rebuilt without either.
-
-        Returns:
-            ``{"valid_loss": ..., "<metric>": ...}`` (your ``LightningModule``'s: what its
-            ``validation_step`` logs).
+        """``{"valid_loss": ..., "<metric>": ...}`` on the validation set (or ``dl``), keyed as
+        in the epoch table, through ``Trainer.validate`` in eval mode; nothing is recorded or
+        logged (`difflr.predictions.validate`).
 
         Raises:
             ValueError: There is no validation set and no ``dl``; the loader is empty.
@@ -504,49 +468,25 @@ class Learner:
         with_loss: bool = False,
         act: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[Any, ...]:
-        """Predictions and targets for every item of the validation set (or ``dl``), in
-        dataset order, through ``Trainer.predict``: ``(inputs?, preds, targets, losses?)``.
-
-        Outputs go to the CPU batch by batch, without graphs. Under DDP the shards are gathered
-        once, in dataset order, each item once, on every process. A shuffling or ``drop_last``
-        ``DataLoader`` is rebuilt without either, as fastai does.
+        """``(inputs?, preds, targets, losses?)`` for every item of the validation set (or
+        ``dl``), in dataset order, as CPU tensors, through ``Trainer.predict``; gathered once
+        under DDP (`difflr.predictions.get_preds`).
 
         Args:
-            dl: A loader; ``None`` for the validation set.
+            dl: A loader; ``None`` for the validation set. A shuffling or ``drop_last``
+                ``DataLoader`` is read without either.
             with_input: Also return the inputs (first).
-            with_loss: Also return each item's loss (last), shape ``(n_items,)``
-                (`difflr.predictions.per_item_loss`: any loss function).
-            act: Applied to the outputs. ``None``: softmax for cross-entropy, sigmoid for BCE
-                with logits, ``exp`` for NLL, the loss's ``activation`` attribute, else
-                identity (`difflr.predictions.activation_for`).
-
-        Returns:
-            CPU tensors; ``targets`` is ``None`` for batches without one.
-
-        Raises:
-            ValueError: No validation set and no ``dl``; an empty loader.
-            TypeError: ``with_loss`` for a ``LightningModule`` without a ``loss_func``.
+            with_loss: Also return each item's loss (last), shape ``(n_items,)``.
+            act: Applied to the outputs; ``None``: softmax for cross-entropy, sigmoid for BCE
+                with logits, ``exp`` for NLL, else identity.
         """
         return predictions.get_preds(self.runner, dl, with_input, with_loss, act)
 
     def predict(self, x: Any, *, is_batch: bool | None = None) -> Any:
-        """Predict one item or a batch: eval mode, no gradient, on the model's device, without
-        a Trainer (the module's ``forward``); the model's mode is restored after.
-
-        Args:
-            x: One input, a batch, or a tuple of them for a model with several inputs.
-            is_batch: Whether ``x`` is a batch; ``None`` compares its shape with an item of
-                the Learner's dataset.
-
-        Returns:
-            On the CPU, for a classifier (cross-entropy or NLL loss): ``(decoded, index,
-            probs)``, the class name from `vocab` (else the index), its index and the
-            probabilities (a list and batched tensors for a batch); for BCE with logits, the
-            names above 0.5, a boolean mask and the probabilities; else the raw output.
-
-        Raises:
-            ValueError: ``is_batch`` is needed, or ``x``'s shape fits no item; `vocab` does not
-                have one name per class.
+        """Predict one item or a batch (``is_batch``: ``None`` compares ``x`` with an item of
+        the data) in eval mode, without gradient, on the model's device; for a classifier
+        ``(decoded, index, probs)`` with the class name from `vocab`, else the raw output
+        (`difflr.predictions.predict`).
 
         Examples:
             >>> learn.predict(x_valid[0])  # doctest: +SKIP
@@ -556,15 +496,11 @@ class Learner:
 
     # ----------------------------------------------------------------------------- persistence
     def save(self, name: str | Path, with_opt: bool = True) -> Path:
-        """Save the model's weights (and the optimizer state and freeze pattern) to
-        ``path/models/{name}.pth`` (or to a ``pathlib.Path`` you give); returns the file's path.
-
-        The file is written next to its target and renamed over it: a kill or a full disk leaves
-        the previous save intact.
+        """Save the weights, the freeze pattern and the optimizer state to
+        ``path/models/{name}.pth`` (or a ``pathlib.Path``), atomically (`difflr.files`).
 
         Raises:
-            ValueError: ``name`` is not a plain file name (a separator or ``..`` would leave
-                ``path/models``).
+            ValueError: ``name`` would leave ``path/models`` (a separator, ``..``).
             OSError: The write failed; the previous file is unchanged.
         """
         file = state_file(self.path / "models", name)
@@ -572,27 +508,19 @@ class Learner:
         return write_state(file, self.model, self._frozen, self.opt if with_opt else None, groups)
 
     def load(self, name: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
-        """Load what `save` wrote (a name under ``path/models``, or a ``pathlib.Path``).
-
-        The file is read with ``weights_only=True`` (it cannot run code), and checked against
-        the model and the optimizer before anything is loaded: all or nothing.
+        """Load what `save` wrote (a name under ``path/models``, or a ``pathlib.Path``): read
+        without running code, and checked against the model and its layer groups before
+        anything is loaded, all or nothing (`difflr.files.load_state`).
 
         Raises:
             FileNotFoundError: No such file.
-            UnreadableFileError: (a ``ValueError``) The file needs code to load, or is truncated.
-            ValueError: The file does not fit the model, or its optimizer state does not fit
-                this Learner's layer groups.
+            ValueError: The file is not a plain, complete state, or does not fit.
         """
         file = state_file(self.path / "models", name)
-        state = read_state(file)
-        # Everything is checked before anything is loaded: a refused load changes nothing.
         groups = group_fingerprint(self.model, self.splits)
-        check_state_fits(state, self.model, self.opt if with_opt else None, file, strict, groups)
-        self.model.load_state_dict(state["model"], strict=strict)
-        if len(state.get("frozen", ())) == self.n_groups:
-            self._set_frozen(state["frozen"])
-        if with_opt and "opt" in state:
-            self.opt.load_state_dict(state["opt"])
+        frozen = load_state(file, self.model, self.opt if with_opt else None, groups, strict)
+        if frozen is not None and len(frozen) == self.n_groups:
+            self._set_frozen(frozen)
         return self
 
     def export(self, fname: str = "export.pt") -> Path:
@@ -603,38 +531,42 @@ class Learner:
 
     # ----------------------------------------------------------------------------- inspection
     def summary(self) -> str:
-        """A table of the layer groups: name, parameter count, trainable state, current LR and
-        the modules each holds; then a line per tied parameter (one tensor under several names)
-        saying which group trains it.
-
-        Examples:
-            >>> print(learn.summary())  # doctest: +SKIP
-            group         params  trainable  lr        modules
-            0.embeddings  1,376   no         4.00e-04  bert.embeddings
-            1.layer0      2,224   no         6.32e-04  bert.encoder.layer.0
-            2.layer1      2,224   no         1.00e-03  bert.encoder.layer.1
-            3.head        323     yes        1.00e-03  bert.pooler, classifier
-        """
-        lrs, _ = read_hypers(self.opt)
-        rows = [("group", "params", "trainable", "lr", "modules")]
-        for group, frozen, lr in zip(self.splits, self._frozen, lrs):
-            trainable = sum(p.numel() for p in group.params if p.requires_grad)
-            state = (
-                "no" if trainable == 0 else ("yes" if not frozen else f"norm only ({trainable:,})")
-            )
-            modules = describe_group(self.model, group)
-            rows.append((group.name, f"{group.n_params:,}", state, f"{lr:.2e}", modules))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        owner = {id(p): g.name for g in self.splits for p in g.params}
-        named = dict(self.model.named_parameters())
-        for names in tied_parameters(self.model):
-            where = owner.get(id(named[names[0]]), "no group")
-            lines.append(f"tied: {' = '.join(names)} (one tensor, trained in {where})")
-        return "\n".join(lines)
+        """A table of the layer groups (name, parameters, trainable state, current LR, the
+        modules each holds), a line per tied parameter saying which group trains it, and the
+        optimizer with the implementation its step runs (e.g. ``AdamW (fused)``)."""
+        return _summary(self.model, self.splits, self._frozen, self.opt)
 
     def __repr__(self) -> str:
         return (
             f"Learner({type(self.model).__name__}, {self.n_groups} layer groups, "
-            f"opt={type(self.opt).__name__}, frozen={sum(self._frozen)}/{self.n_groups})"
+            f"opt={describe_optimizer(self.opt)}, frozen={sum(self._frozen)}/{self.n_groups})"
         )
+
+
+def _summary(
+    model: nn.Module,
+    splits: Sequence[LayerGroup],
+    frozen: Sequence[bool],
+    optimizer: torch.optim.Optimizer,
+) -> str:
+    """`Learner.summary`'s table (outside the class: the facade stays small)."""
+    lrs, _ = read_hypers(optimizer)
+    rows = [("group", "params", "trainable", "lr", "modules")]
+    for group, is_frozen, lr in zip(splits, frozen, lrs):
+        trainable = sum(p.numel() for p in group.params if p.requires_grad)
+        state = (
+            "no" if trainable == 0 else ("yes" if not is_frozen else f"norm only ({trainable:,})")
+        )
+        modules = describe_group(model, group)
+        rows.append((group.name, f"{group.n_params:,}", state, f"{lr:.2e}", modules))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    owner = {id(p): g.name for g in splits for p in g.params}
+    named = dict(model.named_parameters())
+    for names in tied_parameters(model):
+        where = owner.get(id(named[names[0]]), "no group")
+        lines.append(f"tied: {' = '.join(names)} (one tensor, trained in {where})")
+    lines.append(
+        f"optimizer: {describe_optimizer(optimizer)}, {len(optimizer.param_groups)} param groups"
+    )
+    return "\n".join(lines)

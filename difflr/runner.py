@@ -32,9 +32,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from difflr.callbacks import FiniteLossGuard, FrozenNormEval, ParamScheduler, Recorder
 from difflr.checkpoints import (
     AtomicCheckpointIO,
+    FitState,
     FolderClaim,
     LearnerCheckpoint,
+    Resume,
+    check_resume,
     checkpoint_callbacks,
+    read_fit_state,
+    resolve_checkpoint,
 )
 from difflr.checks import check_choice, check_int
 from difflr.data import Data, loader_length
@@ -299,6 +304,52 @@ class Runner:
             if log and self.logger is not None:
                 self.logger.step_offset += scheduler.step
                 self.logger.epoch_offset += trainer.current_epoch
+
+    def resume_point(
+        self,
+        ckpt_path: str | Path | None,
+        plan: Mapping[str, Any],
+        learner: str,
+        last_run: str | None,
+    ) -> Resume | None:
+        """Where a fit of ``plan`` resumes from ``ckpt_path`` (``"last"``: ``path/checkpoints/
+        last.ckpt``), checked by `difflr.checkpoints.check_resume`; ``None`` without one.
+
+        Raises:
+            FileNotFoundError, UnreadableFileError, ValueError: No such checkpoint, an unreadable
+                one, or one that does not belong to this fit (the difference is named).
+        """
+        if ckpt_path is None:
+            return None
+        path = resolve_checkpoint(self.path / "checkpoints", ckpt_path)
+        saved = read_fit_state(path)
+        stage, frozen = check_resume(saved, plan, learner=learner, last_run=last_run, path=path)
+        return Resume(path, stage, frozen, saved["run"], list(saved["offsets"]))
+
+    def fit_stage(
+        self,
+        stage: Any,
+        scheduler: ParamScheduler,
+        record: Mapping[str, Any],
+        frozen: Sequence[bool],
+        resume: Resume | None = None,
+    ) -> pl.Trainer:
+        """Train one `difflr.stages.Stage` in a fresh Trainer (resuming it from ``resume``),
+        its checkpoints holding ``record`` (see `difflr.checkpoints.FitState`); returns the
+        Trainer."""
+        if resume is not None:
+            self.set_offsets(resume.offsets)  # continue the interrupted timeline
+        state = FitState(
+            {
+                **record,
+                "n_stages": len(record["plan"]["stages"]),
+                "frozen": list(frozen),
+                "offsets": self.offsets(),
+            }
+        )
+        trainer = self.trainer([scheduler, state], max_epochs=stage.epochs)
+        self.fit(trainer, scheduler, ckpt_path=None if resume is None else resume.path)
+        return trainer
 
     def describe_fit(
         self,

@@ -451,8 +451,9 @@ def test_summary_lists_groups_with_trainable_state(loaders, learner_kwargs):
     assert lines[1].startswith("0.stem") and "norm only (32)" in lines[1]
     assert lines[2].split()[2] == "no" and lines[3].split()[2] == "yes"
     # The modules each group holds (three_groups: model[:3], model[3:5], model[5]).
-    assert [line.split()[-1] for line in lines[1:]] == ["0-1", "3", "5"]
-    assert len(lines) == 4  # no tied parameters
+    assert [line.split()[-1] for line in lines[1:4]] == ["0-1", "3", "5"]
+    # No tied parameters; then the optimizer and the implementation its step runs.
+    assert len(lines) == 5 and lines[4].startswith("optimizer: AdamW (")
 
 
 def test_a_lightning_module_with_its_own_loaders_needs_no_data(tmp_path):
