@@ -13,6 +13,9 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from difflr import ClassificationInterpretation, Interpretation, Learner
 
+# Several tests use a one-layer model on purpose: one layer group, which difflr warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:difflr found no layer groups")
+
 N_CLASSES = 4
 VOCAB = ["ant", "bee", "cat", "dog"]
 

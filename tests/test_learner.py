@@ -140,7 +140,8 @@ def test_freeze_change_clears_optimizer_state_but_a_repeated_freeze_does_not(
 
 
 def test_freeze_on_a_single_group_model_warns(loaders, tmp_path):
-    learn = Learner(make_model(), loaders, F.cross_entropy, path=tmp_path, logger=False)
+    with pytest.warns(UserWarning, match="found no layer groups"):
+        learn = Learner(make_model(), loaders, F.cross_entropy, path=tmp_path, logger=False)
     with pytest.warns(UserWarning, match="single layer group"):
         learn.freeze()
 
@@ -387,6 +388,7 @@ def test_bad_fit_arguments_are_refused_before_anything_changes(
     assert learn.trainer is None
 
 
+@pytest.mark.filterwarnings("ignore:difflr found no layer groups")
 @pytest.mark.parametrize(
     ("make", "exc", "words"),
     [

@@ -26,6 +26,9 @@ from difflr.predictions import (
 )
 from tests.helpers import make_loaders, make_model, three_groups
 
+# Several tests use a one-layer model on purpose: one layer group, which difflr warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:difflr found no layer groups")
+
 
 def make_learner(data, learner_kwargs, loss_func=F.cross_entropy, model=None, **kwargs) -> Learner:
     return Learner(
