@@ -255,6 +255,7 @@ def test_the_cache_key_follows_the_notebook_and_difflr(tmp_path):
     assert hook.cache_key(notebook, root=tmp_path) == key
     notebook.write_text('{"cells": []}')
     assert hook.cache_key(notebook, root=tmp_path) != key
+    assert hook.cache_key(notebook, root=tmp_path, environment="other packages") != key
 
 
 def test_a_notebook_that_raises_fails_the_build_and_is_not_cached(tmp_path, monkeypatch):

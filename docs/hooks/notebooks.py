@@ -71,21 +71,16 @@ _SITE_PACKAGES = re.compile(r"(?<![\w.])/[^\s:'\"]*/site-packages/")
 
 
 # ---------------------------------------------------------------------------------- execution
-def cache_key(path: Path, root: Path = ROOT) -> str:
+def cache_key(path: Path, root: Path = ROOT, environment: str | None = None) -> str:
     """A hash of what running the notebook at ``path`` depends on: its text, every file of the
-    ``difflr`` package under ``root``, the other files next to the notebook, the Python and the
-    installed distributions (the kernel runs this Python: Jupyter's native kernel)."""
+    ``difflr`` package under ``root``, the other files next to the notebook, and ``environment``
+    (by default `environment_digest`)."""
     digest = hashlib.sha256()
 
     def add(label: str, data: bytes) -> None:
         digest.update(label.encode() + b"\0" + hashlib.sha256(data).digest())
 
-    add("format", str(CACHE_FORMAT).encode())
-    add("python", sys.version.encode())
-    packages = sorted(
-        f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
-    )
-    add("packages", "\n".join(packages).encode())
+    add("environment", (environment or environment_digest()).encode())
     add("notebook", path.read_bytes())
     sources = [p for p in (root / "difflr").rglob("*") if "__pycache__" not in p.parts]
     neighbours = [p for p in path.parent.iterdir() if p.suffix != ".ipynb"]
@@ -93,6 +88,16 @@ def cache_key(path: Path, root: Path = ROOT) -> str:
         if file.is_file():
             add(file.relative_to(root).as_posix(), file.read_bytes())
     return digest.hexdigest()
+
+
+def environment_digest() -> str:
+    """A hash of how notebooks are run (`CACHE_FORMAT`), the Python and every installed
+    distribution's version: the kernel runs this Python (Jupyter's native kernel)."""
+    packages = sorted(
+        f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+    )
+    text = "\n".join([f"format {CACHE_FORMAT}", sys.version, *packages])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def execute(paths: Iterable[Path], cache_dir: Path) -> dict[str, Any]:
@@ -104,13 +109,21 @@ def execute(paths: Iterable[Path], cache_dir: Path) -> dict[str, Any]:
     are cached, as ``<stem>-<key>.ipynb`` (written to a temporary file and renamed); an entry for
     an older key of the same notebook is removed.
     """
-    import nbformat
+    try:
+        import nbclient  # noqa: F401
+        import nbformat
+    except ImportError as error:
+        raise PluginError(
+            f"the docs run the tutorial notebooks, which needs {error.name}: "
+            "pip install -e '.[dev]' (nbclient, nbformat, ipykernel)"
+        ) from error
 
     cache_dir.mkdir(parents=True, exist_ok=True)
+    environment = environment_digest()
     results: dict[str, Any] = {}
     to_run: list[tuple[Path, Path]] = []
     for path in paths:
-        cached = cache_dir / f"{path.stem}-{cache_key(path)[:20]}.ipynb"
+        cached = cache_dir / f"{path.stem}-{cache_key(path, environment=environment)[:20]}.ipynb"
         try:
             results[path.name] = nbformat.read(cached, as_version=4)
         except (OSError, ValueError):  # not there, or unreadable: run it
@@ -144,7 +157,9 @@ async def _run_all(paths: list[Path], env: dict[str, str]) -> list[Any]:
     async def run(path: Path) -> Any:
         notebook = nbformat.read(path, as_version=4)
         async with slots:
-            with tempfile.TemporaryDirectory(prefix=f"{path.stem}-") as cwd:
+            with tempfile.TemporaryDirectory(
+                prefix=f"{path.stem}-", ignore_cleanup_errors=True
+            ) as cwd:
                 client = nbclient.NotebookClient(
                     notebook,
                     kernel_name="python3",
