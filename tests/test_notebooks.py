@@ -1,12 +1,12 @@
 """The tutorial notebooks in nbs/: committed without outputs, public API only, and each runs top to
-bottom in a fresh Jupyter kernel with its figures rendered inline once."""
+bottom in a fresh Jupyter kernel with its figures rendered inline once and its live progress
+displays finished."""
 
 from __future__ import annotations
 
 import ast
-import asyncio
+import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,8 +16,10 @@ import difflr
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "nbs").glob("*.ipynb"))
-CELL_TIMEOUT_S = 180  # one cell; each takes a few seconds on 2 CPU cores
-PARALLEL_KERNELS = 2
+HOOK = ROOT / "docs" / "hooks" / "notebooks.py"
+# The test run's cache of executed notebooks, under pytest's temporary folder for the run; the
+# same name in tests/test_docs.py.
+NOTEBOOK_CACHE = "executed-notebooks"
 # Attributes with a leading underscore that are public API (namedtuple's, on SuggestedLRs).
 PUBLIC_UNDERSCORE = {"_fields", "_asdict", "_replace"}
 
@@ -69,51 +71,34 @@ def test_notebook_uses_only_the_public_api(path):
                 )
 
 
+def load_hook():
+    """The docs' notebook hook (docs/hooks/notebooks.py): it executes the notebooks, and caches
+    them, for the docs build and for these tests alike."""
+    spec = importlib.util.spec_from_file_location("notebooks_hook", HOOK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def executed(request, tmp_path_factory) -> dict[str, object]:
     """The selected notebooks, each run in its own fresh kernel and folder:
     ``{name: notebook or exception}``.
 
-    The kernels run two at a time: most of a notebook's time is its kernel starting and
-    importing torch and Lightning, which overlaps well with another notebook's training.
+    The run's notebook cache is shared with the docs build (tests/test_docs.py, which sorts
+    first): a notebook that the build has run is not run again, and one run here is not run
+    again by the build. The cache is new for each test run, so each run executes every notebook.
     """
-    nbclient = pytest.importorskip("nbclient", reason="nbclient runs the notebooks ([dev] extra)")
-    nbformat = pytest.importorskip("nbformat", reason="nbformat reads the notebooks ([dev] extra)")
+    pytest.importorskip("nbclient", reason="nbclient runs the notebooks ([dev] extra)")
+    pytest.importorskip("nbformat", reason="nbformat reads the notebooks ([dev] extra)")
     pytest.importorskip("ipykernel", reason="the notebooks run in an ipykernel ([dev] extra)")
-    slots = asyncio.Semaphore(PARALLEL_KERNELS)
-
-    async def run(path: Path) -> object:
-        notebook = nbformat.read(path, as_version=4)
-        cwd = tmp_path_factory.mktemp(path.stem)  # logs and checkpoints land here
-        client = nbclient.NotebookClient(
-            notebook,
-            kernel_name="python3",
-            timeout=CELL_TIMEOUT_S,
-            resources={"metadata": {"path": str(cwd)}},
-        )
-        async with slots:
-            try:
-                await client.async_execute()  # CellExecutionError names the cell on an error
-            except Exception as error:
-                return error
-        return notebook
-
+    pytest.importorskip("mkdocs", reason="the docs' hook runs the notebooks ([dev] extra)")
     selected = [
         item.callspec.params["path"]
         for item in request.session.items
         if getattr(item, "originalname", "") == "test_notebook_runs_top_to_bottom"
     ]
-
-    async def run_all() -> list[object]:
-        return await asyncio.gather(*(run(path) for path in selected))
-
-    with pytest.MonkeyPatch.context() as patch:
-        # The kernels import this checkout's difflr even when it is not installed.
-        patch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        # The models are tiny: one thread each is faster, and kernels do not fight for cores.
-        patch.setenv("OMP_NUM_THREADS", "1")
-        results = asyncio.run(run_all())
-    return {path.name: result for path, result in zip(selected, results)}
+    return load_hook().execute(selected, tmp_path_factory.getbasetemp() / NOTEBOOK_CACHE)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -137,4 +122,11 @@ def test_notebook_runs_top_to_bottom(path, executed):
                 images.append(data["image/png"])
         assert len(images) == len(set(images)), f"{path.name} cell {index}: an image shown twice"
         n_images += len(images)
+        # A live progress display (a <progress> bar) ends finished: the docs page shows its last
+        # state, and a bar left running or interrupted would say training did not end.
+        for output in cell.outputs:
+            page = output.get("data", {}).get("text/html", "")
+            if "<progress" in page:
+                states = re.findall(r'data-state="(\w+)"', page)
+                assert states == ["finished"], f"{path.name} cell {index}: progress ends {states}"
     assert n_images >= 1, f"{path.name} shows no figure"
