@@ -9,6 +9,7 @@ validates and converts in one line.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -175,3 +176,18 @@ def non_finite_names(named_tensors: Iterable[tuple[str, Any]], limit: int = 5) -
             if len(found) >= limit:
                 break
     return found
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the user's line: the first frame outside
+    difflr (and outside ``contextlib``, whose frames sit between a context manager and its
+    caller), however deep in difflr the warning is raised. Use it in the ``warnings.warn`` call."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+        "difflr",
+        "contextlib",
+    ):
+        frame = frame.f_back
+        level += 1
+    return level

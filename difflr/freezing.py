@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from difflr.checks import is_int
+from difflr.checks import is_int, user_stacklevel
 from difflr.groups import NORM_TYPES, LayerGroup, norm_param_ids
 
 
@@ -67,7 +67,7 @@ def apply_freeze(
         warnings.warn(
             "every layer group is frozen, so nothing will train; call unfreeze() or freeze_to(n) "
             "with n < the number of groups.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 

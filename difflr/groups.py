@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from difflr.checks import user_stacklevel
+
 Group: TypeAlias = "nn.Module | Iterable[nn.Parameter]"
 Splitter: TypeAlias = "Callable[[nn.Module], Sequence[Group] | Mapping[str, Group]]"
 
@@ -236,7 +238,7 @@ def warn_single_group(groups: Sequence[LayerGroup], action: str) -> None:
         warnings.warn(
             f"{action} on a model with a single layer group does nothing useful; pass a "
             "splitter (or define model_splits()) to cut the model into groups.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -41,7 +41,7 @@ from difflr.checkpoints import (
     read_fit_state,
     resolve_checkpoint,
 )
-from difflr.checks import check_choice, check_int
+from difflr.checks import check_choice, check_int, user_stacklevel
 from difflr.data import Data, loader_length
 from difflr.distributed import (
     SyncBuffers,
@@ -500,7 +500,7 @@ class Runner:
                 f"{type(self.module).__name__}.configure_optimizers is superseded by the "
                 f"Learner's {type(self.optimizer).__name__} with one param group per layer "
                 "group; pass opt_func= to the Learner to choose the optimizer.",
-                stacklevel=6,  # the user's fit call
+                stacklevel=user_stacklevel(),
             )
             self._notified_optimizer = True
         module = self.module

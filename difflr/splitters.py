@@ -22,7 +22,6 @@ are, so a discriminative ``slice(lo, hi)`` spreads over comparable stages whatev
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from torch import nn
 from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2
 
 from difflr.blocks import BlockSplitter, chunks, cut_along_trunk, find_trunk, trunk_at
+from difflr.checks import user_stacklevel
 from difflr.groups import LayerGroup, Splitter, layer_groups
 from difflr.hf import GROUP_NAMES as TRANSFORMERS_NAMES
 from difflr.hf import is_transformers_model, transformers_trunk
@@ -503,24 +503,13 @@ def split_model(model: nn.Module, splitter: Splitter | None = None) -> list[Laye
                 "group and slice(lo, hi) or freeze_to() have nothing to spread over. Pass "
                 "splitter=lambda m: {'body': m.body, 'head': m.head} (groups in forward order), "
                 "splitter=BlockSplitter(trunk='path.to.blocks'), or define model_splits().",
-                stacklevel=_caller_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
     elif not callable(splitter):
         raise TypeError(
             f"splitter must be a function model -> list of groups, got {type(splitter).__name__}."
         )
     return layer_groups(model, splitter(model))
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside difflr: the user's
-    line, however deep in difflr it was raised (``Learner(...)``, a callback's setup)."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "difflr":
-        frame = frame.f_back
-        level += 1
-    return level
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,8 +93,14 @@ def cache_key(path: Path, root: Path = ROOT, environment: str | None = None) -> 
 def environment_digest() -> str:
     """A hash of how notebooks are run (`CACHE_FORMAT`), the Python and every installed
     distribution's version: the kernel runs this Python (Jupyter's native kernel)."""
+    # A set without difflr itself: its sources are hashed file by file, and its metadata may be
+    # found twice (the installed one and a checkout's difflr.egg-info on sys.path in pytest).
     packages = sorted(
-        f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+        {
+            f"{d.metadata['Name']}=={d.version}"
+            for d in importlib.metadata.distributions()
+            if (d.metadata["Name"] or "").lower() != "difflr"
+        }
     )
     text = "\n".join([f"format {CACHE_FORMAT}", sys.version, *packages])
     return hashlib.sha256(text.encode()).hexdigest()
