@@ -206,7 +206,8 @@ class PretrainConfig:
         lr_max: Peak LR of the one-cycle schedule (AdamW).
         batch_size: Source images per step.
         augment: Random affine of each source image at each read (``random_affine``'s
-            rotation, scale, shift); ``None`` for none.
+            rotation in degrees, scale, shift): new variations every epoch for the cost of the
+            resampling ``to_input`` does anyway. ``None`` for none.
         n_valid: Source images held out to report the source accuracy.
         seed: Seed of the initialisation, the shuffling and the augmentation.
     """
@@ -216,7 +217,7 @@ class PretrainConfig:
     epochs: int = 6
     lr_max: float = 4e-3
     batch_size: int = 128
-    augment: tuple[float, float, float] | None = None
+    augment: tuple[float, float, float] | None = (10.0, 0.1, 0.1)
     n_valid: int = 2000
     seed: int = 0
 
@@ -660,8 +661,7 @@ def pretrain(
         ``classes``, ``source_accuracy`` (on ``n_valid`` held-out source images),
         ``n_images``, ``render_seconds``, ``train_seconds``.
     """
-    from difflr.learner import Learner
-    from difflr.metrics import accuracy
+    from difflr import Learner, accuracy  # the public names; imported here, where they train
 
     config = PretrainConfig() if config is None else config
     started = time.perf_counter()
