@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.models.resnet import BasicBlock
 
 __all__ = [
@@ -685,11 +685,14 @@ def pretrain(
         collate_fn=dataset.collate,
         generator=generator,
     )
+    # The held-out glyphs as the validation set: the epoch table shows the source accuracy.
+    held_out = TensorDataset(to_input(levels[valid]), labels[valid])
+    valid_loader = DataLoader(held_out, batch_size=1024) if n_valid else None
     torch.manual_seed(config.seed)
     model = SlimResNet(config.widths, len(classes))
     learn = Learner(
         model,
-        (loader, None),
+        (loader, valid_loader),
         F.cross_entropy,
         metrics=accuracy,
         logger=False,
