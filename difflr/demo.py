@@ -26,7 +26,7 @@ run. ``--sweep`` repeats everything for 1, 5, 10 and 20 shots per class. The LRs
 draws of another seed (see the README's account of what was tried).
 
 What it measured (defaults: 5 shots, 5 draws, seed 0, 2 shared CPU cores; the first run took 6
-and 8.5 minutes, of which the pretraining 3.7 and 6.2; a cached run 1.5):
+and 8.5 minutes, of which the pretraining 3.7 and 6.2; a cached run 1.5 and 2.2):
 
 ============== ============= ========== ===== ===== ===== =====
 run            5 shots       vs scratch 1     5     10    20
