@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -136,7 +138,13 @@ def safe_load(file: Path, what: str = "file") -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if not zipfile.is_zipfile(file):  # not what torch.save writes: cut short, or not torch's
+            raise UnreadableFileError(
+                f"{file} is not a complete {what} (it is not a torch.save file: "
+                f"{_telling_line(error)}); it was probably cut short by a killed process or a "
+                "full disk, or it is another kind of file. Use an earlier file, or start anew."
+            ) from None
+        reason = _telling_line(error)
         raise UnreadableFileError(
             f"{file} is not a plain {what}: loading it would run code or build Python objects "
             f"({reason}). difflr reads only tensors and plain values from files, so a file from "
@@ -148,6 +156,17 @@ def safe_load(file: Path, what: str = "file") -> Any:
             f"{file} is not a complete {what} ({type(error).__name__}: {error}); it was probably "
             "cut short by a killed process or a full disk. Use an earlier file, or start anew."
         ) from error
+
+
+def _telling_line(error: Exception) -> str:
+    """The line of a ``weights_only`` refusal that says what the file holds (torch puts advice
+    about ``weights_only`` first)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [
+        line for line in lines if re.search(r"unsupported|global|invalid|load key", line, re.I)
+    ]
+    line = (telling or lines or [type(error).__name__])[0]
+    return line if len(line) <= 200 else line[:200] + "..."
 
 
 def state_file(models: Path, name: str | Path) -> Path:

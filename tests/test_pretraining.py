@@ -1,0 +1,290 @@
+"""Tests for difflr.pretraining: the glyph source, the domain transform, the backbone, the cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import doctest
+import os
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import difflr
+from difflr import vision_learner
+from difflr.pretraining import (
+    CACHE_ENV,
+    FONTS,
+    GlyphConfig,
+    PretrainConfig,
+    PretrainingCacheError,
+    SlimResNet,
+    cache_file,
+    default_cache_dir,
+    glyph_classes,
+    load_pretrained,
+    pretrained_backbone,
+    random_affine,
+    render_glyphs,
+    to_input,
+    uci_digits,
+)
+from difflr.splitters import split_model
+from difflr.vision import resnet_splitter
+
+SMALL_GLYPHS = GlyphConfig(chars="abcdo", merge="", fonts=FONTS[:3], per_class=6)
+# A pretraining of about a second: 4 classes, 2 fonts, a 4-channel ResNet, one epoch.
+TINY = PretrainConfig(
+    glyphs=GlyphConfig(chars="0Ol1", merge="", fonts=FONTS[:2], per_class=12),
+    widths=(4, 4, 4, 4),
+    epochs=1,
+    batch_size=16,
+    n_valid=8,
+)
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def test_rendering_is_deterministic_from_the_seed() -> None:
+    first = render_glyphs(SMALL_GLYPHS)
+    again = render_glyphs(SMALL_GLYPHS)
+    other = render_glyphs(dataclasses.replace(SMALL_GLYPHS, seed=1))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+
+
+def test_rendered_images_are_in_the_uci_domain() -> None:
+    levels, labels = render_glyphs(SMALL_GLYPHS)
+    uci, _ = uci_digits()
+    assert levels.dtype == uci.dtype == torch.uint8
+    assert levels.shape == (30, 8, 8) and uci.shape[1:] == (8, 8)
+    assert int(levels.max()) <= 16 and int(uci.max()) == 16
+    assert torch.bincount(labels).tolist() == [6] * 5  # exactly per_class of each class
+    # Size-normalised as UCI's digits are: the longer side spans (almost) the whole box.
+    on = levels > 0
+    extent = torch.maximum(on.any(2).sum(1), on.any(1).sum(1))
+    assert int(extent.min()) >= 7
+    # Ink: the mean on-pixel count per image is that of handwritten digits within 35 %.
+    ink, uci_ink = levels.float().sum((1, 2)).mean(), uci.float().sum((1, 2)).mean()
+    assert abs(float(ink / uci_ink) - 1) < 0.35
+
+
+def test_levels_count_the_on_pixels_of_4x4_blocks_of_a_32x32_bitmap() -> None:
+    from difflr.pretraining import _to_levels
+
+    ink = torch.zeros(1, 1, 64, 64)
+    ink[..., :8, :8] = 1  # a 4x4 block of the 32x32 bitmap: the top-left cell is full
+    ink[..., 8:10, 8:10] = 1  # one bitmap pixel: level 1 in cell (1, 1)
+    ink[..., 20, 20] = 1  # a quarter of a bitmap pixel: below the majority, dropped
+    levels = _to_levels(ink)
+    expected = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    expected[0, 0, 0], expected[0, 1, 1] = 16, 1
+    assert torch.equal(levels, expected)
+
+
+def test_merged_letters_share_their_capitals_label() -> None:
+    config = GlyphConfig(chars="cCab", merge="c", fonts=FONTS[:1], per_class=2)
+    assert glyph_classes(config) == ["C", "a", "b"]
+    assert torch.bincount(render_glyphs(config)[1]).tolist() == [2, 2, 2]
+    assert len(glyph_classes(GlyphConfig())) == 62 - 10  # the default merges ten letters
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"chars": "aa"}, "distinct"),
+        ({"chars": "ab", "merge": "c"}, "not in chars"),
+        ({"per_class": 0}, "per_class must be >= 1"),
+        ({"stroke": (2, 1)}, "stroke"),
+        ({"fill": (0.5, 1.2)}, "fill"),
+    ],
+)
+def test_glyph_config_rejects_bad_values_and_says_why(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GlyphConfig(**kwargs)
+
+
+def test_an_unknown_font_names_the_folder_and_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"not in .*fonts.*FONTS"):
+        render_glyphs(GlyphConfig(chars="a", merge="", fonts=("Comic Sans",), per_class=1))
+
+
+# --------------------------------------------------------------------------------------------
+# The domain transform
+# --------------------------------------------------------------------------------------------
+
+
+def test_to_input_is_bilinear_upsampling_normalised_with_the_uci_statistics() -> None:
+    levels, _ = uci_digits()
+    at_8 = to_input(levels, size=8)
+    assert abs(float(at_8.mean())) < 1e-3 and abs(float(at_8.std()) - 1) < 1e-3
+    inner = torch.zeros(4, 8, 8, dtype=torch.uint8)  # a blank border: no padding effect
+    inner[:, 1:-1, 1:-1] = torch.randint(
+        0, 17, (4, 6, 6), generator=torch.Generator().manual_seed(0)
+    )
+    upsampled = F.interpolate(inner.float()[:, None] / 16, size=16, mode="bilinear")
+    expected = (upsampled - difflr.pretraining.PIXEL_MEAN) / difflr.pretraining.PIXEL_STD
+    torch.testing.assert_close(to_input(inner), expected)
+
+
+def test_random_affine_with_no_range_is_the_identity() -> None:
+    theta = random_affine(3, rotation=0, scale=0, shift=0)
+    torch.testing.assert_close(theta, torch.eye(2, 3).expand(3, 2, 3))
+    moved = random_affine(50, generator=torch.Generator().manual_seed(0))
+    assert float(moved[:, :, 2].abs().max()) <= 0.15
+    assert not torch.allclose(moved, torch.eye(2, 3).expand(50, 2, 3))
+
+
+def test_to_input_rejects_images_of_another_size() -> None:
+    with pytest.raises(ValueError, match=r"shape \(n, 8, 8\), got \(2, 16, 16\)"):
+        to_input(torch.zeros(2, 16, 16))
+
+
+# --------------------------------------------------------------------------------------------
+# The backbone
+# --------------------------------------------------------------------------------------------
+
+
+def test_slim_resnet_has_the_six_groups_of_the_original_example() -> None:
+    model = SlimResNet((4, 8, 8, 16), n_out=7)
+    names = [group.name for group in split_model(model, resnet_splitter)]
+    assert names == ["0.stem", "1.layer1", "2.layer2", "3.layer3", "4.layer4", "5.head"]
+    data = DataLoader(TensorDataset(torch.zeros(4, 1, 16, 16), torch.zeros(4, dtype=torch.long)))
+    learn = vision_learner(model, (data, None), n_out=10, logger=False, checkpoint=False)
+    assert [g.name for g in learn.splits] == names  # found without a splitter argument
+    assert learn.model.eval()(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------------
+
+
+def test_cache_key_follows_the_settings_and_the_library_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = TINY.key()
+    assert (
+        PretrainConfig(**{f.name: getattr(TINY, f.name) for f in dataclasses.fields(TINY)}).key()
+        == key
+    )
+    changed = [
+        dataclasses.replace(TINY, epochs=2),
+        dataclasses.replace(TINY, widths=(4, 4, 4, 8)),
+        dataclasses.replace(TINY, glyphs=dataclasses.replace(TINY.glyphs, seed=1)),
+        dataclasses.replace(TINY, glyphs=dataclasses.replace(TINY.glyphs, elastic=0.0)),
+    ]
+    assert len({config.key() for config in changed} | {key}) == 5
+    monkeypatch.setattr(difflr, "__version__", "999.0")
+    assert TINY.key() != key
+
+
+def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "difflr"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    assert cache_file(TINY).parent == tmp_path / "mine"
+    assert cache_file(TINY).name == f"glyph_resnet_{TINY.key()}.pt"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    folder = tmp_path_factory.mktemp("cache")
+    return folder, pretrained_backbone(TINY, cache_dir=folder, progress=False)
+
+
+def test_the_backbone_is_built_once_then_loaded(built: tuple[Path, torch.nn.Module]) -> None:
+    folder, model = built
+    assert model.pretraining["loaded_from_cache"] is False
+    assert sorted(p.name for p in folder.iterdir()) == [cache_file(TINY, folder).name]  # no temp
+    again = pretrained_backbone(TINY, cache_dir=folder, progress=False)
+    assert again.pretraining["loaded_from_cache"] is True
+    assert _same_state(model, again)
+    assert again.pretraining["classes"] == ["0", "O", "l", "1"]
+    assert again.fc.out_features == 4
+
+
+def test_the_file_holds_only_tensors_and_plain_values(built: tuple[Path, torch.nn.Module]) -> None:
+    folder, _ = built
+    payload = torch.load(cache_file(TINY, folder), weights_only=True)
+    assert payload["key"] == TINY.key()
+    assert payload["meta"]["config"] == TINY.as_dict()
+    assert payload["meta"]["difflr"] == difflr.__version__
+
+
+def test_a_corrupt_cache_file_is_rebuilt_with_a_warning(tmp_path: Path) -> None:
+    path = cache_file(TINY, tmp_path)
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(
+        PretrainingCacheError, match=r"not a complete pretrained backbone.*rebuild=True"
+    ):
+        load_pretrained(path)
+    with pytest.warns(UserWarning, match="Pretraining again"):
+        model = pretrained_backbone(TINY, cache_dir=tmp_path, progress=False)
+    assert model.pretraining["loaded_from_cache"] is False
+    assert load_pretrained(path, TINY)[1]["key"] == TINY.key()
+
+
+def test_foreign_and_mismatched_files_are_refused_with_the_reason(
+    tmp_path: Path, built: tuple[Path, torch.nn.Module]
+) -> None:
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(PretrainingCacheError, match="not a difflr pretraining file"):
+        load_pretrained(foreign)
+    # A pickle that would run code is refused by weights_only, never executed.
+    torch.save({"format": "difflr.pretraining/1", "payload": os.system}, foreign)
+    with pytest.raises(
+        PretrainingCacheError, match=r"not a plain pretrained backbone.*(?i:unsupported global)"
+    ):
+        load_pretrained(foreign)
+    folder, _ = built
+    other = dataclasses.replace(TINY, epochs=2)
+    with pytest.raises(PretrainingCacheError, match="other settings"):
+        load_pretrained(cache_file(TINY, folder), other)
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(
+    tmp_path: Path, built: tuple[Path, torch.nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, _ = built
+    good = cache_file(TINY, folder)
+    target = tmp_path / good.name
+    target.write_bytes(good.read_bytes())
+
+    def disk_full(obj: object, file: object, *args: object, **kwargs: object) -> None:
+        file.write(b"half a file")  # type: ignore[attr-defined]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        pretrained_backbone(TINY, cache_dir=tmp_path, rebuild=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
+    assert target.read_bytes() == good.read_bytes()
+
+
+def test_the_docstring_examples_run() -> None:
+    import difflr.pretraining
+
+    failed, attempted = doctest.testmod(difflr.pretraining, optionflags=doctest.ELLIPSIS)
+    assert attempted >= 3 and failed == 0
+
+
+def test_the_default_source_is_letters_and_printed_digits() -> None:
+    config = PretrainConfig().glyphs
+    assert set(string.ascii_letters + string.digits) == set(config.chars)
+    assert np.all([c in config.chars for c in config.merge])
