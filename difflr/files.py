@@ -16,7 +16,7 @@ import pickle
 import re
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "check_state_fits",
     "export_model",
     "load_state",
+    "one_builder",
     "read_state",
     "safe_load",
     "state_file",
@@ -113,6 +114,41 @@ def _sync_folder(folder: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+@contextlib.contextmanager
+def one_builder(file: Path, on_wait: Callable[[], Any] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``file`` + ``.lock`` for the body: processes (and threads) that
+    would build the same file take turns, so the second finds the first one's result instead of
+    redoing minutes of work beside it.
+
+    The lock is ``flock`` on the lock file: the system releases it when its holder exits or is
+    killed, so no stale lock is ever left (the empty lock file stays: deleting it would let a
+    third builder lock a new file while the second holds the old one). Where ``fcntl`` does not exist (Windows) the body runs
+    unlocked; the atomic write still keeps the file whole.
+
+    Args:
+        file: The file to build; the lock file sits next to it (its folder is created).
+        on_wait: Called once, before blocking, when another builder holds the lock (to say so).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    lock = Path(file).with_name(Path(file).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_save(obj: Any, file: Path) -> Path:

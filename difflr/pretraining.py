@@ -17,7 +17,11 @@ the glyphs). Later calls load it in well under a second.
 Public API:
 
 - `pretrained_backbone` — the cached pretrained model (built, with progress, when missing).
-- `PretrainConfig`, `GlyphConfig` — what defines a pretraining (frozen dataclasses).
+- `PretrainConfig`, `GlyphConfig` — what defines a pretraining (frozen dataclasses);
+  `TUTORIAL_PRETRAIN`, a smaller one the tutorials build in about a minute.
+- `digit_loaders` — the target as a few-shot task: loaders of ``shots`` labelled handwritten
+  digits per class (augmented) and of all the others; `draw_shots` and `AugmentedImages`, its
+  parts.
 - `render_glyphs` — the source images, deterministic from the config's seed.
 - `uci_digits`, `to_input`, `random_affine` — the target data in the same domain, the one
   transform from 8x8 grey levels to network input, and the augmentation used for training.
@@ -28,10 +32,11 @@ Public API:
 Examples:
     Fine-tune the pretrained backbone on five labelled digits per class::
 
-        from difflr import vision_learner
-        from difflr.pretraining import pretrained_backbone
+        from difflr import accuracy, vision_learner
+        from difflr.pretraining import digit_loaders, pretrained_backbone
         model = pretrained_backbone()          # loads the cache, or pretrains (a few minutes)
-        learn = vision_learner(model, (train_dl, valid_dl), n_out=10)  # a fresh 10-class head
+        data = digit_loaders(shots=5)          # 50 labelled digits; the other 1,747 validate
+        learn = vision_learner(model, data, n_out=10, metrics=accuracy)  # a fresh 10-class head
         learn.fit_one_cycle(6, 2e-3)
 """
 
@@ -57,24 +62,30 @@ import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from torchvision.models.resnet import BasicBlock
 
-from difflr.files import atomic_save, safe_load
+from difflr.checks import user_stacklevel
+from difflr.files import atomic_save, one_builder, safe_load
 
 __all__ = [
     "CACHE_ENV",
+    "DIGIT_AUGMENT",
     "FONTS",
     "INPUT_SIZE",
     "MAX_LEVEL",
     "PIXEL_MEAN",
     "PIXEL_STD",
+    "TUTORIAL_PRETRAIN",
+    "AugmentedImages",
     "GlyphConfig",
     "PretrainConfig",
     "PretrainingCacheError",
     "SlimResNet",
     "cache_file",
     "default_cache_dir",
+    "digit_loaders",
+    "draw_shots",
     "glyph_classes",
     "load_pretrained",
     "pretrain",
@@ -126,6 +137,9 @@ PIXEL_MEAN = 0.3053
 PIXEL_STD = 0.3761
 #: UCI's grey levels: on-pixel counts of 4x4 blocks of a 32x32 bitmap.
 MAX_LEVEL = 16
+#: `digit_loaders`' augmentation of the handwritten digits: `random_affine`'s rotation (degrees),
+#: scale and shift (the demo's runs use it too).
+DIGIT_AUGMENT = (10.0, 0.1, 0.15)
 _BITMAP = 32  # side of the binary bitmap the grey levels are counted on
 _HI = 64  # side of the canvas the glyphs are distorted on, before the bitmap
 _FORMAT = "difflr.pretraining/1"  # bump when the cache file's layout changes
@@ -254,6 +268,14 @@ class PretrainConfig:
         return digest[:16]
 
 
+#: A smaller pretraining for the tutorials: 300 images per class (14,600 to train on), 3 epochs;
+#: about a minute on 2 CPU cores (13 s to render, 42 s to train), once, then cached like the
+#: default. Source accuracy 0.936 (the default's: 0.966). On the demo's 5-shot task (5 draws)
+#: full fine-tuning reaches 0.941 ± 0.014 against scratch's 0.840 ± 0.025 (the default
+#: backbone: 0.956 ± 0.012).
+TUTORIAL_PRETRAIN = PretrainConfig(glyphs=GlyphConfig(per_class=300), epochs=3, n_valid=1000)
+
+
 def _freetype() -> str:
     from PIL import features
 
@@ -351,6 +373,134 @@ def random_affine(
     theta[:, 1, 1] = torch.cos(angle) / zoom
     theta[:, :, 2] = (torch.rand(n, 2, generator=generator) * 2 - 1) * shift
     return theta
+
+
+class AugmentedImages(Dataset):
+    """Grey-level images whose batches ``collate`` turns into network input, with a random
+    affine per image when ``augment`` is given (`random_affine` and the upsampling in one
+    resampling, so augmentation costs nothing extra).
+
+    Items are indices; pass ``collate_fn=dataset.collate`` to the ``DataLoader``.
+
+    Args:
+        levels: ``(n, 8, 8)`` grey levels in ``0..16``.
+        labels: ``(n,)`` class indices.
+        augment: `random_affine`'s ``(rotation, scale, shift)``; ``None`` for none.
+        generator: Source of the affines' randomness; ``None`` uses torch's global one.
+    """
+
+    def __init__(
+        self,
+        levels: torch.Tensor,
+        labels: torch.Tensor,
+        augment: Sequence[float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if len(levels) != len(labels):
+            raise ValueError(f"{len(levels)} images but {len(labels)} labels; pass one label each.")
+        self.levels, self.labels = levels, labels
+        self.augment = augment
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def collate(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch: ``(to_input(levels, affines), labels)``."""
+        index = torch.tensor(indices)
+        theta = None
+        if self.augment is not None:
+            theta = random_affine(len(index), *self.augment, generator=self.generator)
+        return to_input(self.levels[index], theta), self.labels[index]
+
+
+def draw_shots(
+    labels: torch.Tensor, shots: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Few-shot split: ``shots`` random indices of each class, and every other index.
+
+    Args:
+        labels: ``(n,)`` class indices ``0..k-1``.
+        shots: Labelled images per class.
+        generator: Source of the draw; ``None`` uses torch's global one.
+
+    Returns:
+        The chosen indices (class by class) and the rest (ascending): the training and the
+        test set.
+
+    Raises:
+        ValueError: A class has no more than ``shots`` images (nothing would be left to test on).
+
+    Examples:
+        >>> train, rest = draw_shots(torch.tensor([0, 0, 0, 1, 1, 1]), 2)
+        >>> len(train), len(rest)
+        (4, 2)
+    """
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"shots must be an int >= 1, got {shots!r}.")
+    chosen = []
+    for label in range(int(labels.max()) + 1):
+        candidates = torch.where(labels == label)[0]
+        if len(candidates) <= shots:
+            raise ValueError(
+                f"class {label} has {len(candidates)} images, not more than shots={shots}; "
+                "lower shots."
+            )
+        chosen.append(candidates[torch.randperm(len(candidates), generator=generator)[:shots]])
+    index = torch.cat(chosen)
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[index] = False
+    return index, torch.where(rest)[0]
+
+
+def digit_loaders(
+    shots: int = 10,
+    *,
+    batch_size: int = 32,
+    batches_per_epoch: int = 10,
+    augment: Sequence[float] | None = DIGIT_AUGMENT,
+    seed: int = 0,
+) -> tuple[DataLoader, DataLoader]:
+    """The UCI digits as a few-shot task in the backbone's domain: ``(train, valid)`` loaders.
+
+    ``shots`` images of each digit, drawn with ``seed``, to train on; all the others (about
+    1,800 - 10 x ``shots``) to validate on. The few training images are augmented and repeated:
+    an epoch is ``batches_per_epoch`` batches of ``batch_size`` images drawn at random, so a
+    schedule has enough steps to show its shape. The demo's ablation uses the same data.
+
+    Args:
+        shots: Labelled images per digit.
+        batch_size: Images per training batch.
+        batches_per_epoch: Training batches per epoch.
+        augment: `random_affine`'s ``(rotation, scale, shift)`` for the training images;
+            ``None`` for none.
+        seed: Seed of the draw (the shuffling and augmentation use torch's global RNG:
+            ``torch.manual_seed`` makes a run repeat).
+
+    Returns:
+        Training loader (augmented, ``batches_per_epoch`` batches) and validation loader
+        (every other image, not augmented), both yielding ``(inputs, labels)`` with inputs of
+        shape ``(n, 1, 16, 16)``.
+
+    Examples:
+        >>> train_dl, valid_dl = digit_loaders(shots=5)  # doctest: +SKIP
+        >>> len(train_dl), len(valid_dl.dataset)  # doctest: +SKIP
+        (10, 1747)
+    """
+    levels, labels = uci_digits()
+    train, valid = draw_shots(labels, shots, torch.Generator().manual_seed(seed))
+    dataset = AugmentedImages(levels[train], labels[train], augment)
+    train_loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=RandomSampler(dataset, num_samples=batches_per_epoch * batch_size),
+        collate_fn=dataset.collate,
+    )
+    held_out = TensorDataset(to_input(levels[valid]), labels[valid])
+    return train_loader, DataLoader(held_out, batch_size=512)
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,35 +762,6 @@ def slim_resnet(n_out: int = 10, widths: Sequence[int] = (16, 32, 64, 128)) -> S
 # --------------------------------------------------------------------------------------------
 
 
-class _Augmented(Dataset):
-    """Indices into grey-level images; ``collate`` turns a batch of them into network input,
-    with a random affine per image when ``augment`` is given (one resampling for both)."""
-
-    def __init__(
-        self,
-        levels: torch.Tensor,
-        labels: torch.Tensor,
-        augment: Sequence[float] | None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        self.levels, self.labels = levels, labels
-        self.augment = augment
-        self.generator = generator
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> int:
-        return index
-
-    def collate(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.tensor(indices)
-        theta = None
-        if self.augment is not None:
-            theta = random_affine(len(index), *self.augment, generator=self.generator)
-        return to_input(self.levels[index], theta), self.labels[index]
-
-
 @torch.no_grad()
 def _accuracy(model: nn.Module, levels: torch.Tensor, labels: torch.Tensor) -> float:
     model.eval()
@@ -676,7 +797,7 @@ def pretrain(
     order = torch.randperm(len(labels), generator=generator)
     n_valid = min(config.n_valid, len(labels) // 5)
     valid, train = order[:n_valid], order[n_valid:]
-    dataset = _Augmented(levels[train], labels[train], config.augment, generator)
+    dataset = AugmentedImages(levels[train], labels[train], config.augment, generator)
     loader = DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -830,14 +951,36 @@ def pretrained_backbone(
     """
     config = PretrainConfig() if config is None else config
     path = cache_file(config, cache_dir)
-    if path.is_file() and not rebuild:
-        try:
-            model, meta = load_pretrained(path, config)
-        except PretrainingCacheError as error:
-            warnings.warn(f"{error} Pretraining again now.", stacklevel=2)
-        else:
-            model.pretraining = {**meta, "path": str(path), "loaded_from_cache": True}
+    if not rebuild and (model := _cached(path, config, check=False)) is not None:
+        return model
+
+    def waiting() -> None:
+        if progress:
+            print(f"difflr.pretraining: waiting for another process building {path}", flush=True)
+
+    # One builder at a time: a second notebook or job started meanwhile waits, then loads.
+    with one_builder(path, on_wait=waiting):
+        if not rebuild and (model := _cached(path, config, check=True)) is not None:
             return model
+        return _build(config, path, progress)
+
+
+def _cached(path: Path, config: PretrainConfig, check: bool) -> SlimResNet | None:
+    """The cached model, or ``None`` when there is none; an unusable file is reported (once:
+    when ``check``, under the builder's lock) and rebuilt."""
+    if not path.is_file():
+        return None
+    try:
+        model, meta = load_pretrained(path, config)
+    except PretrainingCacheError as error:
+        if check:
+            warnings.warn(f"{error} Pretraining again now.", stacklevel=user_stacklevel())
+        return None
+    model.pretraining = {**meta, "path": str(path), "loaded_from_cache": True}
+    return model
+
+
+def _build(config: PretrainConfig, path: Path, progress: bool) -> SlimResNet:
     model, meta = pretrain(config, progress=progress)
     from difflr import __version__
 

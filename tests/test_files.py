@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflr import Learner
-from difflr.files import UnreadableFileError, atomic_save, safe_load, state_file
+from difflr.files import UnreadableFileError, atomic_save, one_builder, safe_load, state_file
 from tests.helpers import make_learner, make_loaders, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,3 +283,24 @@ def test_a_full_disk_keeps_the_previous_save_and_says_so(tmp_path):
     state = safe_load(tmp_path / "models" / "model.pth")
     assert not torch.any(state["model"]["0.weight"] == 7.0)
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.pth"]
+
+
+def test_one_builder_makes_a_second_builder_wait_and_says_so(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "model.pt"
+    events: list[str] = []
+
+    def second() -> None:
+        with one_builder(target, on_wait=lambda: events.append("waiting")):
+            events.append("second builds")
+
+    with one_builder(target):
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(timeout=0.3)
+        assert thread.is_alive() and events == ["waiting"]  # blocked while the first holds it
+        events.append("first done")
+    thread.join(timeout=5)
+    assert events == ["waiting", "first done", "second builds"]
+    with one_builder(target, on_wait=lambda: events.append("waited again")):
+        pass  # free: no waiting
+    assert events[-1] == "second builds"

@@ -6,6 +6,8 @@ import dataclasses
 import doctest
 import os
 import string
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +17,20 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import difflr
-from difflr import vision_learner
+from difflr import pretraining, vision_learner
 from difflr.pretraining import (
     CACHE_ENV,
     FONTS,
+    TUTORIAL_PRETRAIN,
+    AugmentedImages,
     GlyphConfig,
     PretrainConfig,
     PretrainingCacheError,
     SlimResNet,
     cache_file,
     default_cache_dir,
+    digit_loaders,
+    draw_shots,
     glyph_classes,
     load_pretrained,
     pretrained_backbone,
@@ -157,6 +163,56 @@ def test_to_input_rejects_images_of_another_size() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def test_draw_shots_takes_shots_of_each_class_and_leaves_the_rest() -> None:
+    labels = torch.tensor([0, 1, 2] * 4)  # four of each class
+    train, rest = draw_shots(labels, 3, torch.Generator().manual_seed(0))
+    assert np.bincount(labels[train].numpy()).tolist() == [3, 3, 3]
+    assert sorted(train.tolist() + rest.tolist()) == list(range(12))
+    assert rest.tolist() == sorted(rest.tolist())
+    again, _ = draw_shots(labels, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(again, train)
+    with pytest.raises(ValueError, match=r"class 0 has 4 images, not more than shots=4"):
+        draw_shots(labels, 4)
+    with pytest.raises(ValueError, match="shots must be an int >= 1, got 0"):
+        draw_shots(labels, 0)
+
+
+def test_augmented_images_without_augmentation_are_to_input() -> None:
+    levels = torch.randint(0, 17, (5, 8, 8), generator=torch.Generator().manual_seed(0))
+    dataset = AugmentedImages(levels, torch.arange(5))
+    x, y = dataset.collate([4, 0])
+    assert torch.equal(x, to_input(levels[[4, 0]])) and y.tolist() == [4, 0]
+    moved, _ = AugmentedImages(levels, torch.arange(5), (10.0, 0.1, 0.15)).collate([4, 0])
+    assert moved.shape == x.shape and not torch.equal(moved, x)
+    with pytest.raises(ValueError, match="5 images but 4 labels"):
+        AugmentedImages(levels, torch.arange(4))
+
+
+def test_digit_loaders_train_on_the_shots_and_validate_on_every_other_digit() -> None:
+    train_dl, valid_dl = digit_loaders(shots=4, batch_size=8, batches_per_epoch=3, augment=None)
+    batches = list(train_dl)
+    assert len(train_dl) == len(batches) == 3 and batches[0][0].shape == (8, 1, 16, 16)
+    x_valid, y_valid = valid_dl.dataset.tensors
+    assert len(y_valid) == 1797 - 40
+    levels, labels = uci_digits()
+    train, rest = draw_shots(labels, 4, torch.Generator().manual_seed(0))  # the default seed
+    assert torch.equal(x_valid, to_input(levels[rest])) and torch.equal(y_valid, labels[rest])
+    train_inputs = to_input(levels[train])
+    for x, y in batches:  # without augmentation, every training input is one of the shots
+        for xi, yi in zip(x, y):
+            match = (train_inputs == xi).flatten(1).all(1)
+            assert match.any() and labels[train][match][0] == yi
+
+
+def test_the_tutorial_pretraining_is_the_default_made_smaller() -> None:
+    default = PretrainConfig()
+    assert TUTORIAL_PRETRAIN.widths == default.widths  # the same backbone, less pretraining
+    assert TUTORIAL_PRETRAIN.glyphs.chars == default.glyphs.chars
+    work = TUTORIAL_PRETRAIN.glyphs.per_class * TUTORIAL_PRETRAIN.epochs
+    assert work * 4 <= default.glyphs.per_class * default.epochs
+    assert TUTORIAL_PRETRAIN.key() != default.key()
+
+
 def test_slim_resnet_has_the_six_groups_of_the_original_example() -> None:
     model = SlimResNet((4, 8, 8, 16), n_out=7)
     names = [group.name for group in split_model(model, resnet_splitter)]
@@ -210,7 +266,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Modu
 def test_the_backbone_is_built_once_then_loaded(built: tuple[Path, torch.nn.Module]) -> None:
     folder, model = built
     assert model.pretraining["loaded_from_cache"] is False
-    assert sorted(p.name for p in folder.iterdir()) == [cache_file(TINY, folder).name]  # no temp
+    name = cache_file(TINY, folder).name
+    assert sorted(p.name for p in folder.iterdir()) == [name, name + ".lock"]  # no temp file
     again = pretrained_backbone(TINY, cache_dir=folder, progress=False)
     assert again.pretraining["loaded_from_cache"] is True
     assert _same_state(model, again)
@@ -224,6 +281,36 @@ def test_the_file_holds_only_tensors_and_plain_values(built: tuple[Path, torch.n
     assert payload["key"] == TINY.key()
     assert payload["meta"]["config"] == TINY.as_dict()
     assert payload["meta"]["difflr"] == difflr.__version__
+
+
+def test_a_second_builder_waits_for_the_first_and_loads_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two notebooks (or jobs) asking for the same backbone at once pretrain it once."""
+    builds = []
+    real_pretrain = pretraining.pretrain
+
+    def counted(config, progress=True):
+        builds.append(threading.current_thread().name)
+        time.sleep(0.3)  # the second caller arrives while the first builds
+        return real_pretrain(config, progress)
+
+    monkeypatch.setattr(pretraining, "pretrain", counted)
+    results: dict[str, torch.nn.Module] = {}
+
+    def ask(name: str) -> None:
+        results[name] = pretrained_backbone(TINY, cache_dir=tmp_path, progress=False)
+
+    threads = [threading.Thread(target=ask, args=(name,), name=name) for name in "ab"]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+    assert builds == ["a"]
+    assert results["a"].pretraining["loaded_from_cache"] is False
+    assert results["b"].pretraining["loaded_from_cache"] is True
+    assert _same_state(results["a"], results["b"])
 
 
 def test_a_corrupt_cache_file_is_rebuilt_with_a_warning(tmp_path: Path) -> None:
@@ -273,7 +360,7 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
         pretrained_backbone(TINY, cache_dir=tmp_path, rebuild=True, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name, good.name + ".lock"]
     assert target.read_bytes() == good.read_bytes()
 
 
