@@ -55,7 +55,7 @@ class Config:
     n_valid: int | None = None  # None: all 359 validation images
     fit_repeats: int = 9
     lr_find_iters: int = 100
-    lr_find_repeats: int = 3
+    lr_find_repeats: int = 5  # 3 left a first slow repeat deciding the median
     freeze_train: int = 256
     optim_steps: int = 10
     optim_repeats: int = 5
