@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from difflr import GradualUnfreezing, Learner, Recorder, Stage
+from difflr import GradualUnfreezing, Recorder, Stage
 from difflr.callbacks import HYPER_POINTS_PER_FIT, SmoothedLoss
-from tests.helpers import make_loaders, make_model, three_groups
+from tests.helpers import make_learner, make_loaders, make_model, three_groups
 
 
 class SkipsEveryThirdBatch(pl.LightningModule):
@@ -63,15 +63,7 @@ def test_a_skipped_step_is_left_out_of_the_smoothed_loss_not_counted_as_zero(tmp
 
 
 def test_every_step_of_a_fit_of_up_to_200_steps_reaches_the_logger(tmp_path):
-    learn = Learner(
-        make_model(),
-        make_loaders(),
-        F.cross_entropy,
-        splitter=three_groups,
-        path=tmp_path,
-        enable_progress_bar=False,
-        checkpoint=False,
-    )
+    learn = make_learner(tmp_path, logger=True, checkpoint=False)
     learn.fit_one_cycle(5, slice(1e-4, 1e-2))  # 30 steps
     (events,) = tmp_path.rglob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(events))
@@ -85,14 +77,10 @@ def test_every_step_of_a_fit_of_up_to_200_steps_reaches_the_logger(tmp_path):
 
 def test_a_long_fit_logs_about_the_points_that_resolve_its_schedule(tmp_path):
     train, valid = make_loaders(n=192, batch_size=2)  # 96 steps an epoch
-    learn = Learner(
-        make_model(),
-        (train, valid),
-        F.cross_entropy,
-        splitter=three_groups,
-        path=tmp_path,
+    learn = make_learner(
+        tmp_path,
+        data=(train, valid),
         logger=CSVLogger(tmp_path, name="csv"),
-        enable_progress_bar=False,
         checkpoint=False,
         limit_val_batches=1,
     )
@@ -104,17 +92,7 @@ def test_a_long_fit_logs_about_the_points_that_resolve_its_schedule(tmp_path):
 
 
 def test_train_bn_false_leaves_the_frozen_norm_statistics_unchanged(tmp_path):
-    learn = Learner(
-        make_model(),
-        make_loaders(),
-        F.cross_entropy,
-        splitter=three_groups,
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        checkpoint=False,
-        train_bn=False,
-    )
+    learn = make_learner(tmp_path, checkpoint=False, train_bn=False)
     learn.freeze()
     bn = learn.model[1]
     before = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
@@ -128,16 +106,7 @@ def test_train_bn_false_leaves_the_frozen_norm_statistics_unchanged(tmp_path):
 
 
 def test_train_bn_true_keeps_updating_them(tmp_path):
-    learn = Learner(
-        make_model(),
-        make_loaders(),
-        F.cross_entropy,
-        splitter=three_groups,
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        checkpoint=False,
-    )
+    learn = make_learner(tmp_path, checkpoint=False)
     learn.freeze()
     before = learn.model[1].running_mean.clone()
     learn.fit_one_cycle(1, 1e-2)

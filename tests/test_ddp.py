@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from difflr import Learner, expand_lrs, valley
+from difflr import expand_lrs, valley
 from difflr.distributed import batches_per_process, decide_on_rank_zero, planned_world_size
 from difflr.schedules import one_cycle_lr
 from difflr.suggestions import make_suggestions
 from tests import ddp_script
-from tests.helpers import make_loaders, make_model, three_groups
+from tests.helpers import make_learner, make_loaders, make_model
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -301,18 +301,7 @@ def test_gradual_unfreezing_refuses_to_start_under_ddp(run: DDPRun) -> None:
 
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_notebook"])
 def test_launchers_that_fit_in_worker_processes_are_refused(tmp_path, strategy: str) -> None:
-    learn = Learner(
-        make_model(),
-        make_loaders(),
-        F.cross_entropy,
-        splitter=three_groups,
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        strategy=strategy,
-        accelerator="cpu",
-        devices=2,
-    )
+    learn = make_learner(tmp_path, strategy=strategy, accelerator="cpu", devices=2)
     before = {k: v.clone() for k, v in learn.model.state_dict().items()}
     with pytest.raises(ValueError, match="strategy='ddp'"):
         learn.fit_one_cycle(1)

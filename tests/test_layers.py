@@ -32,14 +32,19 @@ def test_the_import_contracts_hold() -> None:
     assert "3 kept, 0 broken" in result.stdout
 
 
+def _lint_with(tmp_path: Path, module: str, function: str) -> subprocess.CompletedProcess[str]:
+    """``lint-imports`` on a copy of the package with ``function`` appended to ``module``."""
+    shutil.copytree(ROOT / "difflr", tmp_path / "difflr")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    file = tmp_path / "difflr" / module
+    file.write_text(file.read_text() + "\n\n" + function)
+    return _lint_imports(tmp_path, tmp_path)
+
+
 def test_an_upward_import_breaks_the_contracts(tmp_path: Path) -> None:
     # The circle this contract was written against: groups.py (a low floor) asking vision.py (a
     # high one) for a default splitter.
-    shutil.copytree(ROOT / "difflr", tmp_path / "difflr")
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    groups = tmp_path / "difflr" / "groups.py"
-    groups.write_text(groups.read_text() + "\n\ndef _lookup():\n    from difflr import vision\n")
-    result = _lint_imports(tmp_path, tmp_path)
+    result = _lint_with(tmp_path, "groups.py", "def _lookup():\n    from difflr import vision\n")
     assert result.returncode != 0
     assert "difflr.groups -> difflr.vision" in result.stdout
     assert "1 kept, 2 broken" in result.stdout
@@ -47,11 +52,7 @@ def test_an_upward_import_breaks_the_contracts(tmp_path: Path) -> None:
 
 def test_importing_transformers_breaks_the_contracts(tmp_path: Path) -> None:
     # Hugging Face support must not make `import difflr` need transformers, even lazily.
-    shutil.copytree(ROOT / "difflr", tmp_path / "difflr")
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    hf = tmp_path / "difflr" / "hf.py"
-    hf.write_text(hf.read_text() + "\n\ndef _model_class():\n    import transformers\n")
-    result = _lint_imports(tmp_path, tmp_path)
+    result = _lint_with(tmp_path, "hf.py", "def _model_class():\n    import transformers\n")
     assert result.returncode != 0
     assert "difflr.hf -> transformers" in result.stdout
     assert "2 kept, 1 broken" in result.stdout
