@@ -110,21 +110,22 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
-from difflr import Learner, Stage, minimum, pretraining, slide, steep, valley, vision_learner
+from difflr import Learner, Stage, minimum, slide, steep, valley, vision_learner
 from difflr.pretraining import (
     DIGIT_AUGMENT,
-    AugmentedImages,
     GlyphConfig,
     PretrainConfig,
-    PretrainingCacheError,
+    evaluate,
     glyph_classes,
     pretrained_backbone,
+    repeating_loader,
     slim_resnet,
     to_input,
     uci_digits,
 )
+from difflr.pretraining import draw_shots as draw_few_shots
 
 __all__ = ["MILESTONES", "RUN_NAMES", "DemoError", "format_table", "main", "parse_args"]
 
@@ -184,7 +185,7 @@ QUICK_PRETRAIN = PretrainConfig(
 
 
 class DemoError(RuntimeError):
-    """A problem the user can fix (an unusable cache file, a bad flag combination)."""
+    """A problem the user can fix on the command line (more ``--shots`` than a digit has)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ class Digits:
 def draw_shots(digits: Digits, shots: int, generator: torch.Generator) -> tuple[Digits, Digits]:
     """``shots`` random images of each class, and every other image (the test set)."""
     try:
-        train, rest = pretraining.draw_shots(digits.labels, shots, generator)
+        train, rest = draw_few_shots(digits.labels, shots, generator)
     except ValueError as error:
         raise DemoError(f"--shots {shots} is too many: {error}") from error
     return digits.subset(train), digits.subset(rest)
@@ -315,25 +316,9 @@ def draw_shots(digits: Digits, shots: int, generator: torch.Generator) -> tuple[
 
 def make_loader(train: Digits, settings: Settings) -> DataLoader:
     """``epoch_batches`` shuffled, augmented batches per epoch (the images repeated)."""
-    dataset = AugmentedImages(train.levels, train.labels, AUGMENT)
-    n_samples = settings.epoch_batches * settings.batch_size
-    return DataLoader(
-        dataset,
-        batch_size=settings.batch_size,
-        sampler=RandomSampler(dataset, num_samples=n_samples),
-        collate_fn=dataset.collate,
+    return repeating_loader(
+        train.levels, train.labels, settings.batch_size, settings.epoch_batches, AUGMENT
     )
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Accuracy of ``model`` on prepared ``inputs``, in [0, 1] (the model is left in eval)."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(labels), 512):
-        logits = model(inputs[start : start + 512])
-        correct += int((logits.argmax(1) == labels[start : start + 512]).sum())
-    return correct / len(labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ``figures`` and ``seconds`` (the whole job).
 
     Raises:
-        DemoError: The cache file cannot be used and could not be rebuilt, or a flag is wrong.
+        DemoError: A flag the data cannot meet (more ``--shots`` than a digit has).
     """
     settings = parse_args(argv)
     with _threads(settings.threads):
@@ -572,24 +557,22 @@ def _run(settings: Settings) -> dict[str, Any]:
         f" labels per class, {settings.draws} draw(s); output in {settings.out}",
         flush=True,
     )
-    try:
-        backbone = pretrained_backbone(
-            config, cache_dir=settings.cache_dir, rebuild=settings.rebuild, progress=True
-        )
-    except PretrainingCacheError as error:  # pragma: no cover - pretrained_backbone rebuilds
-        raise DemoError(str(error)) from error
+    # An unusable cache file is reported and rebuilt by pretrained_backbone.
+    backbone = pretrained_backbone(
+        config, cache_dir=settings.cache_dir, rebuild=settings.rebuild, progress=True
+    )
     # Timings of the build (also when it was loaded: they say what a rebuild costs).
     keys = ("path", "loaded_from_cache", "source_accuracy", "n_images", "classes")
-    pretraining = {key: backbone.pretraining[key] for key in keys}
-    pretraining["build_seconds"] = {
+    backbone_info = {key: backbone.pretraining[key] for key in keys}
+    backbone_info["build_seconds"] = {
         "render": backbone.pretraining["render_seconds"],
         "train": backbone.pretraining["train_seconds"],
     }
-    pretraining["seconds"] = time.perf_counter() - started
+    backbone_info["seconds"] = time.perf_counter() - started
     print(
-        f"pretrained backbone: {'loaded' if pretraining['loaded_from_cache'] else 'built'} in "
-        f"{pretraining['seconds']:.0f} s (source accuracy {pretraining['source_accuracy']:.3f} "
-        f"on held-out glyphs; {pretraining['path']})",
+        f"pretrained backbone: {'loaded' if backbone_info['loaded_from_cache'] else 'built'} in "
+        f"{backbone_info['seconds']:.0f} s (source accuracy {backbone_info['source_accuracy']:.3f} "
+        f"on held-out glyphs; {backbone_info['path']})",
         flush=True,
     )
     levels, labels = uci_digits()
@@ -641,7 +624,7 @@ def _run(settings: Settings) -> dict[str, Any]:
             "n_classes": N_CLASSES,
             "chance": 1 / N_CLASSES,
         },
-        "pretraining": pretraining,
+        "pretraining": backbone_info,
         "runs": by_shots[str(settings.shots[0])],
         "by_shots": by_shots,
     }
@@ -655,7 +638,7 @@ def _run(settings: Settings) -> dict[str, Any]:
         print("\n" + format_table(results, shots))
     print(
         f"\n(time: mean wall time of one run; whole job {results['seconds']:.0f} s, of which "
-        f"{pretraining['seconds']:.0f} s for the backbone)\nresults.json and figures/ are in "
+        f"{backbone_info['seconds']:.0f} s for the backbone)\nresults.json and figures/ are in "
         f"{settings.out}",
         flush=True,
     )

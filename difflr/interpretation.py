@@ -21,19 +21,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import Self
 
 from difflr.checks import check_int
-from difflr.data import check_loader
 from difflr.module import split_inputs
 from difflr.plotting import _teach_kernel_figures
 from difflr.predictions import (
     Activation,
     activate,
+    check_vocab_fits,
     collect_predictions,
-    sequential_loader,
-    validation_loader,
+    indexed,
+    read_loader,
 )
 from difflr.runner import Runner
 
@@ -121,21 +120,14 @@ class Interpretation:
                 ``loss_func``).
         """
         runner = learn.runner
-        if dl is None:
-            loader = validation_loader(runner.data, runner.module, cls.__name__)
-        else:
-            check_loader(dl, "dl")
-            loader = dl
-        loader = sequential_loader(loader)
+        loader = read_loader(runner, dl, cls.__name__)
         # Inputs are read back by index when the dataset allows it; otherwise kept now.
-        found = collect_predictions(
-            runner, loader, with_input=not _indexable(loader), with_loss=True
-        )
+        found = collect_predictions(runner, loader, with_input=not indexed(loader), with_loss=True)
         return cls(
             activate(found.preds, act, runner.module),
             found.targets,
             found.losses,
-            dl=found.loader,
+            dl=loader,
             inputs=found.inputs,
             vocab=learn.vocab,
         )
@@ -200,7 +192,7 @@ class Interpretation:
         if self.inputs is not None:
             first = self.inputs[0] if isinstance(self.inputs, (tuple, list)) else self.inputs
             return [_item_of(first, int(i)) for i in indices]
-        if not _indexable(self.dl):
+        if not indexed(self.dl):
             return None
         # Through the loader's collate_fn, so that an item is what the model was given.
         batch = self.dl.collate_fn([self.dl.dataset[int(i)] for i in indices])
@@ -244,12 +236,7 @@ class ClassificationInterpretation(Interpretation):
     ) -> None:
         _check_classification(preds, targs)
         super().__init__(preds, targs, losses, dl=dl, inputs=inputs, vocab=vocab)
-        n_classes = preds.shape[1]
-        if self.vocab is not None and len(self.vocab) != n_classes:
-            raise ValueError(
-                f"vocab has {len(self.vocab)} names but the model gives {n_classes} class "
-                f"scores; set learn.vocab to {n_classes} names (or None for indices)."
-            )
+        check_vocab_fits(self.vocab, preds.shape[1])
         self.preds = preds.float() if _are_probabilities(preds) else preds.float().softmax(1)
         self.decoded = self.preds.argmax(dim=1)
 
@@ -354,15 +341,6 @@ class ClassificationInterpretation(Interpretation):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _indexable(loader: Any) -> bool:
-    """Whether items can be read back by index through the loader's collate_fn."""
-    return (
-        isinstance(loader, DataLoader)
-        and not isinstance(loader.dataset, IterableDataset)
-        and hasattr(loader.dataset, "__getitem__")
-    )
-
-
 def _item_of(values: Any, i: int) -> Any:
     if values is None:
         return None

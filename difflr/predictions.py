@@ -413,7 +413,7 @@ def _name(vocab: Sequence[Any] | None, index: int) -> Any:
     return index if vocab is None else vocab[index]
 
 
-def _check_vocab_fits(vocab: Sequence[Any] | None, n_classes: int) -> None:
+def check_vocab_fits(vocab: Sequence[Any] | None, n_classes: int) -> None:
     if vocab is not None and len(vocab) != n_classes:
         raise ValueError(
             f"learn.vocab has {len(vocab)} names but the model gives {n_classes} class scores; "
@@ -483,14 +483,12 @@ class Predictions:
         losses: Each item's loss, shape ``(n_items,)``, or ``None`` unless asked for.
         inputs: The batches' inputs (a tensor, or a tuple for several), or ``None`` unless
             asked for.
-        loader: The loader that was read (after `sequential_loader`).
     """
 
     preds: Any
     targets: Any
     losses: torch.Tensor | None
     inputs: Any
-    loader: Any
 
 
 class _Collector(BasePredictionWriter):
@@ -606,6 +604,25 @@ def _dataset_order(
     return order, seen
 
 
+def read_loader(runner: Runner, dl: Any, caller: str) -> Any:
+    """``dl``, or the validation loader when ``None``, made sequential (`sequential_loader`):
+    what `collect_predictions` reads.
+
+    Raises:
+        TypeError: ``dl`` is not a loader.
+        ValueError: ``dl`` is ``None`` and there is no validation set.
+    """
+    if dl is None:
+        return sequential_loader(validation_loader(runner.data, runner.module, caller))
+    check_loader(dl, "dl")
+    return sequential_loader(dl)
+
+
+def indexed(loader: Any) -> bool:
+    """Whether ``loader`` reads a map-style dataset, so its items can be found by index."""
+    return isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset)
+
+
 def collect_predictions(
     runner: Runner, dl: Any = None, *, with_input: bool = False, with_loss: bool = False
 ) -> Predictions:
@@ -618,12 +635,7 @@ def collect_predictions(
             DDP; items that never came.
     """
     module = runner.module
-    if dl is None:
-        loader = validation_loader(runner.data, module, "get_preds")
-    else:
-        check_loader(dl, "dl")
-        loader = dl
-    loader = sequential_loader(loader)
+    loader = read_loader(runner, dl, "get_preds")
     loss_func = loss_func_of(module) if with_loss else None
     if with_loss and loss_func is None:
         raise TypeError(
@@ -633,8 +645,7 @@ def collect_predictions(
         )
     collector = _Collector(loss_func, with_input)
     trainer = runner.trainer([*runner.callbacks, collector], standard=False, logger=False)
-    indexed = isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset)
-    if trainer.world_size > 1 and not indexed:
+    if trainer.world_size > 1 and not indexed(loader):
         raise ValueError(
             f"get_preds under {trainer.world_size} processes needs a DataLoader over a map-style "
             f"dataset (items by index) to put the shards back in order; got "
@@ -652,9 +663,7 @@ def collect_predictions(
     if indices is not None:
         order, _ = _dataset_order(indices, loader, trainer.world_size)
         joined = {key: None if v is None else _take(v, order) for key, v in joined.items()}
-    return Predictions(
-        joined["preds"], joined["targets"], joined["losses"], joined["inputs"], loader
-    )
+    return Predictions(joined["preds"], joined["targets"], joined["losses"], joined["inputs"])
 
 
 def _join(parts: list[Any]) -> Any:
@@ -809,14 +818,14 @@ def predict(
         probs = act(out)
         index = probs.argmax(dim=1)
         if out.ndim == 2:
-            _check_vocab_fits(vocab, out.shape[1])
+            check_vocab_fits(vocab, out.shape[1])
             decoded: Any = [_name(vocab, int(i)) for i in index]
         else:  # a class per position (segmentation): the index map
             decoded = index
     elif isinstance(out, torch.Tensor) and out.ndim == 2 and is_multi_label(act):
         probs = act(out)
         index = probs > MULTI_LABEL_THRESHOLD
-        _check_vocab_fits(vocab, out.shape[1])
+        check_vocab_fits(vocab, out.shape[1])
         decoded = [[_name(vocab, int(j)) for j in row.nonzero().flatten()] for row in index]
     else:
         return out if is_batch else _take(out, 0)

@@ -20,8 +20,8 @@ Public API:
 - `PretrainConfig`, `GlyphConfig` — what defines a pretraining (frozen dataclasses);
   `TUTORIAL_PRETRAIN`, a smaller one the tutorials build in about a minute.
 - `digit_loaders` — the target as a few-shot task: loaders of ``shots`` labelled handwritten
-  digits per class (augmented) and of all the others; `draw_shots` and `AugmentedImages`, its
-  parts.
+  digits per class (augmented) and of all the others; `draw_shots`, `repeating_loader` and
+  `AugmentedImages`, its parts; `evaluate`, the accuracy on prepared inputs.
 - `render_glyphs` — the source images, deterministic from the config's seed.
 - `uci_digits`, `to_input`, `random_affine` — the target data in the same domain, the one
   transform from 8x8 grey levels to network input, and the augmentation used for training.
@@ -86,12 +86,14 @@ __all__ = [
     "default_cache_dir",
     "digit_loaders",
     "draw_shots",
+    "evaluate",
     "glyph_classes",
     "load_pretrained",
     "pretrain",
     "pretrained_backbone",
     "random_affine",
     "render_glyphs",
+    "repeating_loader",
     "slim_resnet",
     "to_input",
     "uci_digits",
@@ -492,15 +494,43 @@ def digit_loaders(
     """
     levels, labels = uci_digits()
     train, valid = draw_shots(labels, shots, torch.Generator().manual_seed(seed))
-    dataset = AugmentedImages(levels[train], labels[train], augment)
-    train_loader = DataLoader(
+    train_loader = repeating_loader(
+        levels[train], labels[train], batch_size, batches_per_epoch, augment
+    )
+    held_out = TensorDataset(to_input(levels[valid]), labels[valid])
+    return train_loader, DataLoader(held_out, batch_size=512)
+
+
+def repeating_loader(
+    levels: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    batches_per_epoch: int,
+    augment: Sequence[float] | None = DIGIT_AUGMENT,
+) -> DataLoader:
+    """A few labelled images as an epoch of ``batches_per_epoch`` batches drawn at random (the
+    images repeated), augmented (`AugmentedImages`); torch's global RNG draws and augments."""
+    dataset = AugmentedImages(levels, labels, augment)
+    return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=RandomSampler(dataset, num_samples=batches_per_epoch * batch_size),
         collate_fn=dataset.collate,
     )
-    held_out = TensorDataset(to_input(levels[valid]), labels[valid])
-    return train_loader, DataLoader(held_out, batch_size=512)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+) -> float:
+    """Accuracy of ``model`` on network ``inputs`` (`to_input`'s), in [0, 1]; the model is left
+    in eval mode. ``0.0`` for no images."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        logits = model(inputs[start : start + batch_size])
+        correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
+    return correct / max(len(labels), 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -762,16 +792,6 @@ def slim_resnet(n_out: int = 10, widths: Sequence[int] = (16, 32, 64, 128)) -> S
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, levels: torch.Tensor, labels: torch.Tensor) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(labels), 1024):
-        logits = model(to_input(levels[start : start + 1024]))
-        correct += int((logits.argmax(1) == labels[start : start + 1024]).sum())
-    return correct / max(len(labels), 1)
-
-
 def pretrain(
     config: PretrainConfig | None = None, progress: bool = True
 ) -> tuple[SlimResNet, dict[str, Any]]:
@@ -832,7 +852,7 @@ def pretrain(
     model.eval()
     return model, {
         "classes": classes,
-        "source_accuracy": _accuracy(model, levels[valid], labels[valid]),
+        "source_accuracy": evaluate(model, held_out.tensors[0], labels[valid]),
         "n_images": len(train),
         "render_seconds": render_seconds,
         "train_seconds": time.perf_counter() - started - render_seconds,
