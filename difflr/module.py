@@ -285,8 +285,10 @@ class LearnerModule(pl.LightningModule):
         return loss
 
     def _scalar_loss(self, loss: Any) -> torch.Tensor:
-        """``loss`` if it is what backward needs (a tensor with one value), else an error that
-        says how to get one."""
+        """``loss`` as a 0-d tensor if it is what backward needs (a tensor with one value, of
+        any shape: ``(1,)`` too), else an error that says how to get one."""
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            return loss.reshape(())  # every reader (recorder, live line, logger) gets a scalar
         name = (
             "the model's own output.loss"
             if self.loss_func is None
@@ -298,13 +300,11 @@ class LearnerModule(pl.LightningModule):
                 "compute the loss with torch operations on the model's output so that it can be "
                 "backpropagated."
             )
-        if loss.numel() != 1:
-            raise ValueError(
-                f"the loss ({name}) is a tensor of shape {tuple(loss.shape)}, one loss per "
-                "item; the Learner needs one number per batch: reduce it (reduction='mean', or "
-                ".mean() in your function)."
-            )
-        return loss
+        raise ValueError(
+            f"the loss ({name}) is a tensor of shape {tuple(loss.shape)}, one loss per "
+            "item; the Learner needs one number per batch: reduce it (reduction='mean', or "
+            ".mean() in your function)."
+        )
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -423,5 +423,5 @@ def make_module(
 
 def _is_number(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
-        return value.numel() == 1 and (value.is_floating_point() or not value.is_complex())
+        return value.numel() == 1 and not value.is_complex()
     return isinstance(value, (int, float)) and not isinstance(value, bool)

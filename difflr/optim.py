@@ -11,7 +11,7 @@ that choice right when the model moves (Lightning moves it to the accelerator at
 the Learner built its optimizer on the CPU).
 
 Which implementation runs where is asked of torch itself, not written down here: the first time
-a (device, dtype) meets an optimizer class, one step on a four-element tensor there tells whether
+a (device, dtype) meets an optimizer class, two steps on a four-element tensor there tell whether
 torch runs ``fused`` (then ``foreach``) for it, and the answer is cached for the process.
 """
 

@@ -251,3 +251,21 @@ def fit_with(tmp_path, **kwargs) -> None:
 def test_a_wrong_loss_or_metric_says_what_to_return(tmp_path, kwargs, exc, words):
     with pytest.raises(exc, match=words):
         fit_with(tmp_path, **kwargs)
+
+
+def test_a_loss_of_shape_one_trains_and_is_recorded_as_a_number(tmp_path):
+    # A (1,) loss used to pass the check, then broke the recorder's epoch end.
+    learn = Learner(
+        make_model(),
+        make_loaders(),
+        lambda p, t: F.cross_entropy(p, t).reshape(1),
+        splitter=three_groups,
+        path=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        checkpoint=False,
+    )
+    learn.fit(2, 1e-3)
+    assert learn.recorder.losses.shape == (len(learn.recorder.lrs),)
+    assert np.isfinite(learn.recorder.losses).all()
+    assert np.isfinite(learn.recorder.values[-1]["train_loss"])
