@@ -23,7 +23,7 @@ stage_plan     ``fit_stages(Stage.from_milestones(MILESTONES))``: the original e
 Each run is repeated on ``--draws`` draws of the labelled images (the same draws for every
 run); the table gives the test accuracy's mean ± std over the draws and the mean wall time of a
 run. ``--sweep`` repeats everything for 1, 5, 10 and 20 shots per class. The LRs were chosen on
-draws of another seed (see the README's account of what was tried).
+draws of another seed (see "What was tried" below).
 
 What it measured (defaults: 5 shots, 5 draws, seed 0, 2 CPU cores; the first run took 6.2
 minutes, of which the pretraining 4.6; a cached run 1.6, ``--sweep`` cached 7.8):
@@ -81,7 +81,7 @@ digit; "best" is the best transfer run, full fine-tuning unless noted):
 Outputs under ``--out`` (default ``./difflr_demo``): ``results.json`` (``runs[name]`` with
 ``accuracies``, one per draw; ``by_shots`` with every shot count run), ``figures/``
 (``accuracy_vs_shots.png``, and for the first draw the LR range test and every group's LR and
-momentum of the transfer runs), and TensorBoard logs of the first draw in ``tensorboard/``.
+momentum of the discriminative and six-stage runs), and TensorBoard logs of the first draw in ``tensorboard/``.
 
 Examples:
     From Python, with tiny settings (the command line takes the same flags)::
