@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from difflr import BlockSplitter, Learner, accuracy, expand_lrs, layer_decay
 from difflr.hf import is_transformers_model, transformers_trunk
-from difflr.schedules import one_cycle_lr
 from difflr.splitters import describe_group, find_splitter, split_model
+from tests.test_learner import closed_form_one_cycle
 from tests.test_lr_finder import _assert_same, _state
 
 transformers = pytest.importorskip("transformers")
@@ -334,8 +334,7 @@ def _quiet(tmp_path) -> dict:
 
 def _one_cycle(lr_max: list[float], n_steps: int) -> np.ndarray:
     """Each step's LR per group under fit_one_cycle's defaults, in closed form."""
-    schedule = one_cycle_lr(np.array(lr_max), pct_start=0.25, div=25.0, div_final=1e5)
-    return np.stack([schedule(i / n_steps) for i in range(n_steps)])
+    return closed_form_one_cycle(lr_max, n_steps)[0]
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:

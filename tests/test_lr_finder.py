@@ -12,20 +12,7 @@ from torch import nn
 
 from difflr import Learner, minimum, steep, valley
 from difflr.suggestions import make_suggestions
-from tests.helpers import make_loaders, make_model, three_groups
-
-
-def _learner(tmp_path, model=None, **kwargs):
-    return Learner(
-        model or make_model(),
-        make_loaders(),
-        F.cross_entropy,
-        splitter=three_groups,
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        **kwargs,
-    )
+from tests.helpers import make_learner, make_loaders, make_model, three_groups
 
 
 def _state(learn):
@@ -66,7 +53,7 @@ def _assert_same(before, after):
 
 
 def _trained(tmp_path, **kwargs):
-    learn = _learner(tmp_path, **kwargs)
+    learn = make_learner(tmp_path, **kwargs)
     learn.fit_one_cycle(1, 1e-2)  # so the optimizer has state and the BatchNorm stats moved
     learn.freeze()
     learn.fit(1, 1e-3)
@@ -75,7 +62,7 @@ def _trained(tmp_path, **kwargs):
 
 
 def test_sweep_lrs_follow_the_formula_for_every_group(tmp_path):
-    learn = _learner(tmp_path)
+    learn = make_learner(tmp_path)
     learn.lr_find(
         start_lr=[1e-7, 1e-6, 1e-5],
         end_lr=[1.0, 10.0, 100.0],
@@ -90,7 +77,7 @@ def test_sweep_lrs_follow_the_formula_for_every_group(tmp_path):
 
 
 def test_slice_bounds_keep_the_discriminative_ratio_at_every_step(tmp_path):
-    learn = _learner(tmp_path)
+    learn = make_learner(tmp_path)
     learn.lr_find(
         start_lr=slice(1e-8, 1e-6),
         end_lr=slice(1e-1, 10.0),
@@ -103,7 +90,7 @@ def test_slice_bounds_keep_the_discriminative_ratio_at_every_step(tmp_path):
 
 
 def test_sweep_loops_over_the_loader_as_often_as_needed(tmp_path):
-    learn = _learner(tmp_path)  # 6 batches per epoch
+    learn = make_learner(tmp_path)  # 6 batches per epoch
     learn.lr_find(num_it=20, stop_div=False, show_plot=False)
     assert learn.recorder.lrs.shape == (20, 3)
 
@@ -167,7 +154,7 @@ def test_a_disk_snapshot_restores_and_removes_its_file(tmp_path):
 
 
 def test_a_sweep_from_a_frozen_learner_trains_only_the_head_and_stays_frozen(tmp_path):
-    learn = _learner(tmp_path, train_bn=False)
+    learn = make_learner(tmp_path, train_bn=False)
     learn.freeze()
     learn.lr_find(num_it=20, show_plot=False)
     assert learn.frozen == [True, True, False]
@@ -176,7 +163,7 @@ def test_a_sweep_from_a_frozen_learner_trains_only_the_head_and_stays_frozen(tmp
 
 
 def test_suggestions_come_from_the_recorded_curve(tmp_path):
-    learn = _learner(tmp_path)
+    learn = make_learner(tmp_path)
     result = learn.lr_find(num_it=50, show_plot=False, suggest_funcs=(valley, steep, minimum))
     assert result._fields == ("valley", "steep", "minimum")
     lrs, losses = learn.recorder.lrs[:, -1], learn.recorder.losses
@@ -185,7 +172,7 @@ def test_suggestions_come_from_the_recorded_curve(tmp_path):
 
 
 def test_plot_lr_find_draws_the_recorded_curve_and_marks_suggestions(tmp_path):
-    learn = _learner(tmp_path)
+    learn = make_learner(tmp_path)
     result = learn.lr_find(num_it=40, stop_div=False, show_plot=False)
     fig = learn.recorder.plot_lr_find()
     curve, marker = fig.axes[0].get_lines()[:2]
@@ -206,7 +193,7 @@ def test_plot_lr_find_draws_the_recorded_curve_and_marks_suggestions(tmp_path):
     ],
 )
 def test_bad_sweep_arguments_are_refused_before_anything_runs(tmp_path, kwargs, words):
-    learn = _learner(tmp_path)
+    learn = make_learner(tmp_path)
     before = _state(learn)
     with pytest.raises(ValueError, match=words):
         learn.lr_find(show_plot=False, **kwargs)
@@ -218,7 +205,7 @@ def test_the_divergence_stop_tests_whole_optimizer_steps_and_the_curve_shows_why
     # With 4 micro-batches per step, the stop is tested on each step's mean loss, smoothed as the
     # recorder smooths it: the sweep ends on a step boundary, at a point of the recorded curve
     # that is over 4x the best one.
-    learn = _learner(tmp_path, accumulate_grad_batches=4)
+    learn = make_learner(tmp_path, accumulate_grad_batches=4)
     learn.lr_find(start_lr=1e-3, end_lr=1e6, num_it=40, show_plot=False, suggest_funcs=None)
     losses = learn.recorder.losses
     assert len(losses) == len(learn.recorder.lrs) < 40
@@ -226,7 +213,7 @@ def test_the_divergence_stop_tests_whole_optimizer_steps_and_the_curve_shows_why
 
 
 def test_lr_find_without_suggestion_functions_records_plots_and_returns_none(tmp_path):
-    learn = _learner(tmp_path)
+    learn = make_learner(tmp_path)
     assert learn.lr_find(num_it=20, show_plot=False, suggest_funcs=None) is None
     assert len(learn.recorder.lrs) == 20
     assert learn.recorder.plot_lr_find().axes[0].get_lines()
@@ -249,4 +236,4 @@ def test_a_loader_that_yields_nothing_is_refused_instead_of_looping_forever(tmp_
     with pytest.raises(ValueError, match="yielded no batch"):
         learn.lr_find(num_it=10, show_plot=False)
     with pytest.raises(ValueError, match="limit_train_batches=0 leaves the sweep no batch"):
-        _learner(tmp_path, limit_train_batches=0).lr_find(show_plot=False)
+        make_learner(tmp_path, limit_train_batches=0).lr_find(show_plot=False)

@@ -30,7 +30,7 @@ from difflr.optim import (
     keep_implementation,
     make_optimizer,
 )
-from tests.helpers import make_loaders, three_groups
+from tests.helpers import make_learner, three_groups
 from tests.test_lr_finder import _assert_same, _state, _trained
 from tests.test_resume import Crash
 
@@ -116,9 +116,7 @@ def assert_same_training(a, b, rtol=1e-5, atol=1e-6):
 
 
 def learner(tmp_path, **kwargs) -> Learner:
-    options = {"splitter": three_groups, "path": tmp_path, "logger": False}
-    options |= {"enable_progress_bar": False, "checkpoint": False, **kwargs}
-    return Learner(make_model(), make_loaders(), F.cross_entropy, **options)
+    return make_learner(tmp_path, make_model(), **{"checkpoint": False, **kwargs})
 
 
 # ------------------------------------------------------------------------------------------------

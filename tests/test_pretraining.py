@@ -374,4 +374,3 @@ def test_the_docstring_examples_run() -> None:
 def test_the_default_source_is_letters_and_printed_digits() -> None:
     config = PretrainConfig().glyphs
     assert set(string.ascii_letters + string.digits) == set(config.chars)
-    assert np.all([c in config.chars for c in config.merge])
