@@ -50,7 +50,7 @@ from torch import nn
 
 from difflr.checks import check_choice, check_int
 from difflr.hf import GROUP_NAMES as TRANSFORMERS_NAMES
-from difflr.hf import transformers_trunk
+from difflr.hf import holds_layers, transformers_trunk
 
 __all__ = [
     "BlockSplitter",
@@ -103,11 +103,6 @@ def _has_params(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
-def _is_block(module: nn.Module) -> bool:
-    """A module with parameters in children of its own: a layer of layers, not a single layer."""
-    return any(_has_params(child) for child in module.children())
-
-
 def _runs(module: nn.Module, blocks_only: bool = True) -> Iterator[list[str]]:
     """Maximal runs of same-class children of ``module`` that hold parameters (``blocks_only``:
     that are blocks), skipping parameter-free children; as lists of child names."""
@@ -116,7 +111,7 @@ def _runs(module: nn.Module, blocks_only: bool = True) -> Iterator[list[str]]:
     for name, child in module.named_children():
         if not _has_params(child):
             continue  # an activation, a pool, a dropout: part of the flow, not of a run
-        if blocks_only and not _is_block(child):
+        if blocks_only and not holds_layers(child):
             if run:
                 yield run
             run, run_type = [], None

@@ -60,16 +60,17 @@ def _layer_list(model: nn.Module) -> str | None:
         if isinstance(module, (nn.ModuleList, nn.Sequential))
         and len(module) == n
         and len({type(child) for child in module}) == 1
-        and all(_holds_layers(child) for child in module)
+        and all(holds_layers(child) for child in module)
     ]
     if len(found) != 1:
         return None
     return ".".join(part for part in (prefix, found[0]) if part)
 
 
-def _holds_layers(module: nn.Module) -> bool:
-    # A transformer layer holds parameters in its children (attention, MLP); a list of
-    # per-layer norms or biases, which some families keep beside the layers, does not.
+def holds_layers(module: nn.Module) -> bool:
+    """Whether ``module`` has parameters in children of its own: a layer of layers (a
+    transformer layer: attention, MLP), not a single layer (a per-layer norm or bias, which some
+    families keep in a list beside the layers). The repeated-blocks rule uses it too."""
     return any(next(child.parameters(), None) is not None for child in module.children())
 
 
