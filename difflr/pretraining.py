@@ -65,7 +65,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from torchvision.models.resnet import BasicBlock
 
-from difflr.checks import user_stacklevel
+from difflr.checks import check_int, check_positive, user_stacklevel
 from difflr.files import atomic_save, one_builder, safe_load
 
 __all__ = [
@@ -203,10 +203,7 @@ class GlyphConfig:
                 f"merge names {''.join(stray)!r}, which are not in chars; merge lowercase "
                 "letters of chars into their capitals, e.g. merge='cosuvwxz'."
             )
-        if isinstance(self.per_class, bool) or not isinstance(self.per_class, int):
-            raise TypeError(f"per_class must be an int, got {self.per_class!r}.")
-        if self.per_class < 1:
-            raise ValueError(f"per_class must be >= 1, got {self.per_class}.")
+        check_int(self.per_class, "per_class", 1)
         low, high = self.stroke
         if not 0 <= low <= high:
             raise ValueError(f"stroke must be (min, max) with 0 <= min <= max, got {self.stroke}.")
@@ -247,12 +244,9 @@ class PretrainConfig:
             raise ValueError(
                 f"widths must be 4 positive ints (channels of layer1..layer4), got {self.widths}."
             )
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-        if not self.lr_max > 0:
-            raise ValueError(f"lr_max must be > 0, got {self.lr_max!r}.")
+        check_int(self.epochs, "epochs", 1)
+        check_int(self.batch_size, "batch_size", 1)
+        check_positive(self.lr_max, "lr_max")
         if self.n_valid < 0:
             raise ValueError(f"n_valid must be >= 0, got {self.n_valid}.")
 
@@ -441,8 +435,7 @@ def draw_shots(
         >>> len(train), len(rest)
         (4, 2)
     """
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-        raise ValueError(f"shots must be an int >= 1, got {shots!r}.")
+    check_int(shots, "shots", 1)
     chosen = []
     for label in range(int(labels.max()) + 1):
         candidates = torch.where(labels == label)[0]

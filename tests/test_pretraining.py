@@ -112,7 +112,7 @@ def test_merged_letters_share_their_capitals_label() -> None:
     [
         ({"chars": "aa"}, "distinct"),
         ({"chars": "ab", "merge": "c"}, "not in chars"),
-        ({"per_class": 0}, "per_class must be >= 1"),
+        ({"per_class": 0}, "per_class must be an int >= 1, got 0"),
         ({"stroke": (2, 1)}, "stroke"),
         ({"fill": (0.5, 1.2)}, "fill"),
     ],
@@ -120,6 +120,23 @@ def test_merged_letters_share_their_capitals_label() -> None:
 def test_glyph_config_rejects_bad_values_and_says_why(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GlyphConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"epochs": 0}, ValueError, "epochs must be an int >= 1, got 0"),
+        ({"batch_size": 1.5}, TypeError, "batch_size must be an int, got 1.5"),
+        ({"lr_max": 0.0}, ValueError, "lr_max"),
+        ({"widths": (8, 8, 8)}, ValueError, "widths must be 4 positive ints"),
+        ({"n_valid": -1}, ValueError, "n_valid must be >= 0"),
+    ],
+)
+def test_pretrain_config_rejects_bad_values_and_says_why(
+    kwargs: dict, error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        PretrainConfig(**kwargs)
 
 
 def test_an_unknown_font_names_the_folder_and_the_choices() -> None:
