@@ -182,23 +182,23 @@ class Learner:
         return self.runner.data.valid_dl
 
     @property
-    def datamodule(self) -> Any:
+    def datamodule(self) -> pl.LightningDataModule | None:
         """The LightningDataModule, if any."""
         return self.runner.data.datamodule
 
     @property
-    def logger(self) -> Any:
-        """The logger every fit writes to."""
+    def logger(self) -> Logger | None:
+        """The logger every fit writes to (``None``: no logging)."""
         return self.runner.logger
 
     @property
-    def trainer_kwargs(self) -> Any:
-        """Trainer arguments for every fit."""
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Trainer arguments for every fit (a dict you may change between fits)."""
         return self.runner.trainer_kwargs
 
     @property
-    def callbacks(self) -> Any:
-        """Your callbacks, in every fit."""
+    def callbacks(self) -> list[pl.Callback]:
+        """Your callbacks, in every fit (a list you may change between fits)."""
         return self.runner.callbacks
 
     # ----------------------------------------------------------------------------- freezing

@@ -41,7 +41,7 @@ from difflr.checkpoints import (
     read_fit_state,
     resolve_checkpoint,
 )
-from difflr.checks import check_choice, check_int, user_stacklevel
+from difflr.checks import check_choice, check_int, is_int, user_stacklevel
 from difflr.data import Data, loader_length
 from difflr.distributed import (
     SyncBuffers,
@@ -384,7 +384,7 @@ class Runner:
         loader = self.data.train_dl
         if loader is None or loader_length(loader) is not None:
             return
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        if is_int(limit) and limit > 0:
             return
         raise ValueError(
             "the training loader has no length (an IterableDataset), so a schedule cannot know "
@@ -479,7 +479,7 @@ class Runner:
             loader, world_size, self.trainer_kwargs.get("use_distributed_sampler", True)
         )
         limit = self.trainer_kwargs.get("limit_train_batches")
-        if isinstance(limit, int) and not isinstance(limit, bool):
+        if is_int(limit):
             n = min(n, limit)
         elif isinstance(limit, float):
             n = int(n * limit)
