@@ -875,6 +875,13 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "difflr"
 
 
+def _shown(path: Path) -> str:
+    """``path`` for a progress message: under the home folder as ``~/...`` (a notebook's output
+    then names the file without the machine's user folder)."""
+    home = Path.home()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
+
+
 def cache_file(config: PretrainConfig | None = None, cache_dir: str | Path | None = None) -> Path:
     """Where the backbone pretrained with ``config`` is kept: ``glyph_resnet_<key>.pt`` in
     ``cache_dir`` (default: `default_cache_dir`)."""
@@ -969,7 +976,10 @@ def pretrained_backbone(
 
     def waiting() -> None:
         if progress:
-            print(f"difflr.pretraining: waiting for another process building {path}", flush=True)
+            print(
+                f"difflr.pretraining: waiting for another process building {_shown(path)}",
+                flush=True,
+            )
 
     # One builder at a time: a second notebook or job started meanwhile waits, then loads.
     with one_builder(path, on_wait=waiting):
@@ -1014,7 +1024,8 @@ def _build(config: PretrainConfig, path: Path, progress: bool) -> SlimResNet:
     atomic_save(payload, path)
     if progress:
         print(
-            f"difflr.pretraining: source accuracy {meta['source_accuracy']:.3f}; saved {path}",
+            f"difflr.pretraining: source accuracy {meta['source_accuracy']:.3f}; saved "
+            f"{_shown(path)}",
             flush=True,
         )
     model.pretraining = {**meta, "path": str(path), "loaded_from_cache": False}

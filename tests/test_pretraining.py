@@ -391,3 +391,13 @@ def test_the_docstring_examples_run() -> None:
 def test_the_default_source_is_letters_and_printed_digits() -> None:
     config = PretrainConfig().glyphs
     assert set(string.ascii_letters + string.digits) == set(config.chars)
+
+
+def test_progress_names_the_cache_file_under_home_as_tilde(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    pretrained_backbone(TINY, cache_dir=tmp_path / "cache", progress=True)
+    out = capsys.readouterr().out
+    assert f"saved ~/cache/{cache_file(TINY, tmp_path / 'cache').name}" in out
+    assert str(tmp_path) not in out
