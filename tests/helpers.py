@@ -43,7 +43,13 @@ def make_loaders(n: int = 96, batch_size: int = 16, seed: int = 0) -> tuple[Data
     return DataLoader(ds, batch_size=batch_size), DataLoader(ds, batch_size=32)
 
 
-def make_learner(path: Any, model: nn.Module | None = None, data: Any = None, **kwargs: Any):
+def make_learner(
+    path: Any,
+    model: nn.Module | None = None,
+    data: Any = None,
+    loss_func: Any = F.cross_entropy,
+    **kwargs: Any,
+):
     """A quiet Learner over `make_model` (three groups) and `make_loaders`; ``kwargs`` win."""
     from difflr import Learner
 
@@ -54,7 +60,7 @@ def make_learner(path: Any, model: nn.Module | None = None, data: Any = None, **
         "enable_progress_bar": False,
         **kwargs,
     }
-    return Learner(model or make_model(), data or make_loaders(), F.cross_entropy, **options)
+    return Learner(model or make_model(), data or make_loaders(), loss_func, **options)
 
 
 def run_script(code: str, *args: Any, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,7 @@ from difflr.module import (
     output_preds,
     unpack_batch,
 )
-from tests.helpers import make_loaders, make_model, three_groups
+from tests.helpers import make_learner
 from tests.test_lr_finder import _assert_same, _state
 
 X = torch.arange(12.0).reshape(4, 3)
@@ -217,18 +217,7 @@ def test_the_docstring_examples_run() -> None:
 
 
 def fit_with(tmp_path, **kwargs) -> None:
-    loss_func = kwargs.pop("loss_func", F.cross_entropy)
-    learn = Learner(
-        make_model(),
-        make_loaders(),
-        loss_func,
-        splitter=three_groups,
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        checkpoint=False,
-        **kwargs,
-    )
+    learn = make_learner(tmp_path, **{"checkpoint": False, **kwargs})
     learn.fit(1)
 
 
@@ -255,16 +244,8 @@ def test_a_wrong_loss_or_metric_says_what_to_return(tmp_path, kwargs, exc, words
 
 def test_a_loss_of_shape_one_trains_and_is_recorded_as_a_number(tmp_path):
     # A (1,) loss used to pass the check, then broke the recorder's epoch end.
-    learn = Learner(
-        make_model(),
-        make_loaders(),
-        lambda p, t: F.cross_entropy(p, t).reshape(1),
-        splitter=three_groups,
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        checkpoint=False,
-    )
+    one = lambda p, t: F.cross_entropy(p, t).reshape(1)  # noqa: E731
+    learn = make_learner(tmp_path, loss_func=one, checkpoint=False)
     learn.fit(2, 1e-3)
     assert learn.recorder.losses.shape == (len(learn.recorder.lrs),)
     assert np.isfinite(learn.recorder.losses).all()
