@@ -29,6 +29,7 @@ from difflr.plotting import _teach_kernel_figures
 from difflr.predictions import (
     Activation,
     activate,
+    check_act,
     check_vocab_fits,
     collect_predictions,
     indexed,
@@ -77,7 +78,7 @@ class Interpretation:
         losses: As given.
 
     Raises:
-        ValueError: ``losses`` is not one number per item.
+        ValueError: ``losses`` is not a non-empty 1-D tensor (one number per item).
     """
 
     def __init__(
@@ -116,9 +117,10 @@ class Interpretation:
         Raises:
             ValueError: No validation set and no ``dl``; an empty loader; (for
                 `ClassificationInterpretation`) outputs that are not class scores.
-            TypeError: The model has no loss function (a ``LightningModule`` without
-                ``loss_func``).
+            TypeError: ``act`` is not callable; the model has no loss function (a
+                ``LightningModule`` without ``loss_func``).
         """
+        check_act(act)
         runner = learn.runner
         loader = read_loader(runner, dl, cls.__name__)
         # Inputs are read back by index when the dataset allows it; otherwise kept now.

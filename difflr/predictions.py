@@ -146,6 +146,12 @@ def is_multi_label(act: Any) -> bool:
     return act is sigmoid
 
 
+def check_act(act: Activation | None) -> None:
+    """Refuse an ``act`` that is not callable, before the prediction pass rather than after it."""
+    if act is not None:
+        check_callable(act, "act", "act(preds) -> tensor")
+
+
 def activate(preds: Any, act: Activation | None, module: pl.LightningModule) -> Any:
     """``act(preds)``; with ``act=None``, `activation_for` the module's loss function, applied
     to a tensor of outputs (a tuple or dict of outputs is returned as it is: the rule does not
@@ -696,8 +702,7 @@ def get_preds(
         ``(preds, targets)``, with ``inputs`` first if ``with_input`` and ``losses`` last if
         ``with_loss``; CPU tensors, ``targets`` ``None`` when the batches have no target.
     """
-    if act is not None:
-        check_callable(act, "act", "act(preds) -> tensor")
+    check_act(act)
     found = collect_predictions(runner, dl, with_input=with_input, with_loss=with_loss)
     result = [activate(found.preds, act, runner.module), found.targets]
     if with_input:

@@ -80,6 +80,15 @@ def test_the_confusion_matrix_is_sklearns_on_the_predictions(learn):
     assert torch.equal(interp.decoded, probs.argmax(1))
 
 
+def test_an_act_that_is_not_callable_is_refused_before_predicting(learn, monkeypatch):
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the prediction pass ran")
+
+    monkeypatch.setattr(learn.runner, "predict", no_pass)
+    with pytest.raises(TypeError, match="act"):
+        ClassificationInterpretation.from_learner(learn, act="softmax")
+
+
 def test_most_confused_lists_the_off_diagonal_cells_by_count(learn):
     interp = ClassificationInterpretation.from_learner(learn)
     cm = interp.confusion_matrix()
