@@ -64,7 +64,7 @@ def contenders(cfg: Config, opt_kwargs: dict[str, Any]) -> dict[str, Prepare]:
     def lightning(difflr_callbacks: bool) -> Prepare:
         def prepare() -> Callable[[], dict[str, Any]]:
             from difflr import ParamScheduler, Recorder
-            from difflr.schedules import one_cycle_lr, one_cycle_mom
+            from difflr.policy.schedules import one_cycle_lr, one_cycle_mom
 
             timer = StepTimer()
             module = HandWrittenModule(

@@ -4,16 +4,18 @@ Layer groups, discriminative learning rates, freezing and gradual unfreezing, th
 policy and the LR range test, as a ``Learner`` facade and as drop-in Lightning callbacks.
 """
 
-from difflr.blocks import BlockSplitter
-from difflr.callbacks import ParamScheduler, Recorder
-from difflr.groups import LayerGroup
+from difflr.callbacks.recorder import Recorder
+from difflr.callbacks.scheduler import ParamScheduler
+from difflr.callbacks.unfreezing import GradualUnfreezing
+from difflr.groups.blocks import BlockSplitter
+from difflr.groups.layers import LayerGroup
+from difflr.groups.splitters import split_model
 from difflr.interpretation import ClassificationInterpretation, Interpretation
 from difflr.learner import Learner
-from difflr.lr import LayerDecay, LRSpec, expand_lrs, layer_decay
 from difflr.metrics import accuracy, error_rate
-from difflr.splitters import split_model
-from difflr.stages import GradualUnfreezing, Stage
-from difflr.suggestions import SuggestedLRs, minimum, slide, steep, valley
+from difflr.policy.lr import LayerDecay, LRSpec, expand_lrs, layer_decay
+from difflr.policy.stages import Stage
+from difflr.policy.suggestions import SuggestedLRs, minimum, slide, steep, valley
 from difflr.vision import vision_learner
 
 __version__ = "0.1.0"

@@ -23,19 +23,13 @@ import numpy as np
 import torch
 from typing_extensions import Self
 
-from difflr.checks import check_int
-from difflr.module import split_inputs
 from difflr.plotting import _teach_kernel_figures
-from difflr.predictions import (
-    Activation,
-    activate,
-    check_act,
-    check_vocab_fits,
-    collect_predictions,
-    indexed,
-    read_loader,
-)
-from difflr.runner import Runner
+from difflr.predictions import collect_predictions, indexed, read_loader
+from difflr.training.activations import Activation, activate, check_act
+from difflr.training.loaders import check_vocab_fits
+from difflr.training.module import split_inputs
+from difflr.training.runner import Runner
+from difflr.utils.checks import check_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -1,9 +1,9 @@
 """The Learner: fastai's fine-tuning workflow as a facade over a LightningModule and Trainers.
 
 Each fit method is a few lines that describe the training as a plan of `Stage`s and hand it to
-`Learner.fit_stages`; each ``preview_*`` hands the same plan to `difflr.stages.preview_plan`, so a
+`Learner.fit_stages`; each ``preview_*`` hands the same plan to `difflr.optim.preview.preview_plan`, so a
 preview and the training cannot disagree. Building and running the Trainers is the `Runner`'s
-job (``learn.runner``); files are `difflr.files`'s and `difflr.checkpoints`'s.
+job (``learn.runner``); files are `difflr.utils.files`'s and `difflr.training.checkpoints`'s.
 """
 
 from __future__ import annotations
@@ -19,31 +19,28 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from difflr import predictions
-from difflr.blocks import tied_parameters
-from difflr.callbacks import Recorder
-from difflr.checks import check_moms, check_wd
-from difflr.data import Data
-from difflr.files import export_model, load_state, state_file, write_state
-from difflr.freezing import apply_freeze, check_freeze_to, frozen_pattern, trainable_flags
-from difflr.groups import (
-    LayerGroup,
-    Splitter,
-    build_param_groups,
-    group_fingerprint,
-    read_hypers,
-    set_weight_decay,
-    warn_single_group,
-)
-from difflr.loggers import make_logger
-from difflr.lr import LRSpec, expand_lrs
-from difflr.lr_finder import lr_find
-from difflr.module import make_module
-from difflr.optim import OptFunc, describe_optimizer, make_optimizer
-from difflr.predictions import check_vocab, find_vocab
-from difflr.runner import Runner
-from difflr.splitters import describe_group, split_model
-from difflr.stages import SchedulePreview, Stage, check_plan, fine_tune_stages, preview_plan
-from difflr.suggestions import SuggestedLRs, valley
+from difflr.callbacks.recorder import Recorder
+from difflr.callbacks.scheduler import stage_scheduler
+from difflr.groups.blocks import tied_parameters
+from difflr.groups.freezing import apply_freeze, trainable_flags
+from difflr.groups.layers import LayerGroup, Splitter, group_fingerprint, warn_single_group
+from difflr.groups.splitters import describe_group, split_model
+from difflr.optim.implementation import OptFunc, describe_optimizer, make_optimizer
+from difflr.optim.param_groups import build_param_groups, read_hypers, set_weight_decay
+from difflr.optim.preview import SchedulePreview, preview_plan
+from difflr.policy.freeze import check_freeze_to, frozen_pattern
+from difflr.policy.lr import LRSpec, expand_lrs
+from difflr.policy.schedules import DEFAULT_MOMS
+from difflr.policy.stages import Stage, check_plan, fine_tune_stages
+from difflr.policy.suggestions import SuggestedLRs, valley
+from difflr.training.data import Data
+from difflr.training.loaders import check_vocab, find_vocab
+from difflr.training.loggers import make_logger
+from difflr.training.lr_finder import lr_find
+from difflr.training.module import make_module
+from difflr.training.runner import Runner
+from difflr.utils.checks import check_moms, check_wd
+from difflr.utils.files import export_model, load_state, state_file, write_state
 
 
 class Learner:
@@ -61,12 +58,12 @@ class Learner:
             or ``None`` when the LightningModule has its own dataloaders.
         loss_func: ``loss_func(preds, target) -> scalar`` for an ``nn.Module``; ``None`` for a
             model that computes its own loss from ``labels=`` (tuple or dict batches: see
-            `difflr.module.forward_batch`).
+            `difflr.training.module.forward_batch`).
         splitter: ``splitter(model)`` returning the layer groups; else ``model.model_splits()``,
-            else a built-in or the repeated-blocks splitter (`difflr.splitters`).
+            else a built-in or the repeated-blocks splitter (`difflr.groups.splitters`).
         opt_func: Optimizer factory ``opt_func(param_groups, lr=lr)``, used exactly as given;
             ``None``: AdamW with the fastest implementation torch runs where the parameters are
-            (`difflr.optim.fastest`, which serves any torch optimizer).
+            (`difflr.optim.implementation.fastest`, which serves any torch optimizer).
         lr: Default LR spec of the fit methods (float, list per group or ``slice``).
         wd: Weight decay; ``None`` keeps the optimizer's default.
         wd_bn_bias: Also decay biases and normalisation-layer params.
@@ -121,7 +118,7 @@ class Learner:
         wd: float | None = None,
         wd_bn_bias: bool = False,
         train_bn: bool = True,
-        moms: Sequence[float] = (0.95, 0.85, 0.95),
+        moms: Sequence[float] = DEFAULT_MOMS,
         metrics: Any = None,
         path: str | Path = ".",
         logger: bool | Logger = True,
@@ -359,7 +356,7 @@ class Learner:
         """
         stages = check_plan(stages, self.n_groups, self.lr)
         self.runner.check_schedulable()
-        schedulers = [stage.scheduler(self.opt, self.lr, self.moms) for stage in stages]
+        schedulers = [stage_scheduler(stage, self.opt, self.lr, self.moms) for stage in stages]
         plan = self.runner.describe_fit(
             stages, self.lr, self.moms, group_fingerprint(self.model, self.splits)
         )
@@ -497,7 +494,7 @@ class Learner:
     # ----------------------------------------------------------------------------- persistence
     def save(self, name: str | Path, with_opt: bool = True) -> Path:
         """Save the weights, the freeze pattern and the optimizer state to
-        ``path/models/{name}.pth`` (or a ``pathlib.Path``), atomically (`difflr.files`).
+        ``path/models/{name}.pth`` (or a ``pathlib.Path``), atomically (`difflr.utils.files`).
 
         Raises:
             ValueError: ``name`` would leave ``path/models`` (a separator, ``..``).
@@ -510,7 +507,7 @@ class Learner:
     def load(self, name: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
         """Load what `save` wrote (a name under ``path/models``, or a ``pathlib.Path``): read
         without running code, and checked against the model and its layer groups before
-        anything is loaded, all or nothing (`difflr.files.load_state`).
+        anything is loaded, all or nothing (`difflr.utils.files.load_state`).
 
         Raises:
             FileNotFoundError: No such file.

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from difflr.checks import check_int
-from difflr.display import kernel_shell
+from difflr.utils.checks import check_int
+from difflr.utils.display import kernel_shell
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

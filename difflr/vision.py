@@ -1,6 +1,6 @@
 """Vision backbones: a fresh head on a torchvision model, loading by name, ``vision_learner``.
 
-The layer groups of these backbones come from `difflr.splitters` (ResNet-18: stem,
+The layer groups of these backbones come from `difflr.groups.splitters` (ResNet-18: stem,
 layer1 .. layer4, head); this module builds the model and the Learner around it.
 """
 
@@ -19,11 +19,11 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from difflr.checks import check_int, check_number
+from difflr.groups.splitters import FAMILIES, find_splitter, resnet_splitter, torchvision_family
 from difflr.learner import Learner
-from difflr.splitters import FAMILIES, find_splitter, resnet_splitter, torchvision_family
+from difflr.utils.checks import check_int, check_number
 
-# find_splitter and resnet_splitter live in difflr.splitters; they are re-exported here, where the
+# find_splitter and resnet_splitter live in difflr.groups.splitters; they are re-exported here, where the
 # first versions of difflr defined them.
 __all__ = [
     "create_head",

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from difflr import Learner, ParamScheduler, expand_lrs
 from difflr.plotting import plot_sched
-from difflr.schedules import one_cycle_lr, one_cycle_mom
+from difflr.policy.schedules import one_cycle_lr, one_cycle_mom
 
 IMG = Path(__file__).resolve().parent / "img"
 NAMES = ["0.stem", "1.body", "2.head"]

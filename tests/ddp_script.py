@@ -45,8 +45,8 @@ def main(out: Path) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     from difflr import Learner, Stage, accuracy
-    from difflr.module import LearnerModule
-    from difflr.stages import GradualUnfreezing
+    from difflr.callbacks.unfreezing import GradualUnfreezing
+    from difflr.training.module import LearnerModule
     from tests.helpers import make_loaders, make_model, three_groups
 
     torch.set_num_threads(1)  # two processes on a two-core machine

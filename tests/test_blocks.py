@@ -1,4 +1,4 @@
-"""Tests for difflr.blocks: finding the trunk of repeated blocks and cutting a model along it."""
+"""Tests for difflr.groups.blocks: finding the trunk of repeated blocks and cutting a model along it."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-import difflr.blocks
-import difflr.hf
-from difflr.blocks import BlockSplitter, Trunk, chunks, find_trunk, tied_parameters
-from difflr.splitters import split_model
+import difflr.groups.blocks
+import difflr.groups.hf
+from difflr.groups.blocks import BlockSplitter, Trunk, chunks, find_trunk, tied_parameters
+from difflr.groups.splitters import split_model
 
 
 class Block(nn.Module):
@@ -348,7 +348,7 @@ def test_a_model_without_a_trunk_says_how_to_name_one() -> None:
         BlockSplitter()(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
 
 
-@pytest.mark.parametrize("module", [difflr.blocks, difflr.hf], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [difflr.groups.blocks, difflr.groups.hf], ids=lambda m: m.__name__)
 def test_the_docstring_examples_run(module) -> None:
     results = doctest.testmod(module)
     assert results.attempted > 0 and results.failed == 0

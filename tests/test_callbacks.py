@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from difflr import GradualUnfreezing, Recorder, Stage
-from difflr.callbacks import HYPER_POINTS_PER_FIT, SmoothedLoss
+from difflr.callbacks.recorder import HYPER_POINTS_PER_FIT, SmoothedLoss
 from tests.helpers import make_learner, make_loaders, make_model, three_groups
 
 

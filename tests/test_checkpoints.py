@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from difflr import Learner
-from difflr.checkpoints import read_fit_state
-from difflr.files import UnreadableFileError, safe_load
+from difflr.training.checkpoints import read_fit_state
+from difflr.utils.files import UnreadableFileError, safe_load
 from tests.helpers import make_learner, make_loaders, make_model, run_script, three_groups
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from difflr.checks import (
+from difflr.utils.checks import (
     check_choice,
     check_int,
     check_moms,

@@ -3,7 +3,7 @@ rank decides for lr_find, and only rank 0 logs.
 
 ``tests/ddp_script.py`` runs once per session (about 30 s on 2 cores) in a subprocess with
 ``strategy="ddp"``; Lightning's script launcher starts its rank 1. The tests read what each rank
-saved. The pure helpers of ``difflr.distributed`` and the refusal of the spawning launchers are
+saved. The pure helpers of ``difflr.training.distributed`` and the refusal of the spawning launchers are
 tested in this process.
 """
 
@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from difflr import expand_lrs, valley
-from difflr.distributed import batches_per_process, decide_on_rank_zero, planned_world_size
-from difflr.schedules import one_cycle_lr
-from difflr.suggestions import make_suggestions
+from difflr.policy.schedules import one_cycle_lr
+from difflr.policy.suggestions import make_suggestions
+from difflr.training.distributed import batches_per_process, decide_on_rank_zero, planned_world_size
 from tests import ddp_script
 from tests.helpers import make_learner, make_loaders, make_model
 

@@ -1,4 +1,4 @@
-"""Tests for difflr.demo: a quick run end to end, its data split, table, figure and flags."""
+"""Tests for difflr.demos.ablation: a quick run end to end, its data split, table, figure and flags."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from difflr import Stage
-from difflr.demo import (
+from difflr.demos.ablation import (
     MILESTONES,
     RUN_NAMES,
     SWEEP_SHOTS,
@@ -23,7 +23,7 @@ from difflr.demo import (
     parse_args,
     plot_accuracy,
 )
-from difflr.pretraining import uci_digits
+from difflr.demos.digits import uci_digits
 
 FIGURES = [
     "accuracy_vs_shots",

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from difflr.display import terminal_width
+from difflr.utils.display import terminal_width
 
 
 def test_a_line_to_a_pipe_or_a_file_has_no_width_limit(tmp_path):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflr import Learner
-from difflr.files import UnreadableFileError, atomic_save, one_builder, safe_load, state_file
+from difflr.utils.files import UnreadableFileError, atomic_save, one_builder, safe_load, state_file
 from tests.helpers import make_learner, make_loaders, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_a_crafted_pickle_runs_nothing_at_any_entry_point(tmp_path, entry):
 
 
 def test_a_crafted_lr_find_snapshot_runs_nothing(tmp_path):
-    from difflr.lr_finder import _Snapshot
+    from difflr.training.lr_finder import _Snapshot
 
     learn = make_learner(tmp_path)
     marker = tmp_path / "pwned"
@@ -82,7 +82,7 @@ def test_a_crafted_lr_find_snapshot_runs_nothing(tmp_path):
 
 
 def test_two_disk_snapshots_in_one_folder_do_not_share_a_file(tmp_path):
-    from difflr.lr_finder import _Snapshot
+    from difflr.training.lr_finder import _Snapshot
 
     a, b = make_learner(tmp_path / "a"), make_learner(tmp_path / "b")
     first = _Snapshot(a.module, a.opt, tmp_path)
@@ -198,7 +198,7 @@ def test_an_interrupted_write_leaves_the_previous_file_and_no_temp(tmp_path):
         handle.write(b"half")
         raise Boom
 
-    from difflr.files import atomic_write
+    from difflr.utils.files import atomic_write
 
     with pytest.raises(Boom):
         atomic_write(file, explode)
@@ -210,7 +210,7 @@ WRITER = textwrap.dedent(
     """
     import sys, torch
     from pathlib import Path
-    from difflr.files import atomic_save
+    from difflr.utils.files import atomic_save
     target = Path(sys.argv[1])
     for i in range(1000):
         print(i, flush=True)

@@ -1,8 +1,9 @@
 import pytest
 from torch import nn
 
-from difflr.freezing import apply_freeze, frozen_pattern
-from difflr.splitters import split_model
+from difflr.groups.freezing import apply_freeze
+from difflr.groups.splitters import split_model
+from difflr.policy.freeze import frozen_pattern
 from tests.helpers import make_model, three_groups
 
 

@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from difflr.groups import build_param_groups, no_decay_param_ids
-from difflr.splitters import split_model
+from difflr.groups.layers import no_decay_param_ids
+from difflr.groups.splitters import split_model
+from difflr.optim.param_groups import build_param_groups
 from tests.helpers import make_model, three_groups
 
 

@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from difflr import BlockSplitter, Learner, accuracy, expand_lrs, layer_decay
-from difflr.hf import is_transformers_model, transformers_trunk
-from difflr.splitters import describe_group, find_splitter, split_model
+from difflr.groups.hf import is_transformers_model, transformers_trunk
+from difflr.groups.splitters import describe_group, find_splitter, split_model
 from tests.test_learner import closed_form_one_cycle
 from tests.test_lr_finder import _assert_same, _state
 

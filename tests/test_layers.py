@@ -29,7 +29,7 @@ def _lint_imports(cwd: Path, package_parent: Path) -> subprocess.CompletedProces
 def test_the_import_contracts_hold() -> None:
     result = _lint_imports(ROOT, ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 kept, 0 broken" in result.stdout
+    assert "4 kept, 0 broken" in result.stdout
 
 
 def _lint_with(tmp_path: Path, module: str, function: str) -> subprocess.CompletedProcess[str]:
@@ -42,17 +42,32 @@ def _lint_with(tmp_path: Path, module: str, function: str) -> subprocess.Complet
 
 
 def test_an_upward_import_breaks_the_contracts(tmp_path: Path) -> None:
-    # The circle this contract was written against: groups.py (a low floor) asking vision.py (a
-    # high one) for a default splitter.
-    result = _lint_with(tmp_path, "groups.py", "def _lookup():\n    from difflr import vision\n")
+    # The circle this contract was written against: groups/layers.py (a low floor) asking
+    # vision.py (a high one) for a default splitter. vision imports Lightning through the
+    # Learner, so the torch-only core's contract breaks too.
+    result = _lint_with(
+        tmp_path, "groups/layers.py", "def _lookup():\n    from difflr import vision\n"
+    )
     assert result.returncode != 0
-    assert "difflr.groups -> difflr.vision" in result.stdout
-    assert "1 kept, 2 broken" in result.stdout
+    assert "difflr.groups.layers -> difflr.vision" in result.stdout
+    assert "1 kept, 3 broken" in result.stdout
 
 
 def test_importing_transformers_breaks_the_contracts(tmp_path: Path) -> None:
     # Hugging Face support must not make `import difflr` need transformers, even lazily.
-    result = _lint_with(tmp_path, "hf.py", "def _model_class():\n    import transformers\n")
+    result = _lint_with(
+        tmp_path, "groups/hf.py", "def _model_class():\n    import transformers\n"
+    )
     assert result.returncode != 0
-    assert "difflr.hf -> transformers" in result.stdout
-    assert "2 kept, 1 broken" in result.stdout
+    assert "difflr.groups.hf -> transformers" in result.stdout
+    assert "3 kept, 1 broken" in result.stdout
+
+
+def test_lightning_in_the_torch_only_core_breaks_the_contracts(tmp_path: Path) -> None:
+    # A schedule that asked the Trainer for its step count would tie the pure floor to Lightning.
+    result = _lint_with(
+        tmp_path, "policy/schedules.py", "def _steps():\n    import lightning.pytorch\n"
+    )
+    assert result.returncode != 0
+    assert "difflr.policy.schedules -> lightning" in result.stdout
+    assert "3 kept, 1 broken" in result.stdout

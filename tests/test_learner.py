@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from difflr import Learner, accuracy
-from difflr.schedules import one_cycle_lr, one_cycle_mom
+from difflr.policy.schedules import one_cycle_lr, one_cycle_mom
 from tests.helpers import make_loaders, make_model, three_groups
 
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-import difflr.lr
+import difflr.policy.lr
 from difflr import LayerDecay, Stage, expand_lrs, layer_decay
 
 
@@ -130,5 +130,5 @@ def test_bad_layer_decay_arguments_name_the_value_and_the_fix(hi, decay, exc, wo
 
 
 def test_the_docstring_examples_run() -> None:
-    results = doctest.testmod(difflr.lr)
+    results = doctest.testmod(difflr.policy.lr)
     assert results.attempted > 0 and results.failed == 0

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflr import Learner, minimum, steep, valley
-from difflr.suggestions import make_suggestions
+from difflr.policy.suggestions import make_suggestions
 from tests.helpers import make_learner, make_loaders, make_model, three_groups
 
 

@@ -1,4 +1,4 @@
-"""Tests for difflr.module: batches as tuples or dicts, outputs as tensors or objects with
+"""Tests for difflr.training.module: batches as tuples or dicts, outputs as tensors or objects with
 ``.loss`` / ``.logits``, and a Learner fitting a plain model from dict batches (no transformers)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-import difflr.module
+import difflr.training.module
 from difflr import Learner, accuracy
-from difflr.module import (
+from difflr.training.module import (
     computes_own_loss,
     forward_batch,
     make_module,
@@ -212,7 +212,7 @@ def test_lr_find_on_dict_batches_restores_everything(tmp_path) -> None:
 
 
 def test_the_docstring_examples_run() -> None:
-    results = doctest.testmod(difflr.module)
+    results = doctest.testmod(difflr.training.module)
     assert results.attempted > 0 and results.failed == 0
 
 

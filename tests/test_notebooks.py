@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import difflr
-import difflr.pretraining
+import difflr.demos
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "nbs").glob("*.ipynb"))
@@ -25,7 +25,7 @@ NOTEBOOK_CACHE = "executed-notebooks"
 PUBLIC_UNDERSCORE = {"_fields", "_asdict", "_replace"}
 # The modules a notebook may import from, with their public names: the package, and the
 # pretrained backbone and data every fine-tuning tutorial starts from.
-PUBLIC_MODULES = {module.__name__: set(module.__all__) for module in (difflr, difflr.pretraining)}
+PUBLIC_MODULES = {module.__name__: set(module.__all__) for module in (difflr, difflr.demos)}
 
 
 def _cells(path: Path, kind: str) -> list[dict]:

@@ -14,21 +14,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflr import Learner
-from difflr.groups import (
-    build_param_groups,
-    layer_group_index,
-    layer_groups,
-    momentum_key,
-    set_weight_decay,
-    write_hypers,
-)
-from difflr.optim import (
+from difflr.groups.layers import layer_groups
+from difflr.optim.implementation import (
     Fastest,
     describe_optimizer,
     fastest,
     implementation,
     keep_implementation,
     make_optimizer,
+)
+from difflr.optim.param_groups import (
+    build_param_groups,
+    layer_group_index,
+    momentum_key,
+    set_weight_decay,
+    write_hypers,
 )
 from tests.helpers import make_learner, three_groups
 from tests.test_lr_finder import _assert_same, _state, _trained
@@ -349,12 +349,12 @@ def test_a_cast_model_gets_its_state_cast_and_its_step_counters_where_fused_keep
 ):
     """After a cast the moments follow the parameters' dtype (torch would fail on the mix), and
     fused gets its ``step`` counters as float32 tensors on the parameter's device."""
-    import difflr.optim
+    import difflr.optim.implementation
 
-    real = difflr.optim._runs
+    real = difflr.optim.implementation._runs
     # As if torch had no fused kernel for float64 (on a GPU: a device without one).
     monkeypatch.setattr(
-        difflr.optim,
+        difflr.optim.implementation,
         "_runs",
         lambda cls, impl, placement, kw: (
             not (impl == "fused" and placement[1] == torch.float64)

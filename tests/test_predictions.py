@@ -15,15 +15,15 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
 
 from difflr import Learner, accuracy
-from difflr.predictions import (
+from difflr.training.activations import (
     activation_for,
     exp_of_log_probs,
     identity,
     per_item_loss,
-    sequential_loader,
     sigmoid,
     softmax_over_classes,
 )
+from difflr.training.loaders import sequential_loader
 from tests.helpers import make_loaders, make_model, three_groups
 
 # Several tests use a one-layer model on purpose: one layer group, which difflr warns about.

@@ -18,9 +18,10 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from difflr import Learner, Recorder, progress
-from difflr.callbacks import SmoothedLoss
-from difflr.progress import LiveProgress, ProgressTable, _Line, _Output
+from difflr import Learner, Recorder
+from difflr.callbacks import progress
+from difflr.callbacks.progress import LiveProgress, ProgressTable, _Line, _Output
+from difflr.callbacks.recorder import SmoothedLoss
 from tests.helpers import make_loaders, make_model, three_groups
 
 # Tiny's validation_step is unused in the fits without validation data.

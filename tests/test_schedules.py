@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from difflr.schedules import (
+from difflr.policy.schedules import (
     combine_scheds,
     exp_range,
     flat_cos_lr,

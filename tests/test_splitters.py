@@ -1,4 +1,4 @@
-"""Tests for difflr.splitters: the built-in splitters of torchvision and timm backbones."""
+"""Tests for difflr.groups.splitters: the built-in splitters of torchvision and timm backbones."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-import difflr.splitters
-from difflr.blocks import BlockSplitter
-from difflr.groups import LayerGroup
-from difflr.splitters import (
+import difflr.groups.splitters
+from difflr.groups.blocks import BlockSplitter
+from difflr.groups.layers import LayerGroup
+from difflr.groups.splitters import (
     default_splitter,
     describe_group,
     find_splitter,
@@ -440,5 +440,5 @@ def test_describe_group_lists_loose_parameters_and_truncates() -> None:
 
 
 def test_the_docstring_examples_run() -> None:
-    results = doctest.testmod(difflr.splitters)
+    results = doctest.testmod(difflr.groups.splitters)
     assert results.attempted > 0 and results.failed == 0

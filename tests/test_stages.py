@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from difflr import GradualUnfreezing, Learner, Recorder, Stage
-from difflr.schedules import one_cycle_lr, one_cycle_mom
-from difflr.stages import fine_tune_stages, steps_per_epoch
+from difflr.policy.schedules import one_cycle_lr, one_cycle_mom, steps_per_epoch
+from difflr.policy.stages import fine_tune_stages
 from tests.helpers import make_loaders
 
 # The original example's plan for a ResNet-18 in 6 groups (ORIGINAL_EXAMPLE.md), verbatim.

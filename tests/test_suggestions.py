@@ -10,7 +10,7 @@ import pickle
 import numpy as np
 import pytest
 
-from difflr.suggestions import (
+from difflr.policy.suggestions import (
     SuggestedLRs,
     make_suggestions,
     minimum,

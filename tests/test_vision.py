@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from difflr import vision
-from difflr.groups import LayerGroup
-from difflr.splitters import split_model
+from difflr.groups.layers import LayerGroup
+from difflr.groups.splitters import split_model
 from difflr.vision import create_head, load_arch, replace_head, vision_learner
 from tests.test_splitters import RESNET_NAMES
 

@@ -3,7 +3,7 @@
 ``split_model(model, splitter=None)`` asks, in order: the ``splitter`` given; the model's own
 ``model_splits()`` (the method the original ParametersSplitsModule example defined); a built-in
 splitter for a recognised architecture (`find_splitter`); the repeated-blocks rule
-(`difflr.blocks.BlockSplitter`: a group before the trunk of blocks, one per block, one after it);
+(`difflr.groups.blocks.BlockSplitter`: a group before the trunk of blocks, one per block, one after it);
 else, with a warning that says how to pass a splitter, the whole model is one group.
 
 `find_splitter` recognises the torchvision classification families (ResNet/ResNeXt/Wide-ResNet,
@@ -11,7 +11,7 @@ ConvNeXt, EfficientNet v1/v2, MobileNet v2/v3, RegNet, DenseNet, VGG, ViT, Swin,
 MNASNet), every timm model that declares its own ``group_matcher`` (when timm is installed) and
 every Hugging Face transformers model whose config counts its layers (BERT, RoBERTa, DistilBERT,
 GPT-2, LLaMA-style decoders, ViT, ...: ``embeddings``, ``layer0`` .. ``layer{n-1}``, ``head``; see
-`difflr.hf`). It also finds such a backbone inside a wrapper (an ``nn.Sequential``, a ``LightningModule`` or any
+`difflr.groups.hf`). It also finds such a backbone inside a wrapper (an ``nn.Sequential``, a ``LightningModule`` or any
 module holding it as an attribute). The groups it returns go stem first, stages in forward order,
 head last, and cover every parameter of the model exactly once.
 
@@ -31,11 +31,11 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2
 
-from difflr.blocks import BlockSplitter, chunks, cut_along_trunk, find_trunk, trunk_at
-from difflr.checks import user_stacklevel
-from difflr.groups import LayerGroup, Splitter, layer_groups
-from difflr.hf import GROUP_NAMES as TRANSFORMERS_NAMES
-from difflr.hf import is_transformers_model, transformers_trunk
+from difflr.groups.blocks import BlockSplitter, chunks, cut_along_trunk, find_trunk, trunk_at
+from difflr.groups.hf import GROUP_NAMES as TRANSFORMERS_NAMES
+from difflr.groups.hf import is_transformers_model, transformers_trunk
+from difflr.groups.layers import LayerGroup, Splitter, layer_groups
+from difflr.utils.checks import user_stacklevel
 
 __all__ = [
     "FAMILIES",

@@ -9,7 +9,7 @@ Every Hugging Face model says in its config how many layers its trunk has
 The trunk is the one list of modules of that length inside the base model, wherever the family
 keeps it (``bert.encoder.layer``, ``transformer.h``, ``model.layers``, ``vit.layers``,
 ``distilbert.transformer.layer``), so the rule needs no table of families and holds for a
-one-layer model too. `difflr.splitters` then cuts the model along it (`difflr.blocks`) into
+one-layer model too. `difflr.groups.splitters` then cuts the model along it (`difflr.groups.blocks`) into
 ``embeddings``, ``layer0`` .. ``layer{n-1}`` and ``head``.
 """
 

@@ -8,24 +8,27 @@ the Learner is a short function that builds a list of stages (a *plan*): ``fit_o
 stage, ``fine_tune`` two, ``fit_stages`` any number. The same plan is run by
 ``Learner.fit_stages`` (a fresh Trainer per stage, so a DDP wrapper sees exactly the params that
 train), previewed without training by `preview_plan`, and run inside a user's own ``Trainer`` by
-`GradualUnfreezing`.
-"""
+`GradualUnfreezing`."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
-import lightning.pytorch as pl
 import numpy as np
-import torch
-from lightning.pytorch.callbacks import Callback
-from typing_extensions import override
 
-from difflr.callbacks import ParamScheduler
-from difflr.checks import (
+from difflr.policy.freeze import check_freeze_to
+from difflr.policy.lr import LRSpec, expand_lrs
+from difflr.policy.schedules import (
+    DEFAULT_MOMS,
+    Schedule,
+    flat_cos_lr,
+    one_cycle_lr,
+    one_cycle_mom,
+    sched_const,
+)
+from difflr.utils.checks import (
     check_choice,
     check_int,
     check_moms,
@@ -34,38 +37,22 @@ from difflr.checks import (
     check_wd,
     is_int,
 )
-from difflr.freezing import apply_freeze, check_freeze_to, frozen_norms_eval, frozen_pattern
-from difflr.groups import (
-    GROUP_INDEX_KEY,
-    LayerGroup,
-    Splitter,
-    build_param_groups,
-    layer_group_index,
-    layer_group_names,
-    momentum_key,
-    read_hypers,
-    set_weight_decay,
-)
-from difflr.lr import LRSpec, expand_lrs
-from difflr.schedules import (
-    Schedule,
-    flat_cos_lr,
-    one_cycle_lr,
-    one_cycle_mom,
-    sched_const,
-    steps_per_epoch,
-)
-from difflr.splitters import split_model
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+    pass
+
 
 #: The schedules a stage can follow: fastai's one-cycle (LR and momentum), flat-then-cosine LR,
 #: or a constant LR (the last two leave momentum as it is).
 ScheduleKind: TypeAlias = Literal["one_cycle", "flat_cos", "constant"]
+
+
 _DEFAULT_PCT_START = {"one_cycle": 0.25, "flat_cos": 0.75, "constant": 0.25}
 
+
 _MILESTONE_KEYS = {"freeze_to", "duration", "lrs"}
+
+
 _MILESTONE_OPTIONAL = {
     "pct_start",
     "div_factor",
@@ -171,7 +158,7 @@ class Stage:
         self,
         n_groups: int,
         default_lr: LRSpec | None = None,
-        default_moms: Sequence[float] = (0.95, 0.85, 0.95),
+        default_moms: Sequence[float] = DEFAULT_MOMS,
     ) -> dict[str, Any]:
         """What defines the stage, as plain values with every default resolved (LRs per group,
         momentums): what a checkpoint records, so that a resume can be checked against it."""
@@ -208,17 +195,6 @@ class Stage:
         if self.schedule != "one_cycle":
             return None
         return one_cycle_mom(self.moms or default, self.pct_start)
-
-    def scheduler(
-        self,
-        optimizer: torch.optim.Optimizer,
-        default_lr: LRSpec | None = None,
-        default_moms: Sequence[float] = (0.95, 0.85, 0.95),
-    ) -> ParamScheduler:
-        """The `ParamScheduler` that drives ``optimizer`` through this stage."""
-        n_groups = max(layer_group_index(optimizer)) + 1
-        mom_sched = self.mom_schedule(default_moms) if momentum_key(optimizer) else None
-        return ParamScheduler(self.lr_schedule(n_groups, default_lr), mom_sched)
 
     # ------------------------------------------------------------------------------- plans
     @classmethod
@@ -369,284 +345,3 @@ def check_plan(
         for stage in stages:
             stage.check(n_groups, default_lr)
     return stages
-
-
-# ------------------------------------------------------------------------------------------------
-# Previews
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SchedulePreview:
-    """The schedule a plan would follow, per optimizer step and layer group.
-
-    Attributes:
-        lrs: ``(n_steps, n_groups)`` LRs.
-        moms: ``(n_steps, n_groups)`` momentums (NaN for optimizers without one).
-        names: The layer groups' names.
-        boundaries: First step of each stage.
-        trainable: Which groups train in each stage.
-    """
-
-    lrs: np.ndarray
-    moms: np.ndarray
-    names: list[str]
-    boundaries: list[int]
-    trainable: list[list[bool]]
-
-    def plot_sched(self) -> Figure:
-        """Every group's LR and momentum, as ``Recorder.plot_sched`` draws a finished fit."""
-        from difflr.plotting import plot_sched
-
-        return plot_sched(self.lrs, self.moms, self.names, self.boundaries[1:], self.trainable)
-
-
-def preview_plan(
-    stages: Sequence[Stage],
-    optimizer: torch.optim.Optimizer,
-    frozen: Sequence[bool],
-    steps_per_epoch: int,
-    default_lr: LRSpec | None = None,
-    default_moms: Sequence[float] = (0.95, 0.85, 0.95),
-) -> SchedulePreview:
-    """Every step's LR and momentum of a plan, computed by the schedulers that would train it.
-
-    Args:
-        stages: The plan, checked against the optimizer's layer groups.
-        optimizer: The optimizer the plan would drive (its groups and current momentum).
-        frozen: The frozen pattern in place now (for stages with ``freeze_to=None``).
-        steps_per_epoch: Optimizer steps per epoch in one process.
-        default_lr: What stages without ``lr_max`` use.
-        default_moms: What one-cycle stages without ``moms`` use.
-    """
-    index = layer_group_index(optimizer)
-    n_groups = max(index) + 1
-    stages = check_plan(stages, n_groups, default_lr)
-    lrs, moms, boundaries, trainable = [], [], [], []
-    pattern = list(frozen)
-    for stage in stages:
-        boundaries.append(sum(len(x) for x in lrs))
-        if stage.freeze_to is not None:
-            pattern = frozen_pattern(stage.freeze_to, n_groups)
-        trainable.append([not f for f in pattern])
-        scheduler = stage.scheduler(optimizer, default_lr, default_moms)
-        stage_lrs, stage_moms = scheduler.schedule(stage.n_steps(steps_per_epoch), index)
-        if stage_moms is None:  # the schedule leaves momentum where it is
-            stage_moms = np.tile(read_hypers(optimizer)[1], (len(stage_lrs), 1))
-        lrs.append(stage_lrs)
-        moms.append(stage_moms)
-    return SchedulePreview(
-        np.concatenate(lrs),
-        np.concatenate(moms),
-        layer_group_names(optimizer),
-        boundaries,
-        trainable,
-    )
-
-
-# ------------------------------------------------------------------------------------------------
-# The plan inside a user's own Trainer
-# ------------------------------------------------------------------------------------------------
-
-
-class GradualUnfreezing(Callback):
-    """Run a stage plan inside one ``trainer.fit`` of your own ``LightningModule`` and ``Trainer``.
-
-    At the first epoch of each stage it sets the frozen pattern (normalisation layers stay
-    trainable with ``train_bn=True``) and the stage's weight decay and, before every optimizer
-    step, every layer group's LR and momentum from the stage's schedule. The module's ``configure_optimizers`` may return a plain
-    optimizer over all params: the callback regroups it once, at the start of the fit, into one
-    named param group per layer group (two with ``wd_bn_bias=False``), so
-    ``LearningRateMonitor`` shows readable tags and nothing is added mid-training. Its state
-    (stage and step) is saved in checkpoints, so ``trainer.fit(..., ckpt_path=...)`` resumes the
-    plan where it stopped.
-
-    Under a multi-process strategy (DDP) it refuses to start: DDP registers only the params that
-    train when it wraps the model, so params unfrozen later would never be synchronised. Use
-    ``Learner.fit_stages``, which starts a fresh Trainer (and DDP wrapper) per stage.
-
-    Args:
-        stages: The plan (``Stage`` list, or ``Stage.from_milestones(...)``).
-        splitter: ``splitter(module)`` giving the layer groups; else the module's
-            ``model_splits()``, else a built-in splitter.
-        train_bn: Keep normalisation layers trainable in frozen groups.
-        wd_bn_bias: Also decay biases and normalisation params.
-        moms: Default one-cycle momentum for stages without their own.
-
-    Every stage needs its own ``lr_max`` here (there is no Learner to take a default from); a
-    stage with ``freeze_to=None`` keeps the pattern of the stage before it.
-
-    Examples:
-        >>> cb = GradualUnfreezing([Stage(-1, 1, 1e-3), Stage(0, 2, slice(1e-5, 1e-3))])
-        >>> # trainer = pl.Trainer(max_epochs=3, callbacks=[cb]); trainer.fit(module, ...)
-    """
-
-    def __init__(
-        self,
-        stages: Sequence[Stage],
-        splitter: Splitter | None = None,
-        train_bn: bool = True,
-        wd_bn_bias: bool = False,
-        moms: Sequence[float] = (0.95, 0.85, 0.95),
-    ) -> None:
-        self.stages = check_plan(stages)  # against the model at setup
-        self.splitter = splitter
-        self.train_bn = train_bn
-        self.wd_bn_bias = wd_bn_bias
-        self.moms = check_moms(moms)
-        self.stage = 0
-        self.stage_step = 0
-        self.groups: list[LayerGroup] = []
-        self._applied = -1
-        self._steps_per_epoch = 1
-        self._scheduler: ParamScheduler | None = None
-        self._scheduler_stage = -1
-
-    @property
-    def starts(self) -> list[int]:
-        """First epoch (0-based) of each stage."""
-        return list(np.cumsum([0] + [s.epochs for s in self.stages])[:-1])
-
-    def _stage_of(self, epoch: int) -> int:
-        return max(i for i, start in enumerate(self.starts) if start <= epoch)
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if trainer.world_size > 1:
-            raise ValueError(
-                f"GradualUnfreezing cannot change which params train inside one fit under "
-                f"{type(trainer.strategy).__name__} with {trainer.world_size} processes: DDP "
-                "registers only the params that train when it wraps the model, so the replicas "
-                "would drift apart. Use difflr.Learner(...).fit_stages(stages), which wraps the "
-                "model afresh for each stage."
-            )
-        self.groups = split_model(pl_module, self.splitter)
-        check_plan(self.stages, len(self.groups))
-        plan_epochs = sum(s.epochs for s in self.stages)
-        if trainer.max_epochs is not None and 0 < trainer.max_epochs < plan_epochs:
-            warnings.warn(
-                f"the plan has {plan_epochs} epochs but Trainer(max_epochs={trainer.max_epochs}) "
-                "stops before its end.",
-                stacklevel=2,
-            )
-        # Each stage's pattern; a stage with freeze_to=None keeps the one before it (None: the
-        # module's own, untouched).
-        self._patterns: list[list[bool] | None] = []
-        pattern = None
-        for s in self.stages:
-            if s.freeze_to is not None:
-                pattern = frozen_pattern(s.freeze_to, len(self.groups))
-            self._patterns.append(pattern)
-        # Freeze before the strategy sets up, so the first stage's pattern is in place.
-        self._freeze(pl_module, self.stage)
-
-    def _freeze(self, pl_module: pl.LightningModule, stage: int) -> None:
-        if self._patterns[stage] is not None:
-            apply_freeze(pl_module, self.groups, self._patterns[stage], self.train_bn)
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(trainer.optimizers) != 1:
-            raise ValueError(
-                f"GradualUnfreezing drives one optimizer, got {len(trainer.optimizers)}; return "
-                "a single optimizer from configure_optimizers."
-            )
-        if trainer.lr_scheduler_configs:
-            raise ValueError(
-                "GradualUnfreezing sets the LR of every step itself; return only an optimizer "
-                "(no LR scheduler) from configure_optimizers."
-            )
-        optimizer = trainer.optimizers[0]
-        if not any(GROUP_INDEX_KEY in pg for pg in optimizer.param_groups):
-            _regroup(optimizer, pl_module, self.groups, self.wd_bn_bias)
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._steps_per_epoch = steps_per_epoch(
-            trainer.num_training_batches, trainer.accumulate_grad_batches
-        )
-        if not self.train_bn:  # not at setup: Lightning warns of eval modules before this hook
-            frozen_norms_eval(pl_module)
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stage = self._stage_of(trainer.current_epoch)
-        if stage != self.stage:
-            self.stage, self.stage_step = stage, 0
-        optimizer = trainer.optimizers[0]
-        starts_stage = trainer.current_epoch == self.starts[self.stage] and self.stage > 0
-        if starts_stage and self._patterns[self.stage] != self._patterns[self.stage - 1]:
-            # A new pattern drops the momentum buffers, as Learner.freeze_to does. Decided by the
-            # plan alone, so a run resumed at this epoch does the same.
-            optimizer.state.clear()
-        if self._applied != self.stage:
-            self._freeze(pl_module, self.stage)
-            if not self.train_bn:
-                frozen_norms_eval(pl_module)
-            set_weight_decay(optimizer, self.stages[self.stage].wd)
-            self._applied = self.stage
-        if self._scheduler is None or self._scheduler_stage != self.stage:
-            # The stage's schedule, by the same ParamScheduler that Learner.fit_stages uses.
-            current = self.stages[self.stage]
-            self._scheduler = current.scheduler(optimizer, default_moms=self.moms)
-            self._scheduler.step = self.stage_step  # > 0 when resuming inside the stage
-            self._scheduler.attach(optimizer, current.n_steps(self._steps_per_epoch))
-            self._scheduler_stage = self.stage
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        self._scheduler.on_before_optimizer_step(trainer, pl_module, optimizer)
-        self.stage_step = self._scheduler.step
-
-    @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        self._scheduler.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "stage_step": self.stage_step}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.stage = int(state_dict["stage"])
-        self.stage_step = int(state_dict["stage_step"])
-
-
-def _regroup(
-    optimizer: torch.optim.Optimizer,
-    module: torch.nn.Module,
-    groups: Sequence[LayerGroup],
-    wd_bn_bias: bool,
-) -> None:
-    """Replace a plain optimizer's param groups by one per layer group, in place (the object
-    Lightning holds stays the same), keeping its hyper-parameters."""
-    if len(optimizer.param_groups) != 1:
-        raise ValueError(
-            f"the optimizer has {len(optimizer.param_groups)} param groups without a "
-            f"'{GROUP_INDEX_KEY}' key; return an optimizer over all params in one group "
-            "(torch.optim.AdamW(self.parameters())) and GradualUnfreezing will split it."
-        )
-    hypers = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-    covered = {id(p) for p in optimizer.param_groups[0]["params"]}
-    missing = [p for g in groups for p in g.params if id(p) not in covered]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} params of the layer groups are not in the optimizer; build it over "
-            "all of the module's params (frozen ones included)."
-        )
-    optimizer.param_groups.clear()
-    optimizer.state.clear()
-    for pg in build_param_groups(module, groups, wd_bn_bias):
-        extra = {"weight_decay": 0.0} if pg.get("no_decay") and "weight_decay" in hypers else {}
-        optimizer.add_param_group({**hypers, **pg, **extra})

@@ -2,15 +2,13 @@
 
 Both work on any ``Trainer`` whose (single) optimizer has one or more torch param groups per
 layer group, each carrying the layer group's index under ``"layer_group"`` (as
-`difflr.groups.build_param_groups` makes them). An optimizer without that key is treated as
-one layer group per param group, so the callbacks also drop into a hand-written module.
-"""
+`difflr.optim.param_groups.build_param_groups` makes them). An optimizer without that key is treated as
+one layer group per param group, so the callbacks also drop into a hand-written module."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -19,148 +17,23 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from difflr.checks import non_finite_names
-from difflr.freezing import frozen_norms_eval
-from difflr.groups import (
+from difflr.optim.param_groups import (
     layer_group_index,
     layer_group_names,
     momentum_key,
     read_hypers,
-    write_hypers,
 )
-from difflr.schedules import Schedule
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+from difflr.callbacks.scheduler import single_optimizer
 
 SMOOTH_BETA = 0.98
+
 
 #: About this many LR/momentum points per fit reach the logger: enough to draw a one-cycle,
 #: at a bounded cost (a TensorBoard write of 12 scalars costs ~0.4 ms on CPU).
 HYPER_POINTS_PER_FIT = 200
-
-
-class ParamScheduler(Callback):
-    """Set every layer group's LR (and momentum) before each optimizer step from schedules of pct.
-
-    Step ``i`` of a fit of ``total_steps`` optimizer steps uses ``pct = i / total_steps``. The total
-    is Lightning's ``trainer.estimated_stepping_batches`` (which accounts for
-    ``accumulate_grad_batches``, ``limit_train_batches``, ``max_steps`` and DDP sharding) unless
-    given. Steps past the end keep the final value. The step counter is saved in checkpoints, so a
-    resumed fit continues the same curve.
-
-    Args:
-        lr_sched: ``pct -> array`` of one LR per layer group.
-        mom_sched: ``pct -> momentum`` (a float or one per group), or ``None`` to leave momentum.
-        total_steps: Number of optimizer steps of the fit; ``None`` asks the Trainer.
-
-    Examples:
-        >>> from difflr.schedules import one_cycle_lr, one_cycle_mom
-        >>> sched = ParamScheduler(one_cycle_lr([1e-5, 1e-4, 1e-3]), one_cycle_mom())
-    """
-
-    def __init__(
-        self, lr_sched: Schedule, mom_sched: Schedule | None = None, total_steps: int | None = None
-    ) -> None:
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
-        self.lr_sched = lr_sched
-        self.mom_sched = mom_sched
-        self.total_steps = total_steps
-        self.step = 0
-        self._stepped = False
-        self._index: list[int] = []
-        self._n_groups = 0
-        self._key: str | None = None
-        self._total = 1
-
-    def values(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The LRs and momentums (one per layer group) of optimizer step ``step`` (0-based)."""
-        pct = min(step / self._total, 1.0)
-        lrs = np.asarray(self.lr_sched(pct), dtype=float)
-        moms = None if self.mom_sched is None else np.asarray(self.mom_sched(pct), dtype=float)
-        n = self._n_groups or lrs.size
-        return np.broadcast_to(lrs, (n,)), None if moms is None else np.broadcast_to(moms, (n,))
-
-    def schedule(
-        self, total_steps: int, index: Sequence[int]
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Every step's values for a fit of ``total_steps`` steps, computed by `values`
-        (what training uses), for an optimizer whose param groups map to layer groups
-        ``index``. Returns ``(lrs, moms)`` of shape ``(total_steps, n_groups)``."""
-        self._configure(total_steps, index)
-        steps = [self.values(i) for i in range(total_steps)]
-        lrs = np.array([s[0] for s in steps])
-        moms = None if self.mom_sched is None else np.array([s[1] for s in steps])
-        return lrs, moms
-
-    def _configure(self, total_steps: int, index: Sequence[int]) -> None:
-        self._total = int(total_steps)
-        self._index = list(index)
-        self._n_groups = max(self._index) + 1
-
-    def attach(self, optimizer: torch.optim.Optimizer, total_steps: float) -> None:
-        """Drive ``optimizer`` over ``total_steps`` steps from ``self.step`` on, and put the
-        current step's values in place (before its first batch)."""
-        if not math.isfinite(total_steps) or total_steps < 1:
-            raise ValueError(
-                f"cannot schedule over {total_steps} optimizer steps: the training data has no "
-                "length (an IterableDataset), so the schedule cannot know where it ends. Give the "
-                "dataset a __len__, or pass limit_train_batches=<batches per epoch> (an int); in "
-                "your own Trainer, max_steps works too."
-            )
-        self._key = momentum_key(optimizer)
-        self._configure(int(total_steps), layer_group_index(optimizer))
-        self._apply(optimizer)
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach(
-            _single_optimizer(trainer), self.total_steps or trainer.estimated_stepping_batches
-        )
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        # The optimizer already holds this step's values (written when the previous step ended),
-        # so monitors reading it during the batch (LearningRateMonitor) see what the step uses.
-        self.step += 1
-        self._stepped = True
-
-    @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if self._stepped:
-            self._apply(trainer.optimizers[0])
-            self._stepped = False
-
-    def _apply(self, optimizer: torch.optim.Optimizer) -> None:
-        lrs, moms = self.values(self.step)
-        write_hypers(optimizer, lrs, moms, self._index, self._key)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.step = int(state_dict["step"])
-
-
-def _single_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
-    if len(trainer.optimizers) != 1:
-        raise ValueError(
-            f"difflr's callbacks drive one optimizer, the Trainer has {len(trainer.optimizers)}; "
-            "return a single optimizer from configure_optimizers."
-        )
-    return trainer.optimizers[0]
 
 
 class SmoothedLoss:
@@ -254,7 +127,7 @@ class Recorder(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush_losses()
-        optimizer = _single_optimizer(trainer)
+        optimizer = single_optimizer(trainer)
         self.names = layer_group_names(optimizer)
         resumed, self._resumed = getattr(self, "_resumed", False), False
         index = self._index = layer_group_index(optimizer)
@@ -434,106 +307,3 @@ class Recorder(Callback):
 def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step)
-
-
-class FiniteLossGuard(Callback):
-    """Stop at a NaN or infinite training loss (and, on request, gradient) before that step's
-    update, and leave the model as it was before the failing batch.
-
-    The loss is checked between the forward pass and its backward; with ``check_grads`` the
-    gradients are checked too, before the optimizer step (a finite loss can have non-finite
-    gradients, e.g. ``sqrt`` at 0). The normalisation statistics that the failing batch's forward
-    pass moved (BatchNorm's running mean and variance) are put back from a copy taken at the
-    batch's start. The error names the optimizer step, the loss and every layer group's LR, and
-    says whether the weights are finite: it checks them rather than assume it.
-
-    The loss is read on the host once per step (a device synchronisation on a GPU); the Learner
-    adds this callback unless ``check_finite=False``. Works for any ``LightningModule`` with
-    automatic optimisation.
-
-    Args:
-        check_grads: Also check every gradient before each optimizer step (one pass over them).
-    """
-
-    def __init__(self, check_grads: bool = False) -> None:
-        self.check_grads = check_grads
-        self._batch_idx = 0
-        self._buffers: list[torch.Tensor] = []  # the model's floating-point buffers
-        self._saved: list[torch.Tensor] = []  # their values at the running batch's start
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # On their final device: the copies are made once per fit and refreshed every batch.
-        self._buffers = [b for b in pl_module.buffers() if b.is_floating_point()]
-        self._saved = [b.detach().clone() for b in self._buffers]
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._batch_idx = batch_idx
-        if self._buffers:
-            # One fused copy on the buffers' device, no sync: 14 us for ResNet-18's 40 BatchNorm
-            # statistics on a CPU, against 200 us for a clone() each.
-            with torch.no_grad():
-                torch._foreach_copy_(self._saved, self._buffers)
-
-    @override
-    def on_before_backward(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
-    ) -> None:
-        if not bool(torch.isfinite(loss).all()):
-            value = loss.detach().float().mean().item() * trainer.accumulate_grad_batches
-            self._stop(trainer, pl_module, f"the training loss is {value}")
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        if not self.check_grads:
-            return
-        bad = non_finite_names(
-            (name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None
-        )
-        if bad:
-            self._stop(trainer, pl_module, f"the gradients of {', '.join(bad)} are not finite")
-
-    def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
-        if self._buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(self._buffers, self._saved)
-        optimizer = trainer.optimizers[0]
-        lrs = ", ".join(
-            f"{name}={lr:.3g}"
-            for name, lr in zip(layer_group_names(optimizer), read_hypers(optimizer)[0])
-        )
-        poisoned = non_finite_names(pl_module.named_parameters())
-        if poisoned:
-            state = (
-                f"the weights already hold NaN/inf ({', '.join(poisoned)}): an earlier update "
-                "made them so (non-finite gradients with a finite loss; check_finite='grads' "
-                "stops at those)"
-            )
-        else:
-            state = "the weights are still finite"
-        raise FloatingPointError(
-            f"{what} at optimizer step {trainer.global_step} (epoch {trainer.current_epoch}, "
-            f"batch {self._batch_idx}); training stopped before this step's update, so {state}, "
-            f"and the normalisation statistics are as before this batch. LRs: {lrs}. Lower the "
-            "LR (learn.lr_find() helps), check the data for NaN/inf, or clip gradients "
-            "(gradient_clip_val=...)."
-        )
-
-
-class FrozenNormEval(Callback):
-    """Keep the normalisation layers whose parameters are frozen in eval mode during training
-    (``train_bn=False``): their running statistics stay as they are. See
-    `difflr.freezing.frozen_norms_eval`."""
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        frozen_norms_eval(pl_module)
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        frozen_norms_eval(pl_module)

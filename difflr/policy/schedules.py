@@ -16,6 +16,9 @@ import numpy as np
 Value: TypeAlias = "float | np.ndarray"
 Schedule: TypeAlias = "Callable[[float], Value]"
 
+#: fastai's one-cycle momentum: start, at the LR's peak, end.
+DEFAULT_MOMS: tuple[float, float, float] = (0.95, 0.85, 0.95)
+
 
 def sched_lin(start: Value, end: Value, pct: float) -> Value:
     """Linear interpolation from ``start`` (pct=0) to ``end`` (pct=1)."""
@@ -88,7 +91,7 @@ def one_cycle_lr(
     )
 
 
-def one_cycle_mom(moms: Sequence[float] = (0.95, 0.85, 0.95), pct_start: float = 0.25) -> Schedule:
+def one_cycle_mom(moms: Sequence[float] = DEFAULT_MOMS, pct_start: float = 0.25) -> Schedule:
     """fastai's one-cycle momentum: cosine ``moms[0] -> moms[1]`` over ``pct_start``, then
     ``moms[1] -> moms[2]``."""
     return combine_scheds(
@@ -126,3 +129,31 @@ def steps_per_epoch(n_batches: int, accumulate_grad_batches: int = 1) -> int:
         3
     """
     return max(1, math.ceil(n_batches / accumulate_grad_batches))
+
+
+def values_at(
+    lr_sched: Schedule, mom_sched: Schedule | None, step: int, total_steps: int, n_groups: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The LRs and momentums (one per layer group) of optimizer step ``step`` (0-based) of a fit
+    of ``total_steps`` steps: ``pct = step / total_steps``; steps past the end keep the final value.
+
+    Examples:
+        >>> values_at(sched_const(0.1), None, 3, 4, 2)
+        (array([0.1, 0.1]), None)
+    """
+    pct = min(step / total_steps, 1.0)
+    lrs = np.broadcast_to(np.asarray(lr_sched(pct), dtype=float), (n_groups,))
+    if mom_sched is None:
+        return lrs, None
+    return lrs, np.broadcast_to(np.asarray(mom_sched(pct), dtype=float), (n_groups,))
+
+
+def sample(
+    lr_sched: Schedule, mom_sched: Schedule | None, total_steps: int, n_groups: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every step's values of a fit of ``total_steps`` steps, as `values_at` gives them (what
+    training uses): ``(lrs, moms)`` of shape ``(total_steps, n_groups)``, ``moms`` ``None`` when
+    the schedule leaves momentum alone."""
+    steps = [values_at(lr_sched, mom_sched, i, total_steps, n_groups) for i in range(total_steps)]
+    lrs = np.array([s[0] for s in steps])
+    return lrs, None if mom_sched is None else np.array([s[1] for s in steps])

@@ -36,8 +36,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
-from difflr.checks import non_finite_names
-from difflr.files import TEMP_PREFIX, UnreadableFileError, atomic_save, safe_load
+from difflr.utils.checks import non_finite_names
+from difflr.utils.files import TEMP_PREFIX, UnreadableFileError, atomic_save, safe_load
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -57,7 +57,7 @@ FORMAT = 2
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO``, writing atomically next to the target and reading with
-    ``weights_only=True`` (see `difflr.files`)."""
+    ``weights_only=True`` (see `difflr.utils.files`)."""
 
     @override
     def save_checkpoint(
@@ -274,7 +274,7 @@ def check_resume(
 
     Args:
         state: From `read_fit_state`.
-        plan: What defines the fit being asked for (`difflr.runner.Runner.describe_fit`):
+        plan: What defines the fit being asked for (`difflr.training.runner.Runner.describe_fit`):
             ``stages`` (each stage's schedule, epochs, freeze pattern, LRs per group, ...),
             ``accumulate_grad_batches``, ``steps_per_epoch`` and ``groups`` (each layer group's
             name, parameter names and shapes).

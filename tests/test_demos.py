@@ -1,4 +1,5 @@
-"""Tests for difflr.pretraining: the glyph source, the domain transform, the backbone, the cache."""
+"""Tests for difflr.demos (glyphs, digits, backbone): the glyph source, the domain transform, the
+backbone, the cache."""
 
 from __future__ import annotations
 
@@ -17,29 +18,29 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import difflr
-from difflr import pretraining, vision_learner
-from difflr.pretraining import (
+from difflr import vision_learner
+from difflr.demos import backbone, digits, glyphs
+from difflr.demos.backbone import (
     CACHE_ENV,
-    FONTS,
     TUTORIAL_PRETRAIN,
-    AugmentedImages,
-    GlyphConfig,
     PretrainConfig,
     PretrainingCacheError,
     SlimResNet,
     cache_file,
     default_cache_dir,
-    digit_loaders,
-    draw_shots,
-    glyph_classes,
     load_pretrained,
     pretrained_backbone,
+)
+from difflr.demos.digits import (
+    AugmentedImages,
+    digit_loaders,
+    draw_shots,
     random_affine,
-    render_glyphs,
     to_input,
     uci_digits,
 )
-from difflr.splitters import split_model
+from difflr.demos.glyphs import FONTS, GlyphConfig, glyph_classes, render_glyphs
+from difflr.groups.splitters import split_model
 from difflr.vision import resnet_splitter
 
 SMALL_GLYPHS = GlyphConfig(chars="abcdo", merge="", fonts=FONTS[:3], per_class=6)
@@ -88,7 +89,7 @@ def test_rendered_images_are_in_the_uci_domain() -> None:
 
 
 def test_levels_count_the_on_pixels_of_4x4_blocks_of_a_32x32_bitmap() -> None:
-    from difflr.pretraining import _to_levels
+    from difflr.demos.glyphs import _to_levels
 
     ink = torch.zeros(1, 1, 64, 64)
     ink[..., :8, :8] = 1  # a 4x4 block of the 32x32 bitmap: the top-left cell is full
@@ -158,7 +159,7 @@ def test_to_input_is_bilinear_upsampling_normalised_with_the_uci_statistics() ->
         0, 17, (4, 6, 6), generator=torch.Generator().manual_seed(0)
     )
     upsampled = F.interpolate(inner.float()[:, None] / 16, size=16, mode="bilinear")
-    expected = (upsampled - difflr.pretraining.PIXEL_MEAN) / difflr.pretraining.PIXEL_STD
+    expected = (upsampled - difflr.demos.digits.PIXEL_MEAN) / difflr.demos.digits.PIXEL_STD
     torch.testing.assert_close(to_input(inner), expected)
 
 
@@ -305,14 +306,14 @@ def test_a_second_builder_waits_for_the_first_and_loads_its_file(
 ) -> None:
     """Two notebooks (or jobs) asking for the same backbone at once pretrain it once."""
     builds = []
-    real_pretrain = pretraining.pretrain
+    real_pretrain = backbone.pretrain
 
     def counted(config, progress=True):
         builds.append(threading.current_thread().name)
         time.sleep(0.3)  # the second caller arrives while the first builds
         return real_pretrain(config, progress)
 
-    monkeypatch.setattr(pretraining, "pretrain", counted)
+    monkeypatch.setattr(backbone, "pretrain", counted)
     results: dict[str, torch.nn.Module] = {}
 
     def ask(name: str) -> None:
@@ -382,9 +383,10 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(
 
 
 def test_the_docstring_examples_run() -> None:
-    import difflr.pretraining
-
-    failed, attempted = doctest.testmod(difflr.pretraining, optionflags=doctest.ELLIPSIS)
+    attempted = failed = 0
+    for module in (backbone, digits, glyphs):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        attempted, failed = attempted + result.attempted, failed + result.failed
     assert attempted >= 3 and failed == 0
 
 

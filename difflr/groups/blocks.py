@@ -48,9 +48,9 @@ from typing import Any, Literal, TypeAlias
 
 from torch import nn
 
-from difflr.checks import check_choice, check_int
-from difflr.hf import GROUP_NAMES as TRANSFORMERS_NAMES
-from difflr.hf import holds_layers, transformers_trunk
+from difflr.groups.hf import GROUP_NAMES as TRANSFORMERS_NAMES
+from difflr.groups.hf import holds_layers, transformers_trunk
+from difflr.utils.checks import check_choice, check_int
 
 __all__ = [
     "BlockSplitter",
@@ -316,7 +316,7 @@ class BlockSplitter:
     Used automatically for a model that defines no ``model_splits()`` and is no architecture
     difflr knows by name; pass one yourself to choose the trunk or to cut it coarser. In a
     Hugging Face model (or a module holding one) the trunk is its list of
-    ``config.num_hidden_layers`` layers (`difflr.hf`), and the groups are named ``embeddings``,
+    ``config.num_hidden_layers`` layers (`difflr.groups.hf`), and the groups are named ``embeddings``,
     ``layer0`` .. and ``head``.
 
     Args:

@@ -3,7 +3,7 @@
 The sweep trains ``num_it`` steps with an exponentially growing LR per layer group, through the
 Learner's public seam to Lightning (``learn.runner``), inside a transaction: everything it can
 change is snapshotted first and restored bit for bit afterwards, also when it raises or is
-interrupted. The curve is read by the suggestion functions of `difflr.suggestions`.
+interrupted. The curve is read by the suggestion functions of `difflr.policy.suggestions`.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from difflr.callbacks import ParamScheduler, Recorder, SmoothedLoss
-from difflr.checks import check_choice, check_int
-from difflr.distributed import decide_on_rank_zero
-from difflr.files import safe_load
-from difflr.lr import LRSpec, expand_lrs
-from difflr.runner import Runner
-from difflr.schedules import exp_range
-from difflr.suggestions import SuggestedLRs, SuggestionFunc, make_suggestions, valley
+from difflr.callbacks.recorder import Recorder, SmoothedLoss
+from difflr.callbacks.scheduler import ParamScheduler
+from difflr.policy.lr import LRSpec, expand_lrs
+from difflr.policy.schedules import exp_range
+from difflr.policy.suggestions import SuggestedLRs, SuggestionFunc, make_suggestions, valley
+from difflr.training.distributed import decide_on_rank_zero
+from difflr.training.runner import Runner
+from difflr.utils.checks import check_choice, check_int
+from difflr.utils.files import safe_load
 
 __all__ = ["Sweepable", "lr_find"]
 

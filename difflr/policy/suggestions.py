@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
-from difflr.checks import check_int, check_number, check_positive
+from difflr.utils.checks import check_int, check_number, check_positive
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike

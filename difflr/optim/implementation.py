@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from difflr.groups import GROUP_INDEX_KEY
-from difflr.lr import LRSpec, expand_lrs
+from difflr.optim.param_groups import GROUP_INDEX_KEY
+from difflr.policy.lr import LRSpec, expand_lrs
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -93,7 +93,7 @@ class Fastest:
 
     Examples:
         >>> import torch
-        >>> from difflr.optim import fastest, implementation
+        >>> from difflr.optim.implementation import fastest, implementation
         >>> opt = fastest(torch.optim.SGD, momentum=0.9)([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
         >>> type(opt).__name__, implementation(opt)
         ('SGD', 'fused')
@@ -474,7 +474,7 @@ def make_optimizer(
             ``functools.partial(torch.optim.SGD, momentum=0.9)`` or
             ``fastest(torch.optim.SGD, momentum=0.9)``; used exactly as given. ``None`` is
             ``fastest(torch.optim.AdamW)``.
-        param_groups: From `difflr.groups.build_param_groups` (each carries its layer group's
+        param_groups: From `difflr.optim.param_groups.build_param_groups` (each carries its layer group's
             index).
         lr: The LR spec over the ``n_groups`` layer groups.
         n_groups: Number of layer groups.

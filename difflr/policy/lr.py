@@ -28,7 +28,7 @@ from typing import TypeAlias
 
 import numpy as np
 
-from difflr.checks import check_int, check_number, is_number
+from difflr.utils.checks import check_int, check_number, is_number
 
 LRSpec: TypeAlias = "float | Sequence[float] | np.ndarray | slice | LayerDecay"
 

@@ -11,7 +11,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from typing_extensions import override
 
-from difflr.files import os_error_behind
+from difflr.utils.files import os_error_behind
 
 
 class ContinuousLogger(Logger):

@@ -27,8 +27,8 @@ from lightning.pytorch.callbacks.progress import ProgressBar
 from tqdm import tqdm
 from typing_extensions import override
 
-from difflr.callbacks import Recorder, SmoothedLoss
-from difflr.display import in_notebook, terminal_width
+from difflr.callbacks.recorder import Recorder, SmoothedLoss
+from difflr.utils.display import in_notebook, terminal_width
 
 __all__ = ["REFRESH_S", "LiveProgress", "ProgressTable"]
 

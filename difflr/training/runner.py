@@ -29,8 +29,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from difflr.callbacks import FiniteLossGuard, FrozenNormEval, ParamScheduler, Recorder
-from difflr.checkpoints import (
+from difflr.callbacks.guards import FiniteLossGuard, FrozenNormEval
+from difflr.callbacks.progress import LiveProgress, ProgressTable
+from difflr.callbacks.recorder import Recorder
+from difflr.callbacks.scheduler import ParamScheduler
+from difflr.policy.schedules import steps_per_epoch
+from difflr.training.checkpoints import (
     AtomicCheckpointIO,
     FitState,
     FolderClaim,
@@ -41,18 +45,16 @@ from difflr.checkpoints import (
     read_fit_state,
     resolve_checkpoint,
 )
-from difflr.checks import check_choice, check_int, is_int, user_stacklevel
-from difflr.data import Data, loader_length
-from difflr.distributed import (
+from difflr.training.data import Data, loader_length
+from difflr.training.distributed import (
     SyncBuffers,
     batches_per_process,
     check_fit_in_process,
     planned_world_size,
 )
-from difflr.loggers import ContinuousLogger
-from difflr.module import LearnerModule
-from difflr.progress import LiveProgress, ProgressTable
-from difflr.schedules import steps_per_epoch
+from difflr.training.loggers import ContinuousLogger
+from difflr.training.module import LearnerModule
+from difflr.utils.checks import check_choice, check_int, is_int, user_stacklevel
 
 __all__ = ["Runner", "quiet_lightning"]
 
@@ -313,7 +315,7 @@ class Runner:
         last_run: str | None,
     ) -> Resume | None:
         """Where a fit of ``plan`` resumes from ``ckpt_path`` (``"last"``: ``path/checkpoints/
-        last.ckpt``), checked by `difflr.checkpoints.check_resume`; ``None`` without one.
+        last.ckpt``), checked by `difflr.training.checkpoints.check_resume`; ``None`` without one.
 
         Raises:
             FileNotFoundError, UnreadableFileError, ValueError: No such checkpoint, an unreadable
@@ -334,8 +336,8 @@ class Runner:
         frozen: Sequence[bool],
         resume: Resume | None = None,
     ) -> pl.Trainer:
-        """Train one `difflr.stages.Stage` in a fresh Trainer (resuming it from ``resume``),
-        its checkpoints holding ``record`` (see `difflr.checkpoints.FitState`); returns the
+        """Train one `difflr.policy.stages.Stage` in a fresh Trainer (resuming it from ``resume``),
+        its checkpoints holding ``record`` (see `difflr.training.checkpoints.FitState`); returns the
         Trainer."""
         if resume is not None:
             self.set_offsets(resume.offsets)  # continue the interrupted timeline
@@ -358,10 +360,10 @@ class Runner:
         default_moms: Sequence[float],
         groups: list[dict[str, Any]],
     ) -> dict[str, Any]:
-        """What defines a fit of ``stages`` (`difflr.stages.Stage`s) run by this Runner, as its
+        """What defines a fit of ``stages`` (`difflr.policy.stages.Stage`s) run by this Runner, as its
         checkpoints record it: every stage with its defaults resolved, the gradient accumulation,
         the optimizer steps per epoch (``None`` when the data has no length) and the layer groups
-        (`difflr.groups.group_fingerprint`)."""
+        (`difflr.groups.layers.group_fingerprint`)."""
         try:
             steps = self.steps_per_epoch()
         except ValueError:

@@ -241,7 +241,7 @@ def write_state(
     groups: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Save the model's weights, the frozen pattern and (unless ``None``) the optimizer state
-    with the layer groups it belongs to (`difflr.groups.group_fingerprint`), atomically."""
+    with the layer groups it belongs to (`difflr.groups.layers.group_fingerprint`), atomically."""
     state: dict[str, Any] = {"model": model.state_dict(), "frozen": list(frozen)}
     if optimizer is not None:
         state["opt"] = optimizer.state_dict()
