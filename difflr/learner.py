@@ -26,7 +26,7 @@ from difflr.groups.freezing import apply_freeze, trainable_flags
 from difflr.groups.layers import LayerGroup, Splitter, group_fingerprint, warn_single_group
 from difflr.groups.splitters import describe_group, split_model
 from difflr.optim.implementation import OptFunc, describe_optimizer, make_optimizer
-from difflr.optim.param_groups import build_param_groups, read_hypers, set_weight_decay
+from difflr.optim.param_groups import build_param_groups, set_weight_decay
 from difflr.optim.preview import SchedulePreview, preview_plan
 from difflr.policy.freeze import check_freeze_to, frozen_pattern
 from difflr.policy.lr import LRSpec, expand_lrs
@@ -145,6 +145,7 @@ class Learner:
         set_weight_decay(self.opt, self.wd)
         self.path = Path(path)
         self._id = uuid.uuid4().hex  # names this Learner in its checkpoints
+        self._peak_lrs: list[float] | None = None  # the last fit's peak LR per group
         self.recorder = Recorder(log_hypers=logger is not False and logger is not None)
         self.runner = Runner(
             self.module,
@@ -363,6 +364,7 @@ class Learner:
         resume = self.runner.resume_point(ckpt_path, plan, self._id, self._run)
         self._run = uuid.uuid4().hex if resume is None else resume.run
         self.recorder.reset()
+        self._peak_lrs = [max(lrs) for lrs in zip(*(s.lrs(self.n_groups, self.lr) for s in stages))]
         self.runner.table.start()
         for k in range(0 if resume is None else resume.stage, len(stages)):
             resuming = resume is not None and k == resume.stage
@@ -528,10 +530,24 @@ class Learner:
 
     # ----------------------------------------------------------------------------- inspection
     def summary(self) -> str:
-        """A table of the layer groups (name, parameters, trainable state, current LR, the
-        modules each holds), a line per tied parameter saying which group trains it, and the
-        optimizer with the implementation its step runs (e.g. ``AdamW (fused)``)."""
-        return _summary(self.model, self.splits, self._frozen, self.opt)
+        """A table of the layer groups (name, parameters, trainable state, LR, the modules each
+        holds), a line per tied parameter saying which group trains it, and the optimizer with
+        the implementation its step runs (e.g. ``AdamW (fused)``).
+
+        The LR column is what a user means by "the LR": before any fit, ``lr`` is the Learner's
+        LR spread over the groups (what a fit without ``lr_max`` uses); after a fit, ``peak_lr``
+        is that fit's peak per group (the schedule's own value at its end, e.g. ``lr_max /
+        div_final`` after a one-cycle, is in ``recorder.lrs``)."""
+        if self._peak_lrs is None:
+            return _summary(
+                self.model,
+                self.splits,
+                self._frozen,
+                self.opt,
+                "lr",
+                expand_lrs(self.lr, self.n_groups),
+            )
+        return _summary(self.model, self.splits, self._frozen, self.opt, "peak_lr", self._peak_lrs)
 
     def __repr__(self) -> str:
         return (
@@ -545,10 +561,11 @@ def _summary(
     splits: Sequence[LayerGroup],
     frozen: Sequence[bool],
     optimizer: torch.optim.Optimizer,
+    lr_label: str,
+    lrs: Sequence[float],
 ) -> str:
     """`Learner.summary`'s table (outside the class: the facade stays small)."""
-    lrs, _ = read_hypers(optimizer)
-    rows = [("group", "params", "trainable", "lr", "modules")]
+    rows = [("group", "params", "trainable", lr_label, "modules")]
     for group, is_frozen, lr in zip(splits, frozen, lrs):
         trainable = sum(p.numel() for p in group.params if p.requires_grad)
         state = (

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from difflr import Learner, accuracy
+from difflr.optim.param_groups import read_hypers
 from difflr.policy.schedules import one_cycle_lr, one_cycle_mom
 from tests.helpers import make_loaders, make_model, three_groups
 
@@ -456,6 +457,22 @@ def test_summary_lists_groups_with_trainable_state(loaders, learner_kwargs):
     assert [line.split()[-1] for line in lines[1:4]] == ["0-1", "3", "5"]
     # No tied parameters; then the optimizer and the implementation its step runs.
     assert len(lines) == 5 and lines[4].startswith("optimizer: AdamW (")
+
+
+def test_summary_shows_the_base_lr_then_the_last_fits_peak_per_group(loaders, learner_kwargs):
+    learn = make_learner(loaders, learner_kwargs, lr=3e-3)
+    lines = learn.summary().splitlines()
+    assert [line.split()[3] for line in lines[:4]] == ["lr", "3.00e-03", "3.00e-03", "3.00e-03"]
+    learn.fit_one_cycle(1, slice(1e-4, 1e-2))
+    # Not the schedule's last value (1e-2 / div_final = 1e-7 for the head): its peak.
+    lines = learn.summary().splitlines()
+    assert [line.split()[3] for line in lines[:4]] == [
+        "peak_lr",
+        "1.00e-04",
+        "1.00e-03",
+        "1.00e-02",
+    ]
+    assert read_hypers(learn.opt)[0][-1] == pytest.approx(1e-2 / 1e5)  # what the column showed
 
 
 def test_a_lightning_module_with_its_own_loaders_needs_no_data(tmp_path):

@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from difflr import Learner, Recorder
 from difflr.callbacks import progress
-from difflr.callbacks.progress import LiveProgress, ProgressTable, _Line, _Output
+from difflr.callbacks.progress import (
+    LiveProgress,
+    ProgressTable,
+    _format,
+    _Line,
+    _Output,
+    format_time,
+)
 from difflr.callbacks.recorder import SmoothedLoss
 from tests.helpers import make_loaders, make_model, three_groups
 
@@ -118,7 +125,7 @@ def test_in_a_notebook_the_table_is_displayed_once_and_updated_in_place(notebook
     assert "<th>train_loss</th>" in first and "<td>0.333333</td>" in last
     assert "<td>—</td>" in first  # NaN shows as a dash
     assert "<progress" not in last  # no live line without LiveProgress
-    assert bundles[-1]["text/plain"].splitlines()[-1].split() == ["2", "0.333333", "—", "0.500000"]
+    assert bundles[-1]["text/plain"].splitlines()[-1].split() == ["2", "0.333333", "—", "00:00"]
 
     table.start()  # the next fit call gets a display of its own
     table.on_train_epoch_end(FakeTrainer(), None)
@@ -135,9 +142,19 @@ def test_in_a_terminal_each_epoch_prints_one_line_under_one_header(terminal, cap
     lines = capsys.readouterr().out.splitlines()
     assert [line.split() for line in lines] == [
         ["epoch", "train_loss", "time"],
-        ["0", "0.500000", "1.250000"],
-        ["1", "0.500000", "1.250000"],
+        ["0", "0.500000", "00:01"],
+        ["1", "0.500000", "00:01"],
     ]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(0.0, "00:00"), (19.534229, "00:19"), (61.0, "01:01"), (3599.9, "59:59"), (3725.0, "1:02:05")],
+)
+def test_the_time_column_reads_as_fastai_prints_it(seconds, shown):
+    assert format_time(seconds) == shown
+    assert _format(seconds, "time") == shown
+    assert _format(seconds, "valid_loss") != shown  # only the time column
 
 
 def test_other_ranks_show_nothing(terminal, capsys):

@@ -52,7 +52,7 @@ learner(enable_progress_bar=False).fit_one_cycle(1, 1e-2)
 """
 
 HEADER = re.compile(r"^\s*epoch\s+train_loss\s+valid_loss\s+time$")
-ROW = re.compile(r"^\s*\d+(\s+-?\d+\.\d+(e[-+]\d+)?)+$")
+ROW = re.compile(r"^\s*\d+(\s+(-?\d+\.\d+(e[-+]\d+)?|—))+\s+\d+:\d\d(:\d\d)?$")
 BAR = re.compile(r"^(epoch \d+|lr_find)(:| validation:)")
 
 

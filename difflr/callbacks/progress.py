@@ -30,7 +30,7 @@ from typing_extensions import override
 from difflr.callbacks.recorder import Recorder, SmoothedLoss
 from difflr.utils.display import in_notebook, terminal_width
 
-__all__ = ["REFRESH_S", "LiveProgress", "ProgressTable"]
+__all__ = ["REFRESH_S", "LiveProgress", "ProgressTable", "format_time"]
 
 #: Seconds between two refreshes of the live line: a few times a second at most, so that the
 #: cost of a refresh (a device read of the pending losses, a message to the notebook) is spread
@@ -40,7 +40,22 @@ REFRESH_S = 0.25
 State = Literal["running", "finished", "interrupted"]
 
 
-def _format(value: Any) -> str:
+def format_time(seconds: float) -> str:
+    """A duration as fastai's epoch table shows it: ``mm:ss``, or ``h:mm:ss`` from an hour on.
+
+    Examples:
+        >>> format_time(19.53), format_time(3725.0)
+        ('00:19', '1:02:05')
+    """
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def _format(value: Any, column: str = "") -> str:
+    if column == "time" and isinstance(value, float) and math.isfinite(value):
+        return format_time(value)
     if isinstance(value, float):
         if math.isnan(value):
             return "—"
@@ -151,7 +166,7 @@ class _Output:
             head = "".join(f"<th>{c}</th>" for c in self.columns)
             body = "".join(
                 "<tr>"
-                + "".join(f"<td>{_format(r.get(c, math.nan))}</td>" for c in self.columns)
+                + "".join(f"<td>{_format(r.get(c, math.nan), c)}</td>" for c in self.columns)
                 + "</tr>"
                 for r in self.rows
             )
@@ -176,7 +191,7 @@ class _Output:
         lines = ["  ".join(c.rjust(width) for c in self.columns)] if first == 0 else []
         for row in self.rows[first:]:
             lines.append(
-                "  ".join(_format(row.get(c, math.nan)).rjust(width) for c in self.columns)
+                "  ".join(_format(row.get(c, math.nan), c).rjust(width) for c in self.columns)
             )
         return lines
 
