@@ -34,7 +34,7 @@ from difflr.policy.schedules import DEFAULT_MOMS
 from difflr.policy.stages import Stage, check_plan, fine_tune_stages
 from difflr.policy.suggestions import SuggestedLRs, valley
 from difflr.training.data import Data
-from difflr.training.loaders import check_vocab, find_vocab
+from difflr.training.loaders import check_vocab, defines_hook, find_vocab
 from difflr.training.loggers import make_logger
 from difflr.training.lr_finder import lr_find
 from difflr.training.module import make_module
@@ -132,6 +132,10 @@ class Learner:
         self.module = make_module(model, loss_func, metrics, lambda: self.opt)
         self.model = model
         data = Data.from_arg(data, has_own_loaders=isinstance(model, pl.LightningModule))
+        data.warn_unused_metrics(
+            getattr(self.module, "metric_names", []),
+            defines_hook(self.module, "val_dataloader", pl.LightningModule),
+        )
         self.splits: list[LayerGroup] = split_model(model, splitter)
         expand_lrs(lr, len(self.splits), name="lr")
         self.lr = lr

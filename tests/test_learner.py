@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import signal
+import warnings
 
 import lightning.pytorch as pl
 import numpy as np
@@ -491,3 +492,14 @@ def test_a_lightning_module_with_its_own_loaders_needs_no_data(tmp_path):
         learn.fit_one_cycle(1, 1e-3)
     np.testing.assert_allclose(planned.lrs, learn.recorder.lrs)
     assert "val_loss" in learn.recorder.values[-1]
+
+
+def test_metrics_without_a_validation_loader_are_named_in_a_warning(loaders, learner_kwargs):
+    train, valid = loaders
+    with pytest.warns(UserWarning, match=r"metrics accuracy will not be computed.*valid_dl") as got:
+        Learner(make_model(), train, F.cross_entropy, metrics=accuracy, **learner_kwargs)
+    assert got[0].filename == __file__  # it points at the user's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Learner(make_model(), (train, valid), F.cross_entropy, metrics=accuracy, **learner_kwargs)
+        Learner(make_model(), train, F.cross_entropy, **learner_kwargs)  # no metrics: nothing lost

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+
+from difflr.utils.checks import user_stacklevel
 
 __all__ = ["Data", "check_loader", "loader_length"]
 
@@ -86,6 +89,20 @@ class Data:
             f"{type(data).__name__}"
             + (f" of length {len(data)}" if isinstance(data, (tuple, list)) else "")
             + "."
+        )
+
+    def warn_unused_metrics(self, metric_names: list[str], module_has_val_loader: bool) -> None:
+        """Warn when metrics were given but nothing will compute them: a training loader alone
+        (fastai's ``Learner`` would fail later; Lightning would silently skip validation)."""
+        if not metric_names or self.valid_dl is not None or self.datamodule is not None:
+            return
+        if self.train_dl is None or module_has_val_loader:
+            return
+        warnings.warn(
+            f"metrics {', '.join(metric_names)} will not be computed: data is a training loader "
+            "only, so no validation runs. Pass data=(train_dl, valid_dl) to validate each epoch.",
+            UserWarning,
+            stacklevel=user_stacklevel(),
         )
 
     def fit_kwargs(self) -> dict[str, Any]:
