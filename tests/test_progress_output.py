@@ -233,3 +233,11 @@ def test_in_a_jupyter_kernel_a_fit_leaves_one_display_that_shows_every_batch(see
     # No text bar (Lightning's, or a bar printed line by line) in the cell's streams.
     streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "\r" not in streams and "it/s" not in streams
+
+
+def test_importing_difflr_in_a_kernel_shows_no_tqdm_widget_warning(seen: Seen) -> None:
+    # Lightning -> torchmetrics -> transformers -> tqdm.auto warns "IProgress not found" at import
+    # in a kernel without ipywidgets; the first cell imports difflr and shows nothing.
+    notebook = _result(seen.notebook, "needs nbclient and ipykernel")
+    text = "".join(output.get("text", "") for output in notebook.cells[0].outputs)
+    assert "IProgress" not in text and "TqdmWarning" not in text, text
