@@ -4,6 +4,7 @@ frozen normalisation layers."""
 from __future__ import annotations
 
 import math
+import re
 
 import lightning.pytorch as pl
 import numpy as np
@@ -144,3 +145,21 @@ def test_the_unfreezing_callback_keeps_frozen_norm_statistics_without_train_bn(t
     )
     trainer.fit(module, make_loaders()[0])
     assert torch.equal(bn.running_mean, before)
+
+
+def test_tensorboard_shows_every_groups_lr_on_one_chart_and_momentum_on_another(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    learn = make_learner(tmp_path, logger=True, checkpoint=False)
+    learn.fit_one_cycle(1, slice(1e-4, 1e-2))
+    (events,) = tmp_path.rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    [config] = accumulator.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(config.tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts == {"lr, every layer group": ["lr/.*"], "momentum, every layer group": ["mom/.*"]}
+    # The patterns catch every group's tag.
+    tags = accumulator.Tags()["scalars"]
+    assert {t for t in tags if re.fullmatch("lr/.*", t)} == {"lr/0.stem", "lr/1.body", "lr/2.head"}

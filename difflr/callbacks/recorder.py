@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -153,6 +154,7 @@ class Recorder(Callback):
         self._log_every = log_every
         if self.log_hypers:
             _log(trainer, {f"trainable/{n}": float(f) for n, f in zip(self.names, flags)}, 0)
+            _write_layout(trainer)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -302,6 +304,33 @@ class Recorder(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._flush_losses()  # keep the steps done before an interrupt or an error
+
+
+#: TensorBoard's custom-scalars layout: every layer group's LR on one chart, and momentum on
+#: another, as a user would arrange them (the plain scalars tab draws one chart per tag, where a
+#: stem at 1e-5 beside a head at 1e-3 looks like 0). Tags are regular expressions.
+TENSORBOARD_LAYOUT = {
+    "difflr": {
+        "lr, every layer group": ["Multiline", [r"lr/.*"]],
+        "momentum, every layer group": ["Multiline", [r"mom/.*"]],
+    }
+}
+
+
+_LAID_OUT: weakref.WeakSet[Any] = weakref.WeakSet()  # the writers that have the layout
+
+
+def _write_layout(trainer: pl.Trainer) -> None:
+    """Give every TensorBoard writer of the Trainer the layout, once per writer (a Learner's
+    calls share one)."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        add_layout = getattr(experiment, "add_custom_scalars", None)
+        if callable(add_layout) and experiment not in _LAID_OUT:
+            add_layout(TENSORBOARD_LAYOUT)
+            _LAID_OUT.add(experiment)
 
 
 def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
