@@ -338,7 +338,7 @@ def test_only_rank_zero_writes_tensorboard_events(run: DDPRun) -> None:
     assert writers == {run.ranks[0]["pid"]}
 
 
-ROW = re.compile(r"^\s*\d+(\s+(-?\d+(\.\d+)?(e[-+]\d+)?|—))+\s*$")
+ROW = re.compile(r"^\s*\d+(\s+(-?\d+(\.\d+)?(e[-+]\d+)?|—))+\s+\d+:\d\d(:\d\d)?\s*$")
 
 
 def test_only_rank_zero_prints_the_epoch_table(run: DDPRun) -> None:

@@ -39,6 +39,9 @@ REFRESH_S = 0.25
 
 State = Literal["running", "finished", "interrupted"]
 
+#: The widest value of a table column, by name (others: a float, 9 characters).
+_VALUE_WIDTH = {"epoch": 5, "time": 7}
+
 
 def format_time(seconds: float) -> str:
     """A duration as fastai's epoch table shows it: ``mm:ss``, or ``h:mm:ss`` from an hour on.
@@ -65,6 +68,14 @@ def _format(value: Any, column: str = "") -> str:
     return str(value)
 
 
+# The line without its bar (HTML draws its own), then ever narrower terminal lines.
+_NO_BAR = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+_NARROW = (
+    "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+    "{desc}: {n_fmt}/{total_fmt}{postfix}",
+)
+
+
 @dataclass(frozen=True)
 class _Line:
     """What the live line shows: ``label: done/total [elapsed<remaining, rate, train_loss=...]``."""
@@ -78,22 +89,37 @@ class _Line:
     note: str | None = None  # why an interrupted line stopped
 
     def text(self, bar: bool = True, ncols: int | None = None) -> str:
-        """tqdm's text for this line; ``bar=False`` leaves the bar out (HTML draws its own)."""
+        """tqdm's text for this line; ``bar=False`` leaves the bar out (HTML draws its own).
+
+        In ``ncols`` columns (a narrow terminal) the line drops, in turn, the bar, the rate and
+        the times, so that the count and the loss stay whole; only a line that does not fit even
+        then is cut.
+        """
         extras = [] if self.loss is None else [f"train_loss={self.loss:.4g}"]
         if self.state == "interrupted":
             extras.append(self.note or "interrupted")
-        bar_format = None
+        postfix = ", ".join(extras) or None
+
+        def meter(bar_format: str | None, width: int | None = None) -> str:
+            return tqdm.format_meter(
+                self.done,
+                self.total,
+                self.elapsed,
+                ncols=width,
+                prefix=self.label,
+                postfix=postfix,
+                bar_format=bar_format,
+            )
+
         if not bar and self.total is not None:
-            bar_format = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
-        return tqdm.format_meter(
-            self.done,
-            self.total,
-            self.elapsed,
-            ncols=ncols,
-            prefix=self.label,
-            postfix=", ".join(extras) or None,
-            bar_format=bar_format,
-        )
+            return meter(_NO_BAR)
+        if ncols is None or self.total is None or len(meter(None)) <= ncols:
+            return meter(None, ncols)  # tqdm's own line, its bar filling what is left
+        for bar_format in _NARROW:
+            text = meter(bar_format)
+            if len(text) <= ncols:
+                return text
+        return text[:ncols]
 
     def html(self) -> str:
         # An indeterminate <progress> (no value) for a loader without a length.
@@ -187,11 +213,15 @@ class _Output:
         return "\n".join(lines)
 
     def _table_lines(self, first: int) -> list[str]:
-        width = max(10, *(len(c) for c in self.columns))
-        lines = ["  ".join(c.rjust(width) for c in self.columns)] if first == 0 else []
+        # Each column as wide as its name or its widest value (a float shows as 0.123456 or
+        # 1.234e-05, a time as mm:ss): five columns fit a 50-column terminal.
+        widths = [max(len(c), _VALUE_WIDTH.get(c, 9)) for c in self.columns]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(self.columns, widths))] if first == 0 else []
         for row in self.rows[first:]:
             lines.append(
-                "  ".join(_format(row.get(c, math.nan), c).rjust(width) for c in self.columns)
+                "  ".join(
+                    _format(row.get(c, math.nan), c).rjust(w) for c, w in zip(self.columns, widths)
+                )
             )
         return lines
 
