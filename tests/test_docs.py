@@ -160,6 +160,8 @@ def test_tutorial_page_shows_what_the_notebook_showed(site, tmp_path_factory, pa
     for pattern in hook.NOISE:
         assert not pattern.search(text), f"{path.name}: {pattern.pattern} on the page"
     assert str(ROOT) not in page and "site-packages" not in page and "Traceback" not in text
+    # Nothing of the machine that built it: a kernel's temporary files, a parallel build's wait.
+    assert "ipykernel_" not in page and "waiting for another process" not in text
 
 
 def test_the_tutorials_show_epoch_tables_and_finished_progress_bars(site):
@@ -218,6 +220,8 @@ def test_cell_outputs_are_shown_in_order_escaped_and_without_noise():
     assert hook.cell_outputs_html(_cell(), "nb cell 2") == ""
     paths = "/x/lib/site-packages/m.py:3: W\n/checkout/difflr/lr.py:9: W\n"
     assert hook._without_paths(paths, ["/checkout"]) == "m.py:3: W\ndifflr/lr.py:9: W\n"
+    cell_warning = "/tmp/ipykernel_4242/1753094.py:3: UserWarning: metrics accuracy ...\n"
+    assert hook._without_paths(cell_warning, []) == "<cell>:3: UserWarning: metrics accuracy ...\n"
 
 
 def test_a_cell_that_raised_fails_its_page_unless_the_error_is_the_point():

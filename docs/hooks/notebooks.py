@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +55,8 @@ IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpg"}
 # stderr records (a line and the indented lines under it) that come from the machine that builds
 # the site, not from what the tutorial does; a notebook user on a usual Jupyter does not see them.
 NOISE = (
-    # tqdm.auto imported without ipywidgets (Lightning -> torchmetrics -> transformers import it).
+    # tqdm.auto imported without ipywidgets by transformers (difflr's own import hides it; a
+    # notebook that imports transformers first, as 08 does, shows it).
     re.compile(r"TqdmWarning: IProgress not found"),
     # A Lightning release on a newer torch; also filtered in the test run (pyproject.toml).
     re.compile(r"isinstance\(treespec, LeafSpec\)` is deprecated"),
@@ -63,6 +65,7 @@ NOISE = (
 )
 
 log = logging.getLogger(f"mkdocs.hooks.{__name__}")
+_IPYKERNEL_CELL = re.compile(r"\S*ipykernel_\d+[/\\]\d+\.py")
 _NOTEBOOK_LINK = re.compile(r"\]\((\d\d_[A-Za-z0-9_]+)\.ipynb\)")
 _MARKER = "<!-- difflr-notebook-output {} -->"
 _MARKER_PATTERN = re.compile(r"<!-- difflr-notebook-output (\d+) -->")
@@ -143,6 +146,8 @@ def execute(paths: Iterable[Path], cache_dir: Path) -> dict[str, Any]:
         # The models are tiny: one thread each is faster, and kernels do not fight for cores.
         "OMP_NUM_THREADS": "1",
     }
+    if any("TUTORIAL_PRETRAIN" in path.read_text(encoding="utf-8") for path, _ in to_run):
+        _build_the_tutorials_backbone(env)
     ran = asyncio.run(_run_all([path for path, _ in to_run], env))
     for (path, cached), notebook in zip(to_run, ran):
         results[path.name] = notebook
@@ -152,6 +157,22 @@ def execute(paths: Iterable[Path], cache_dir: Path) -> dict[str, Any]:
                 if old != cached:
                     old.unlink(missing_ok=True)
     return {path.name: results[path.name] for path in paths}
+
+
+def _build_the_tutorials_backbone(env: dict[str, str]) -> None:
+    """Build (or find) the pretrained backbone the tutorials share, before they run: a page then
+    shows what a notebook user with the backbone cached sees, whether the site is built on a
+    fresh machine or not, and never one notebook waiting for another that builds it."""
+    log.info("Building the tutorials' backbone (once; then cached)")
+    subprocess.run(
+        [sys.executable, "-c", _BUILD_BACKBONE], env=env, check=True, timeout=CELL_TIMEOUT_S * 5
+    )
+
+
+_BUILD_BACKBONE = (
+    "from difflr.demos import TUTORIAL_PRETRAIN, pretrained_backbone; "
+    "pretrained_backbone(TUTORIAL_PRETRAIN, progress=False)"
+)
 
 
 async def _run_all(paths: list[Path], env: dict[str, str]) -> list[Any]:
@@ -339,7 +360,9 @@ def _without_noise(text: str) -> str:
 
 def _without_paths(text: str, roots: list[str]) -> str:
     """The build machine's folders out of the page: paths relative to the checkout, to the
-    notebook's working folder and to site-packages."""
+    notebook's working folder and to site-packages; a warning raised by a cell's own line names
+    the cell (``<cell>:3``), not the kernel's temporary file for it."""
+    text = _IPYKERNEL_CELL.sub("<cell>", text)
     text = _SITE_PACKAGES.sub("", text)
     for root in roots:
         text = text.replace(root.rstrip(os.sep) + os.sep, "")
