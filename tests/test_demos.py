@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import doctest
 import os
+import random
 import string
 import threading
 import time
@@ -403,3 +404,21 @@ def test_progress_names_the_cache_file_under_home_as_tilde(
     out = capsys.readouterr().out
     assert f"saved ~/cache/{cache_file(TINY, tmp_path / 'cache').name}" in out
     assert str(tmp_path) not in out
+
+
+def test_building_the_backbone_leaves_the_callers_random_streams_as_they_were(
+    tmp_path: Path,
+) -> None:
+    # A notebook seeds, builds (or loads) the backbone, then trains: a cold and a warm run must
+    # compute the same thing after it.
+    def draws() -> tuple[float, float, float]:
+        return torch.rand(1).item(), float(np.random.rand()), random.random()
+
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    expected = draws()
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    pretrained_backbone(TINY, cache_dir=tmp_path, progress=False)  # built: pretrains
+    assert draws() == expected
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    pretrained_backbone(TINY, cache_dir=tmp_path, progress=False)  # loaded
+    assert draws() == expected

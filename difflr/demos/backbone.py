@@ -47,6 +47,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -54,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
@@ -391,8 +393,9 @@ def pretrained_backbone(
     """
     config = PretrainConfig() if config is None else config
     path = cache_file(config, cache_dir)
-    if not rebuild and (model := _cached(path, config, check=False)) is not None:
-        return model
+    with _callers_random_streams_kept():
+        if not rebuild and (model := _cached(path, config, check=False)) is not None:
+            return model
 
     def waiting() -> None:
         if progress:
@@ -402,10 +405,25 @@ def pretrained_backbone(
             )
 
     # One builder at a time: a second notebook or job started meanwhile waits, then loads.
-    with one_builder(path, on_wait=waiting):
+    with one_builder(path, on_wait=waiting), _callers_random_streams_kept():
         if not rebuild and (model := _cached(path, config, check=True)) is not None:
             return model
         return _build(config, path, progress)
+
+
+@contextlib.contextmanager
+def _callers_random_streams_kept() -> Iterator[None]:
+    """Building the model draws its initial weights and pretraining seeds torch with its own
+    seed: put the caller's random streams (torch, numpy, Python's) back after either, so that
+    what a notebook computes next does not depend on whether the backbone came from the cache,
+    was built just now, or was asked for at all."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def _cached(path: Path, config: PretrainConfig, check: bool) -> SlimResNet | None:
