@@ -33,6 +33,7 @@ from difflr.policy.lr import LRSpec, expand_lrs
 from difflr.policy.schedules import DEFAULT_MOMS
 from difflr.policy.stages import Stage, check_plan, fine_tune_stages
 from difflr.policy.suggestions import SuggestedLRs, valley
+from difflr.training.checkpoints import FitRecord
 from difflr.training.data import Data
 from difflr.training.loaders import check_vocab, find_vocab
 from difflr.training.loggers import make_logger
@@ -372,7 +373,7 @@ class Learner:
                 self.freeze_to(stages[k].freeze_to)
             set_weight_decay(self.opt, stages[k].wd)
             self.wd = self.wd if stages[k].wd is None else stages[k].wd
-            record = {"learner": self._id, "run": self._run, "stage": k, "plan": plan}
+            record = FitRecord(learner=self._id, run=self._run, stage=k, plan=plan)
             self.trainer = self.runner.fit_stage(
                 stages[k], schedulers[k], record, self._frozen, resume if resuming else None
             )
