@@ -521,11 +521,15 @@ class Learner:
             self._set_frozen(frozen)
         return self
 
-    def export(self, fname: str = "export.pt") -> Path:
+    def export(self, fname: str | Path = "export.pt") -> Path:
         """Write the model (architecture and weights, in eval mode) for inference to
-        ``path/fname``; read it back with ``torch.load(file, weights_only=False)`` — a pickle,
-        so only from a source you trust."""
-        return export_model(self.model, self.path / fname)
+        ``path/fname`` (a plain file name; a ``pathlib.Path`` to write elsewhere); read it back
+        with ``torch.load(file, weights_only=False)`` — a pickle, so only from a source you trust.
+
+        Raises:
+            ValueError: ``fname`` would leave ``path`` (a separator, ``..``), as in `save`.
+        """
+        return export_model(self.model, state_file(self.path, fname, suffix=""))
 
     # ----------------------------------------------------------------------------- inspection
     def summary(self) -> str:

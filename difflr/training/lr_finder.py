@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from difflr.callbacks.guards import EmptyEpochGuard
 from difflr.callbacks.recorder import Recorder, SmoothedLoss
 from difflr.callbacks.scheduler import ParamScheduler
 from difflr.policy.lr import LRSpec, expand_lrs
@@ -192,28 +193,6 @@ class _StopOnDivergence(Callback):
         self.best = min(self.best, smoothed)
 
 
-class _StopOnEmptyEpoch(Callback):
-    """Refuse a loader that yields no batch: the sweep repeats epochs until it has made its
-    steps, which would never end."""
-
-    def __init__(self) -> None:
-        self._batches = 0
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._batches = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._batches += 1
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self._batches == 0:
-            raise ValueError(
-                "the training loader yielded no batch, so the sweep could make no step; check the "
-                "dataset (an empty IterableDataset?), its batch_size and drop_last, and "
-                "limit_train_batches."
-            )
-
-
 def lr_find(
     learn: Sweepable,
     start_lr: LRSpec = 1e-7,
@@ -247,7 +226,7 @@ def lr_find(
         )
 
     scheduler = ParamScheduler(exp_range(starts, ends), None, total_steps=num_it)
-    callbacks = [scheduler, _StopOnEmptyEpoch(), *([_StopOnDivergence()] if stop_div else [])]
+    callbacks = [scheduler, EmptyEpochGuard(), *([_StopOnDivergence()] if stop_div else [])]
     # Not a fit: no epoch table, NaN guard (the sweep's own rule handles a loss that is not
     # finite), user callbacks, checkpoints, logs or validation. The live line counts the
     # sweep's iterations (unless the Learner has enable_progress_bar=False).

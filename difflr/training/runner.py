@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from difflr.callbacks.guards import FiniteLossGuard, FrozenNormEval
+from difflr.callbacks.guards import EmptyEpochGuard, FiniteLossGuard, FrozenNormEval
 from difflr.callbacks.progress import LiveProgress, ProgressTable
 from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import ParamScheduler
@@ -134,7 +135,8 @@ class Runner:
         owner: str = "",
         train_bn: bool = True,
     ) -> None:
-        trainer_kwargs = dict(trainer_kwargs or {})
+        # numpy numbers mean what Python's do (Lightning asserts isinstance(..., int) in places).
+        trainer_kwargs = {k: _plain_number(v) for k, v in (trainer_kwargs or {}).items()}
         reserved = [k for k in RESERVED_TRAINER_ARGS if k in trainer_kwargs]
         if reserved:
             raise TypeError(
@@ -218,6 +220,7 @@ class Runner:
         if standard:
             self._check_user_checkpoints()
             extra += [*([self.table] if live is None else []), *self.callbacks]
+            extra.append(EmptyEpochGuard())
             if self.check_finite:
                 extra.append(FiniteLossGuard(check_grads=self.check_finite == "grads"))
             if self.checkpoint:
@@ -359,6 +362,12 @@ class Runner:
         """Train one `difflr.policy.stages.Stage` in a fresh Trainer (resuming it from ``resume``),
         its checkpoints holding ``record`` with this stage's frozen pattern and timeline offsets
         (see `difflr.training.checkpoints.FitState`); returns the Trainer."""
+        if not any(p.requires_grad for p in self.module.parameters()):
+            raise ValueError(
+                "nothing would train: every parameter is frozen (every layer group frozen, and "
+                "with train_bn=False the normalisation layers too). Call unfreeze() or "
+                "freeze_to(n) with n < the number of groups, or give the stage a freeze_to."
+            )
         if resume is not None:
             self.set_offsets(resume.offsets)  # continue the interrupted timeline
         state = FitState(
@@ -456,9 +465,16 @@ class Runner:
 
         Raises:
             KeyboardInterrupt: Ctrl-C.
+            ValueError: The loader yielded no batch.
         """
         with self._evaluating(trainer, "validate"):
-            return trainer.validate(self.module, verbose=False, **data)
+            results = trainer.validate(self.module, verbose=False, **data)
+        if trainer.validate_loop.batch_progress.total.completed == 0:
+            raise ValueError(
+                "validate read no batch: the validation loader is empty (an empty "
+                "IterableDataset, or limit_val_batches=0?); pass a loader with data."
+            )
+        return results
 
     def predict(self, trainer: pl.Trainer, **data: Any) -> None:
         """``trainer.predict`` of the module, with quiet logs and a clean interrupt. Lightning
@@ -536,6 +552,15 @@ class Runner:
                 del module.configure_optimizers
             else:
                 module.configure_optimizers = own
+
+
+def _plain_number(value: Any) -> Any:
+    """A numpy integer or float as Python's; anything else as it is."""
+    if is_int(value):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
 
 
 def _with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import pickle
 import re
@@ -435,7 +436,7 @@ def _telling_line(error: Exception) -> str:
     return line if len(line) <= 200 else line[:200] + "..."
 
 
-def state_file(models: Path, name: str | Path) -> Path:
+def state_file(models: Path, name: str | Path, suffix: str = ".pth") -> Path:
     """Where ``save(name)``/``load(name)`` go: ``models/{name}.pth`` for a name, or the path
     itself for a ``pathlib.Path``.
 
@@ -457,10 +458,11 @@ def state_file(models: Path, name: str | Path) -> Path:
     separators = [s for s in (os.sep, os.altsep, "/") if s]
     if not name or name in (".", "..") or any(s in name for s in separators):
         raise ValueError(
-            f"name={name!r} is not a plain file name: save and load keep states in path/models. "
-            "Pass a name such as 'stage1', or a pathlib.Path for a file elsewhere."
+            f"name={name!r} is not a plain file name: save, load and export keep their files "
+            "under the Learner's path. Pass a name such as 'stage1', or a pathlib.Path for a "
+            "file elsewhere."
         )
-    return models / (name if name.endswith(".pth") else f"{name}.pth")
+    return models / (name if name.endswith(suffix) else f"{name}{suffix}")
 
 
 def write_state(
@@ -515,6 +517,20 @@ def check_state_fits(
             momentum on the wrong parameters).
     """
     own, saved = model.state_dict(), state["model"]
+    not_tensors = [k for k, v in saved.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors or not all(isinstance(k, str) for k in saved):
+        raise ValueError(
+            f"{file} is not a Learner state: its model entries {not_tensors[:5]} are not tensors "
+            "(an edited or foreign file); save it again with learn.save()."
+        )
+    frozen = state.get("frozen")
+    if frozen is not None and not (
+        isinstance(frozen, list) and all(isinstance(f, bool) for f in frozen)
+    ):
+        raise ValueError(
+            f"{file}'s frozen pattern is {frozen!r}, not a list of bools (one per layer group); "
+            "the file was edited. Save it again with learn.save()."
+        )
     if strict:
         missing = [k for k in own if k not in saved]
         unexpected = [k for k in saved if k not in own]
@@ -531,6 +547,7 @@ def check_state_fits(
             )
     if optimizer is None or "opt" not in state:
         return
+    _check_optimizer_state(state["opt"], optimizer, file)
     if groups is not None and state.get("groups") not in (None, groups):
         saved = [(g["name"], g["params"]) for g in state["groups"]]
         raise ValueError(
@@ -564,6 +581,67 @@ def check_state_fits(
                 )
 
 
+def _check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer, file: Path) -> None:
+    """Refuse an optimizer state whose structure or hyper-parameters are not what
+    ``optimizer.load_state_dict`` takes: a malformed one would fail half-way, or load an LR such
+    as ``'fast'`` that breaks the next step.
+
+    Raises:
+        ValueError: Names the entry and what was expected.
+    """
+
+    def bad(what: str) -> ValueError:
+        return ValueError(
+            f"{file}'s optimizer state is malformed ({what}); the file was edited or written by "
+            "something else. Load with with_opt=False, or save it again with learn.save()."
+        )
+
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("state"), dict)
+        and isinstance(saved.get("param_groups"), list)
+        and all(isinstance(g, dict) for g in saved["param_groups"])
+    ):
+        raise bad("expected a dict with 'state' and a list of 'param_groups'")
+    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    for i, group in enumerate(saved["param_groups"]):
+        params = group.get("params")
+        if not (isinstance(params, list) and all(isinstance(p, int) for p in params)):
+            raise bad(f"param_groups[{i}]['params'] is not a list of parameter indices")
+        if i >= len(optimizer.param_groups):
+            continue  # the count is compared (and named) below
+        for key, current in optimizer.param_groups[i].items():
+            if key == "params" or key not in group:
+                continue
+            value = group[key]
+            if not _same_kind(value, current):
+                raise bad(
+                    f"param_groups[{i}][{key!r}] is {value!r}, this optimizer's is {current!r}"
+                )
+            if key == "lr" and not (
+                isinstance(value, torch.Tensor) or (math.isfinite(value) and value >= 0)
+            ):
+                raise bad(f"param_groups[{i}]['lr'] is {value!r}")
+    for index, param_state in saved["state"].items():
+        if not (isinstance(index, int) and 0 <= index < n_params and isinstance(param_state, dict)):
+            raise bad(f"state entry {index!r} is not a parameter index below {n_params}")
+
+
+def _same_kind(value: Any, current: Any) -> bool:
+    """Whether a saved hyper-parameter is of the kind the optimizer holds there."""
+    if isinstance(current, bool) or current is None:
+        return isinstance(value, bool) or value is None
+    if isinstance(current, (int, float, torch.Tensor)):
+        return isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool)
+    if isinstance(current, (tuple, list)):
+        return (
+            isinstance(value, (tuple, list))
+            and len(value) == len(current)
+            and all(_same_kind(v, c) for v, c in zip(value, current))
+        )
+    return isinstance(value, type(current))
+
+
 def load_state(
     file: Path,
     model: nn.Module,
@@ -579,9 +657,11 @@ def load_state(
     """
     state = read_state(file)
     check_state_fits(state, model, optimizer, file, strict, groups)
-    model.load_state_dict(state["model"], strict=strict)
+    # The optimizer first: torch builds its new state aside and swaps it in at the end, so a
+    # refusal there leaves everything as it was; the model's load cannot fail once checked.
     if optimizer is not None and "opt" in state:
         optimizer.load_state_dict(state["opt"])
+    model.load_state_dict(state["model"], strict=strict)
     return state.get("frozen")
 
 
