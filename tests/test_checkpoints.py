@@ -725,3 +725,53 @@ def test_ctrl_c_during_an_evaluation_puts_the_train_modes_back(tmp_path, what):
     result = run_script(EVALUATING, what, "SIGINT")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "the model is unchanged; training modes {True}" in result.stdout
+
+
+class Empty(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(())
+
+
+def test_an_empty_iterable_dataset_is_refused_by_fit_and_validate(tmp_path):
+    empty = DataLoader(Empty(), batch_size=4)
+    learn = make_learner(tmp_path, data=(empty, empty), limit_train_batches=3)
+    with pytest.raises(ValueError, match="yielded no batch in epoch 0"):
+        learn.fit(1)
+    with pytest.raises(ValueError, match="validate read no batch"):
+        learn.validate()
+
+
+def test_numpy_integers_are_integers_everywhere_an_int_is_taken(tmp_path):
+    learn = make_learner(
+        tmp_path, accumulate_grad_batches=np.int64(2), limit_train_batches=np.int64(4)
+    )
+    learn.freeze_to(np.int64(1))
+    learn.fit_one_cycle(np.int64(2), 1e-2)
+    learn.fine_tune(np.int64(1), freeze_epochs=np.int64(1))
+    assert learn.frozen == [False, False, False]
+    assert len(learn.recorder.lrs) == 2  # 4 batches, 2 per optimizer step, 1 epoch
+
+
+def test_a_fit_with_nothing_trainable_is_refused_before_training(tmp_path):
+    learn = make_learner(tmp_path, train_bn=False)
+    with pytest.warns(UserWarning, match="every layer group is frozen"):
+        learn.freeze_to(3)
+    before = weights(learn.model)
+    with pytest.raises(ValueError, match="nothing would train: every parameter is frozen"):
+        learn.fit(1)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_nan_guard_puts_back_the_batchnorm_batch_counter(tmp_path):
+    counts = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            counts.append(int(pl_module.model[1].num_batches_tracked))
+
+    learn = make_learner(tmp_path, data=inf_batch_loaders(), checkpoint=False, callbacks=[Spy()])
+    with pytest.raises(FloatingPointError):
+        learn.fit(1)
+    # momentum=None divides the running average by it: the failing batch 1 must not count.
+    assert counts == [1] and int(learn.model[1].num_batches_tracked) == 1

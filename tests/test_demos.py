@@ -10,6 +10,7 @@ import string
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -403,3 +404,22 @@ def test_progress_names_the_cache_file_under_home_as_tilde(
     out = capsys.readouterr().out
     assert f"saved ~/cache/{cache_file(TINY, tmp_path / 'cache').name}" in out
     assert str(tmp_path) not in out
+
+
+@pytest.mark.parametrize(
+    "meta", [None, {}, {"config": {"widths": "wide"}, "classes": 4}], ids=["none", "empty", "bad"]
+)
+def test_a_cache_file_with_a_missing_or_malformed_meta_is_an_unusable_cache_file(
+    tmp_path: Path, built: tuple[Path, torch.nn.Module], meta: Any
+) -> None:
+    folder, _ = built
+    good = torch.load(cache_file(TINY, folder), weights_only=True)
+    path = cache_file(TINY, tmp_path)
+    payload = {k: v for k, v in good.items() if k != "difflr.checksum"}
+    if meta is None:
+        del payload["meta"]
+    else:
+        payload["meta"] = meta
+    torch.save(payload, path)
+    with pytest.raises(PretrainingCacheError, match=r"no usable metadata.*rebuild=True"):
+        load_pretrained(path, TINY)

@@ -476,3 +476,45 @@ def test_a_full_disk_at_the_claim_names_the_claim_file(tmp_path):
     result = run_script(LIMITED, tmp_path, "claim", 10)
     assert "refused: " in result.stdout, result.stdout + result.stderr
     assert str(tmp_path / "checkpoints" / ".claim") in result.stdout
+
+
+def test_learn_load_of_odd_plain_files_is_refused_before_anything_changes(tmp_path):
+    learn = make_learner(tmp_path)
+    learn.fit(1)
+    good = torch.load(learn.save("good"), weights_only=True)
+    good.pop("difflr.checksum")
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    opt_before = repr(learn.opt.state_dict()["param_groups"])
+
+    def edited(**changes):
+        state = {**good, **changes}
+        torch.save(state, tmp_path / "models" / "odd.pth")
+        return "odd"
+
+    first_lr = {**good["opt"]["param_groups"][0], "lr": "fast"}
+    cases = [
+        ({"frozen": ["yes", "no", 0]}, r"frozen pattern is \['yes', 'no', 0\]"),
+        (
+            {"opt": {**good["opt"], "param_groups": [first_lr, *good["opt"]["param_groups"][1:]]}},
+            r"param_groups\[0\]\['lr'\] is 'fast'",
+        ),
+        ({"opt": {**good["opt"], "state": {99: {}}}}, r"state entry 99"),
+        ({"opt": {"state": {}}}, r"optimizer state is malformed"),
+        ({"model": {**good["model"], "0.weight": [1.0]}}, r"\['0\.weight'\] are not tensors"),
+    ]
+    for changes, words in cases:
+        edited(**changes)
+        with pytest.raises(ValueError, match=words):
+            learn.load("odd")
+        assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in before.items())
+        assert repr(learn.opt.state_dict()["param_groups"]) == opt_before
+    assert "lr" in learn.summary()  # still works
+
+
+@pytest.mark.parametrize("fname", ["../x.pt", "sub/x.pt", "/tmp/elsewhere.pt", ".."])
+def test_export_stays_under_path_like_save(tmp_path, fname):
+    learn = make_learner(tmp_path / "learner")
+    with pytest.raises(ValueError, match="not a plain file name"):
+        learn.export(fname)
+    assert not (tmp_path / "x.pt").exists()
+    assert learn.export(tmp_path / "x.pt") == tmp_path / "x.pt"  # a Path goes where it says

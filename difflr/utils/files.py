@@ -283,7 +283,8 @@ class FolderLock:
         me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "owner": self.owner})
         try:
             os.ftruncate(self._descriptor, 0)
-            os.pwrite(self._descriptor, me.encode(), 0)
+            if os.pwrite(self._descriptor, me.encode(), 0) < len(me.encode()):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a short write
         except OSError as error:
             self.release()
             raise OSError(
