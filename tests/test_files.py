@@ -518,3 +518,25 @@ def test_export_stays_under_path_like_save(tmp_path, fname):
         learn.export(fname)
     assert not (tmp_path / "x.pt").exists()
     assert learn.export(tmp_path / "x.pt") == tmp_path / "x.pt"  # a Path goes where it says
+
+
+LOGS_ON_A_FULL_DISK = """
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    from tests.helpers import make_learner
+    learn = make_learner(sys.argv[1], logger=True, checkpoint=False)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10, 10))
+    try:
+        learn.fit(1)
+    except OSError as error:
+        print("refused:", error)
+    """
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
+def test_a_full_disk_at_the_first_tensorboard_write_names_the_log_folder(tmp_path):
+    # (A real full tmpfs fails the same way: the event file's first record, at the writer's
+    # creation, was a bare "OSError: [Errno 28] No space left on device".)
+    result = run_script(LOGS_ON_A_FULL_DISK, tmp_path)
+    assert "refused: " in result.stdout, result.stdout + result.stderr[-3000:]
+    assert f"could not write the logs in {tmp_path / 'lightning_logs'}" in result.stdout
