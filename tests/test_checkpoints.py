@@ -505,7 +505,10 @@ def test_validation_switches_keep_the_resume_bit_for_bit(tmp_path, switch):
 
 def test_a_checkpoint_written_mid_epoch_is_refused_naming_why(tmp_path):
     mine = ModelCheckpoint(dirpath=tmp_path / "mine", every_n_train_steps=2, save_top_k=-1)
-    learn = crashed_learner(tmp_path, lambda L: L.fit_one_cycle(3, 1e-2), callbacks=[mine])
+    learn = make_learner(tmp_path, callbacks=[mine, Crash(epoch=2, batch=1)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        learn.fit_one_cycle(3, 1e-2)
+    learn.callbacks.clear()
     mid = tmp_path / "mine" / "epoch=1-step=8.ckpt"  # batch 2 of 6 in epoch 1
     assert mid.is_file()
     with pytest.raises(ValueError, match="middle of an epoch"):
@@ -578,7 +581,7 @@ def test_a_new_learner_resuming_another_learners_checkpoint_is_warned_by_name(tm
     again = make_learner(tmp_path)  # re-created after the crash, in the same session
     with pytest.warns(UserWarning, match=r"written by another Learner of this process .*2 epoch"):
         again.fit_one_cycle(3, 1e-2, ckpt_path="last")
-    assert len(again.recorder.lrs) == 6  # the last epoch, resumed
+    assert len(again.recorder.lrs) == 18  # the recorder of all 3 epochs, the last one resumed
 
 
 @pytest.mark.parametrize(
@@ -642,10 +645,10 @@ SIGNALLED = """
             if where == "val" and trainer.current_epoch == 1 and batch_idx == at:
                 os.kill(os.getpid(), signal.SIGTERM)
 
+    torch.manual_seed(1)  # the order of the test's uninterrupted run: seed, model, loaders
     model = make_model()
     model.insert(4, nn.Dropout(0.3))
     train, valid = make_loaders()
-    torch.manual_seed(1)
     learn = make_learner(path, model=model,
                          data=(DataLoader(train.dataset, batch_size=16, shuffle=True), valid),
                          splitter=lambda m: [m[:3], m[3:6], m[6]], callbacks=[Term()])
@@ -717,14 +720,14 @@ def test_sigterm_during_an_evaluation_exits_with_143(tmp_path, what):
     result = run_script(EVALUATING, what, "SIGTERM")
     assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr
     assert "after" not in result.stdout and "KeyboardInterrupt" not in result.stdout
-    assert f"SIGTERM received, {what} stopped" in result.stderr
+    assert f"SIGTERM received, {what.replace('get_preds', 'predict')} stopped" in result.stderr
 
 
 @pytest.mark.parametrize("what", ["validate", "get_preds"])
 def test_ctrl_c_during_an_evaluation_puts_the_train_modes_back(tmp_path, what):
     result = run_script(EVALUATING, what, "SIGINT")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "the model is unchanged; training modes {True}" in result.stdout
+    assert "interrupted; the model is unchanged.; training modes {True}" in result.stdout
 
 
 class Empty(torch.utils.data.IterableDataset):

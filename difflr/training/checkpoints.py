@@ -325,12 +325,17 @@ class FitState(Callback):
     Args:
         record: The fit's record; the epochs done, the RNG states and whether the save happens at
             an epoch's end are filled in at each save.
+        loaders: The fit's data loaders (training, validation), whose generators
+            (``DataLoader(generator=...)``, a sampler's own) are saved and restored with the
+            global ones. Lightning draws the first epoch's order before any hook but the
+            checkpoint's, so they must be known beforehand: a ``LightningDataModule`` builds its
+            loaders inside the fit, and theirs are not restored.
     """
 
-    def __init__(self, record: FitRecord) -> None:
+    def __init__(self, record: FitRecord, loaders: Sequence[Any] = ()) -> None:
         self.record = record
+        self.loaders = [loader for loader in loaders if loader is not None]
         self._at_epoch_end = False
-        self._resumed: RngState | None = None
 
     @property
     @override
@@ -359,7 +364,7 @@ class FitState(Callback):
             self.record,
             epochs_done=trainer.current_epoch + int(self._at_epoch_end),
             at_epoch_end=self._at_epoch_end,
-            rng=RngState.capture(_generators(trainer)),
+            rng=RngState.capture(self._generators()),
         )
         checkpoint["difflr"] = record.to_checkpoint()
 
@@ -367,27 +372,15 @@ class FitState(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # Restored before the first batch is drawn, so a shuffling loader draws the order the
-        # uninterrupted run drew (read and checked by resume_point before the fit began).
+        # Restored before Lightning makes the first epoch's iterator (it draws the order then),
+        # so a shuffling loader draws the order the uninterrupted run drew. The record was read
+        # and checked by resume_point before the fit began.
         state = checkpoint.get("difflr")
         if isinstance(state, dict) and state.get("rng") is not None:
-            self._resumed = RngState.from_record(state["rng"])
-            self._resumed.restore()
+            RngState.from_record(state["rng"]).restore(self._generators())
 
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The loaders exist now, before their first iterator draws from their generators.
-        if self._resumed is not None:
-            self._resumed.restore_loaders(_generators(trainer))
-            self._resumed = None
-
-
-def _generators(trainer: pl.Trainer) -> list[torch.Generator]:
-    """The generators of the fit's training and validation loaders, in a fixed order."""
-    loaders = [trainer.train_dataloader]
-    val = trainer.val_dataloaders
-    loaders += list(val) if isinstance(val, (list, tuple)) else [val]
-    return [g for loader in loaders if loader is not None for g in loader_generators(loader)]
+    def _generators(self) -> list[torch.Generator]:
+        return [g for loader in self.loaders for g in loader_generators(loader)]
 
 
 @dataclass(frozen=True)

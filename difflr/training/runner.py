@@ -371,7 +371,8 @@ class Runner:
         if resume is not None:
             self.set_offsets(resume.offsets)  # continue the interrupted timeline
         state = FitState(
-            dataclasses.replace(record, frozen=tuple(frozen), offsets=tuple(self.offsets()))
+            dataclasses.replace(record, frozen=tuple(frozen), offsets=tuple(self.offsets())),
+            loaders=(self.data.train_dl, self.data.valid_dl),
         )
         trainer = self.trainer([scheduler, state], max_epochs=stage.epochs)
         self.fit(trainer, scheduler, ckpt_path=None if resume is None else resume.path)
