@@ -752,7 +752,7 @@ def test_numpy_integers_are_integers_everywhere_an_int_is_taken(tmp_path):
     learn.fit_one_cycle(np.int64(2), 1e-2)
     learn.fine_tune(np.int64(1), freeze_epochs=np.int64(1))
     assert learn.frozen == [False, False, False]
-    assert len(learn.recorder.lrs) == 2  # 4 batches, 2 per optimizer step, 1 epoch
+    assert len(learn.recorder.lrs) == 4  # 2 stages of 1 epoch: 4 batches, 2 per optimizer step
 
 
 def test_a_fit_with_nothing_trainable_is_refused_before_training(tmp_path):
