@@ -176,7 +176,8 @@ def test_a_claim_file_naming_a_live_process_does_not_block_a_fit(tmp_path):
     (tmp_path / "checkpoints" / ".claim").write_text(json.dumps(claim))
     learn = make_learner(tmp_path)
     learn.fit(1)
-    assert read_fit_state(tmp_path / "checkpoints" / "last.ckpt").epochs_done == 1
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["difflr"]["epochs_done"] == 1
 
 
 def test_a_checkpoint_from_groups_cut_differently_is_refused(tmp_path):
@@ -617,7 +618,7 @@ def test_an_edited_fit_record_is_refused_naming_the_field(tmp_path, edit, words)
     learn = crashed_learner(tmp_path, lambda L: L.fit_one_cycle(3, 1e-2))
     last = tmp_path / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
-    checkpoint.pop("difflr.checksum")  # an editor that knows to drop the checksum
+    checkpoint.pop("difflr.checksum", None)  # an editor that knows to drop the checksum
     edit(checkpoint["difflr"])
     torch.save(checkpoint, last)
     before = weights(learn.model)
@@ -675,7 +676,8 @@ def test_sigterm_at_an_epochs_end_saves_it_as_a_normal_epoch_end(tmp_path, where
     result = run_script(SIGNALLED, tmp_path / "run", where, at)
     assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr
     assert "after the fit" not in result.stdout
-    assert read_fit_state(tmp_path / "run" / "checkpoints" / "last.ckpt").epochs_done == 2
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["difflr"]["epochs_done"] == 2
     torch.manual_seed(123)
     resumed = make_learner(
         tmp_path / "run",
