@@ -33,6 +33,7 @@ from difflr.policy.lr import LRSpec, expand_lrs
 from difflr.policy.schedules import DEFAULT_MOMS
 from difflr.policy.stages import Stage, check_plan, fine_tune_stages
 from difflr.policy.suggestions import SuggestedLRs, valley
+from difflr.training.checkpoints import FitRecord
 from difflr.training.data import Data
 from difflr.training.loaders import check_vocab, defines_hook, find_vocab
 from difflr.training.loggers import make_logger
@@ -378,7 +379,7 @@ class Learner:
                 self.freeze_to(stages[k].freeze_to)
             set_weight_decay(self.opt, stages[k].wd)
             self.wd = self.wd if stages[k].wd is None else stages[k].wd
-            record = {"learner": self._id, "run": self._run, "stage": k, "plan": plan}
+            record = FitRecord(learner=self._id, run=self._run, stage=k, plan=plan)
             self.trainer = self.runner.fit_stage(
                 stages[k], schedulers[k], record, self._frozen, resume if resuming else None
             )
@@ -526,11 +527,15 @@ class Learner:
             self._set_frozen(frozen)
         return self
 
-    def export(self, fname: str = "export.pt") -> Path:
+    def export(self, fname: str | Path = "export.pt") -> Path:
         """Write the model (architecture and weights, in eval mode) for inference to
-        ``path/fname``; read it back with ``torch.load(file, weights_only=False)`` — a pickle,
-        so only from a source you trust."""
-        return export_model(self.model, self.path / fname)
+        ``path/fname`` (a plain file name; a ``pathlib.Path`` to write elsewhere); read it back
+        with ``torch.load(file, weights_only=False)`` — a pickle, so only from a source you trust.
+
+        Raises:
+            ValueError: ``fname`` would leave ``path`` (a separator, ``..``), as in `save`.
+        """
+        return export_model(self.model, state_file(self.path, fname, suffix=""))
 
     # ----------------------------------------------------------------------------- inspection
     def summary(self) -> str:

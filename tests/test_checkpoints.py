@@ -135,12 +135,27 @@ def test_another_learners_checkpoint_on_the_same_path_is_refused(tmp_path):
         first.fit_one_cycle(3, 1e-2, ckpt_path="last")
 
 
+HOLD_CLAIM = """
+    import sys, time
+    from pathlib import Path
+    from difflr.training.checkpoints import FolderClaim
+    with FolderClaim(Path(sys.argv[1]), "someone"):
+        print("holding", flush=True)
+        time.sleep(120)
+    """
+
+
 def test_a_fit_refuses_a_folder_claimed_by_a_live_learner(tmp_path):
-    (tmp_path / "checkpoints").mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    import textwrap
+
+    other = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(HOLD_CLAIM), str(tmp_path / "checkpoints")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
-        claim = {"pid": other.pid, "host": os.uname().nodename, "owner": "someone"}
-        (tmp_path / "checkpoints" / ".claim").write_text(json.dumps(claim))
+        assert other.stdout.readline().strip() == "holding"
         learn = make_learner(tmp_path)
         with pytest.raises(
             RuntimeError, match=f"in use by another Learner's fit \\(process {other.pid}"
@@ -149,8 +164,20 @@ def test_a_fit_refuses_a_folder_claimed_by_a_live_learner(tmp_path):
     finally:
         other.kill()
         other.wait()
-    learn.fit(1)  # the claim of a process that has ended is taken over
-    assert not (tmp_path / "checkpoints" / ".claim").exists()  # and released after the fit
+    learn.fit(1)  # the system dropped the killed process's claim: no stale claim is left
+    make_learner(tmp_path).fit(1)  # and a fit releases its claim when it ends
+
+
+def test_a_claim_file_naming_a_live_process_does_not_block_a_fit(tmp_path):
+    # The old claim (a pid file) took any live process with that pid for the holder: a reused
+    # pid (here: this very test process) kept a folder blocked forever.
+    (tmp_path / "checkpoints").mkdir()
+    claim = {"pid": os.getpid(), "host": os.uname().nodename, "owner": "someone"}
+    (tmp_path / "checkpoints" / ".claim").write_text(json.dumps(claim))
+    learn = make_learner(tmp_path)
+    learn.fit(1)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["difflr"]["epochs_done"] == 1
 
 
 def test_a_checkpoint_from_groups_cut_differently_is_refused(tmp_path):
@@ -264,7 +291,7 @@ def test_a_nan_model_never_replaces_the_last_finite_checkpoint(tmp_path):
     with pytest.warns(UserWarning, match=r"not writing .*last\.ckpt: the model holds NaN"):
         learn.fit(3, 1e-3)
     state = read_fit_state(tmp_path / "checkpoints" / "last.ckpt")
-    assert state["epochs_done"] == 1
+    assert state.epochs_done == 1
     saved = safe_load(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
     assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
 
@@ -409,7 +436,7 @@ def test_sigterm_stops_after_the_batch_keeps_the_finished_epochs_and_exits(
     assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr
     assert "caught" not in result.stdout and "after the fit" not in result.stdout
     assert "SIGTERM received" in result.stderr and "ckpt_path='last'" in result.stderr
-    assert read_fit_state(tmp_path / "checkpoints" / "last.ckpt")["epochs_done"] == epochs_saved
+    assert read_fit_state(tmp_path / "checkpoints" / "last.ckpt").epochs_done == epochs_saved
     resumed = make_learner(tmp_path)
     resumed.fit_one_cycle(4, 1e-2, ckpt_path="last")
     assert len(resumed.recorder.lrs) == 4 * 6
@@ -421,3 +448,335 @@ def test_a_checkpoint_of_three_groups_into_two_is_refused_naming_the_groups(tmp_
     two = make_learner(tmp_path, splitter=lambda m: [m[:5], m[5]])
     with pytest.raises(ValueError, match="groups has 3 entries in the checkpoint, 2 in this call"):
         two.fit_one_cycle(3, 1e-2, ckpt_path="last")
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 25: every promise of docs/checkpoints.md kept under faults
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dirpath", [None, "checkpoints"])
+def test_a_user_checkpoint_into_difflrs_folder_is_refused_before_training(tmp_path, dirpath):
+    # Without a logger Lightning puts a ModelCheckpoint without dirpath in
+    # default_root_dir/checkpoints: its last.ckpt replaced difflr's (NaN weights included).
+    mine = ModelCheckpoint(dirpath=dirpath and tmp_path / dirpath, save_last=True)
+    learn = make_learner(tmp_path, callbacks=[mine])
+    before = weights(learn.model)
+    with pytest.raises(ValueError, match=r"difflr's own folder.*ModelCheckpoint\(dirpath=\.\.\.\)"):
+        learn.fit(1)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in before.items())
+
+
+def resumed_matches_full(tmp_path, crash_epoch=2, **kwargs) -> None:
+    """A run crashed at (crash_epoch, batch 1), resumed by a fresh Learner, ends where the
+    uninterrupted one does, bit for bit (shuffling loader and dropout)."""
+
+    def learner(path, **more):
+        return make_learner(
+            path,
+            model=dropout_model(),
+            data=shuffling_loaders(),
+            splitter=lambda m: [m[:3], m[3:6], m[6]],
+            **kwargs,
+            **more,
+        )
+
+    torch.manual_seed(1)
+    full = learner(tmp_path / "full")
+    full.fit_one_cycle(4, 1e-2)
+    torch.manual_seed(1)
+    crashed = learner(tmp_path / "run", callbacks=[Crash(epoch=crash_epoch, batch=1)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.fit_one_cycle(4, 1e-2)
+    torch.manual_seed(123)
+    resumed = learner(tmp_path / "run")
+    resumed.fit_one_cycle(4, 1e-2, ckpt_path="last")
+    for key, value in weights(full.model).items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+@pytest.mark.parametrize(
+    "switch", [{"val_check_interval": 0.5}, {"check_val_every_n_epoch": 2}], ids=str
+)
+def test_validation_switches_keep_the_resume_bit_for_bit(tmp_path, switch):
+    # last.ckpt is written at each epoch's end whatever the validation schedule.
+    resumed_matches_full(tmp_path, crash_epoch=3, **switch)
+
+
+def test_a_checkpoint_written_mid_epoch_is_refused_naming_why(tmp_path):
+    mine = ModelCheckpoint(dirpath=tmp_path / "mine", every_n_train_steps=2, save_top_k=-1)
+    learn = make_learner(tmp_path, callbacks=[mine, Crash(epoch=2, batch=1)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        learn.fit_one_cycle(3, 1e-2)
+    learn.callbacks.clear()
+    mid = tmp_path / "mine" / "epoch=1-step=8.ckpt"  # batch 2 of 6 in epoch 1
+    assert mid.is_file()
+    with pytest.raises(ValueError, match="middle of an epoch"):
+        learn.fit_one_cycle(3, 1e-2, ckpt_path=mid)
+
+
+def test_a_loader_with_its_own_generator_resumes_bit_for_bit(tmp_path):
+    def learner(path, **more):
+        train, valid = make_loaders()
+        own = torch.Generator().manual_seed(0)  # the reproducibility idiom
+        loader = DataLoader(train.dataset, batch_size=16, shuffle=True, generator=own)
+        return make_learner(path, data=(loader, valid), **more)
+
+    full = learner(tmp_path / "full")
+    full.fit_one_cycle(3, 1e-2)
+    crashed = learner(tmp_path / "run", callbacks=[Crash(epoch=2, batch=1)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.fit_one_cycle(3, 1e-2)
+    resumed = learner(tmp_path / "run")
+    resumed.fit_one_cycle(3, 1e-2, ckpt_path="last")
+    for key, value in weights(full.model).items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def flip_a_tensor_byte(file: Path, tensor: torch.Tensor) -> None:
+    """Flip one bit inside ``tensor``'s bytes in ``file`` (the zip stays intact: torch stores
+    tensors uncompressed and does not check the records' CRC)."""
+    data = bytearray(file.read_bytes())
+    where = data.find(tensor.detach().numpy().tobytes())
+    assert where > 0
+    data[where + 5] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def test_a_bit_flipped_in_a_checkpoint_tensor_is_refused_naming_the_file(tmp_path):
+    learn = crashed_learner(tmp_path, lambda L: L.fit_one_cycle(3, 1e-2))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    flip_a_tensor_byte(last, safe_load(last)["state_dict"]["model.3.weight"])
+    before = weights(learn.model)
+    with pytest.raises(UnreadableFileError, match=r"last\.ckpt is corrupt.*checksum"):
+        learn.fit_one_cycle(3, 1e-2, ckpt_path="last")
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_bit_flipped_in_a_saved_state_is_refused(tmp_path):
+    learn = make_learner(tmp_path)
+    file = learn.save("state")
+    flip_a_tensor_byte(file, learn.model[3].weight)
+    with pytest.raises(UnreadableFileError, match=r"state\.pth is corrupt"):
+        learn.load("state")
+
+
+def test_random_bytes_are_unreadable_files_on_every_route(tmp_path):
+    learn = make_learner(tmp_path)
+    rng = np.random.default_rng(0)
+    files = [b"\x85", b"PK\x03\x04", *(rng.bytes(int(rng.integers(1, 400))) for _ in range(150))]
+    for i, content in enumerate(files):
+        file = tmp_path / f"random{i}.pth"
+        file.write_bytes(content)
+        with pytest.raises(UnreadableFileError, match=f"random{i}"):
+            safe_load(file)
+    with pytest.raises(UnreadableFileError):
+        learn.load(tmp_path / "random0.pth")
+    with pytest.raises(UnreadableFileError):
+        learn.fit(1, ckpt_path=tmp_path / "random0.pth")
+
+
+def test_a_new_learner_resuming_another_learners_checkpoint_is_warned_by_name(tmp_path):
+    crashed_learner(tmp_path, lambda L: L.fit_one_cycle(3, 1e-2))
+    again = make_learner(tmp_path)  # re-created after the crash, in the same session
+    with pytest.warns(UserWarning, match=r"written by another Learner of this process .*2 epoch"):
+        again.fit_one_cycle(3, 1e-2, ckpt_path="last")
+    assert len(again.recorder.lrs) == 18  # the recorder of all 3 epochs, the last one resumed
+
+
+@pytest.mark.parametrize(
+    ("other", "words"),
+    [
+        ({"wd_bn_bias": True}, "optimizer.param_groups"),
+        ({"opt_func": lambda groups, lr: torch.optim.SGD(groups, lr=lr)}, "optimizer.type"),
+    ],
+    ids=["wd_bn_bias", "opt_func"],
+)
+def test_a_resume_with_another_optimizer_is_refused_before_anything_changes(tmp_path, other, words):
+    crashed_learner(tmp_path, lambda L: L.fit_one_cycle(3, 1e-2))
+    learn = make_learner(tmp_path, **other)
+    before = weights(learn.model)
+    with pytest.raises(ValueError, match=words):
+        learn.fit_one_cycle(3, 1e-2, ckpt_path="last")
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda r: r.update(stage=5), r"stage is 5, expected an int in \[0, 1\)"),
+        (lambda r: r.update(stage=-1), r"stage is -1"),
+        (lambda r: r.update(epochs_done=7), r"epochs_done is 7"),
+        (lambda r: r.update(frozen=["yes"]), r"frozen is \['yes'\]"),
+        (lambda r: r["rng"]["numpy"].__setitem__(1, torch.zeros(3)), r"RNG record is malformed"),
+        (lambda r: r["rng"].__setitem__("python", [3, [1, 2], None]), r"RNG record is malformed"),
+    ],
+    ids=["stage5", "stage-1", "epochs", "frozen", "numpy", "python"],
+)
+def test_an_edited_fit_record_is_refused_naming_the_field(tmp_path, edit, words):
+    learn = crashed_learner(tmp_path, lambda L: L.fit_one_cycle(3, 1e-2))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint.pop("difflr.checksum", None)  # an editor that knows to drop the checksum
+    edit(checkpoint["difflr"])
+    torch.save(checkpoint, last)
+    before = weights(learn.model)
+    with pytest.raises(ValueError, match=words):
+        learn.fit_one_cycle(3, 1e-2, ckpt_path="last")
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in before.items())
+
+
+SIGNALLED = """
+    import os, signal, sys
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+    from lightning.pytorch.callbacks import Callback
+    from tests.helpers import make_learner, make_loaders, make_model
+
+    path, where, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    class Term(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if where == "train" and trainer.current_epoch == 1 and batch_idx == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *rest):
+            if where == "val" and trainer.current_epoch == 1 and batch_idx == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    torch.manual_seed(1)  # the order of the test's uninterrupted run: seed, model, loaders
+    model = make_model()
+    model.insert(4, nn.Dropout(0.3))
+    train, valid = make_loaders()
+    learn = make_learner(path, model=model,
+                         data=(DataLoader(train.dataset, batch_size=16, shuffle=True), valid),
+                         splitter=lambda m: [m[:3], m[3:6], m[6]], callbacks=[Term()])
+    try:
+        learn.fit_one_cycle(4, 1e-2)
+    except KeyboardInterrupt:
+        print("caught a KeyboardInterrupt: training goes on")
+    print("after the fit")
+    """
+
+
+@pytest.mark.parametrize(("where", "at"), [("train", 5), ("val", 1)], ids=["last-batch", "val"])
+def test_sigterm_at_an_epochs_end_saves_it_as_a_normal_epoch_end(tmp_path, where, at):
+    # SIGTERM in the last training batch or in the epoch-end validation: the epoch (and its
+    # validation) finishes and is saved as at any epoch end, so the resume is bit-identical.
+    torch.manual_seed(1)
+    full = make_learner(
+        tmp_path / "full",
+        model=dropout_model(),
+        data=shuffling_loaders(),
+        splitter=lambda m: [m[:3], m[3:6], m[6]],
+    )
+    full.fit_one_cycle(4, 1e-2)
+    result = run_script(SIGNALLED, tmp_path / "run", where, at)
+    assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr
+    assert "after the fit" not in result.stdout
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["difflr"]["epochs_done"] == 2
+    torch.manual_seed(123)
+    resumed = make_learner(
+        tmp_path / "run",
+        model=dropout_model(),
+        data=shuffling_loaders(),
+        splitter=lambda m: [m[:3], m[3:6], m[6]],
+    )
+    resumed.fit_one_cycle(4, 1e-2, ckpt_path="last")
+    for key, value in weights(full.model).items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+EVALUATING = """
+    import os, signal, sys
+    from lightning.pytorch.callbacks import Callback
+    from tests.helpers import make_learner
+
+    what, sig = sys.argv[1], getattr(signal, sys.argv[2])
+
+    class Send(Callback):
+        def on_validation_batch_start(self, trainer, *args):
+            if what == "validate" and not trainer.sanity_checking:
+                os.kill(os.getpid(), sig)
+
+        def on_predict_batch_start(self, trainer, *args):
+            os.kill(os.getpid(), sig)
+
+    learn = make_learner(".", checkpoint=False)
+    learn.callbacks.append(Send())
+    learn.model.train()
+    try:
+        learn.validate() if what == "validate" else learn.get_preds()
+    except KeyboardInterrupt as error:
+        modes = {m.training for m in learn.model.modules()}
+        print(f"KeyboardInterrupt: {error}; training modes {modes}")
+    print("after", what)
+    """
+
+
+@pytest.mark.parametrize("what", ["validate", "get_preds"])
+def test_sigterm_during_an_evaluation_exits_with_143(tmp_path, what):
+    result = run_script(EVALUATING, what, "SIGTERM")
+    assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr
+    assert "after" not in result.stdout and "KeyboardInterrupt" not in result.stdout
+    assert f"SIGTERM received, {what.replace('get_preds', 'predict')} stopped" in result.stderr
+
+
+@pytest.mark.parametrize("what", ["validate", "get_preds"])
+def test_ctrl_c_during_an_evaluation_puts_the_train_modes_back(tmp_path, what):
+    result = run_script(EVALUATING, what, "SIGINT")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "interrupted; the model is unchanged.; training modes {True}" in result.stdout
+
+
+class Empty(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(())
+
+
+def test_an_empty_iterable_dataset_is_refused_by_fit_and_validate(tmp_path):
+    empty = DataLoader(Empty(), batch_size=4)
+    learn = make_learner(tmp_path, data=(empty, empty), limit_train_batches=3)
+    with pytest.raises(ValueError, match="yielded no batch in epoch 0"):
+        learn.fit(1)
+    with pytest.raises(ValueError, match="validate read no batch"):
+        learn.validate()
+
+
+def test_numpy_integers_are_integers_everywhere_an_int_is_taken(tmp_path):
+    learn = make_learner(
+        tmp_path, accumulate_grad_batches=np.int64(2), limit_train_batches=np.int64(4)
+    )
+    learn.freeze_to(np.int64(1))
+    learn.fit_one_cycle(np.int64(2), 1e-2)
+    learn.fine_tune(np.int64(1), freeze_epochs=np.int64(1))
+    assert learn.frozen == [False, False, False]
+    assert len(learn.recorder.lrs) == 4  # 2 stages of 1 epoch: 4 batches, 2 per optimizer step
+
+
+def test_a_fit_with_nothing_trainable_is_refused_before_training(tmp_path):
+    learn = make_learner(tmp_path, train_bn=False)
+    with pytest.warns(UserWarning, match="every layer group is frozen"):
+        learn.freeze_to(3)
+    before = weights(learn.model)
+    with pytest.raises(ValueError, match="nothing would train: every parameter is frozen"):
+        learn.fit(1)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_nan_guard_puts_back_the_batchnorm_batch_counter(tmp_path):
+    counts = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            counts.append(int(pl_module.model[1].num_batches_tracked))
+
+    learn = make_learner(tmp_path, data=inf_batch_loaders(), checkpoint=False, callbacks=[Spy()])
+    with pytest.raises(FloatingPointError):
+        learn.fit(1)
+    # momentum=None divides the running average by it: the failing batch 1 must not count.
+    assert counts == [1] and int(learn.model[1].num_batches_tracked) == 1

@@ -11,6 +11,7 @@ import string
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -422,3 +423,22 @@ def test_building_the_backbone_leaves_the_callers_random_streams_as_they_were(
     torch.manual_seed(7), np.random.seed(7), random.seed(7)
     pretrained_backbone(TINY, cache_dir=tmp_path, progress=False)  # loaded
     assert draws() == expected
+
+
+@pytest.mark.parametrize(
+    "meta", [None, {}, {"config": {"widths": "wide"}, "classes": 4}], ids=["none", "empty", "bad"]
+)
+def test_a_cache_file_with_a_missing_or_malformed_meta_is_an_unusable_cache_file(
+    tmp_path: Path, built: tuple[Path, torch.nn.Module], meta: Any
+) -> None:
+    folder, _ = built
+    good = torch.load(cache_file(TINY, folder), weights_only=True)
+    path = cache_file(TINY, tmp_path)
+    payload = {k: v for k, v in good.items() if k != "difflr.checksum"}
+    if meta is None:
+        del payload["meta"]
+    else:
+        payload["meta"] = meta
+    torch.save(payload, path)
+    with pytest.raises(PretrainingCacheError, match=r"no usable metadata.*rebuild=True"):
+        load_pretrained(path, TINY)

@@ -304,3 +304,239 @@ def test_one_builder_makes_a_second_builder_wait_and_says_so(tmp_path: Path) -> 
     with one_builder(target, on_wait=lambda: events.append("waited again")):
         pass  # free: no waiting
     assert events[-1] == "second builds"
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 25: faults while writing and reading
+# ------------------------------------------------------------------------------------------------
+
+CTRL_C_WHILE_WRITING = """
+    import os, signal, sys, threading, time
+    from pathlib import Path
+    import torch
+    from difflr.utils.files import atomic_save
+
+    content = {"w": [torch.randn(1_000_000) for _ in range(40)]}  # 160 MB: most time is writing
+
+    def press_ctrl_c():
+        while True:
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    while True:
+        atomic_save(content, Path(sys.argv[1]) / "big.pt")
+    """
+
+
+def test_ctrl_c_during_a_write_is_a_keyboard_interrupt_and_leaves_no_temp_file(tmp_path):
+    # torch.save's C++ writer turns the KeyboardInterrupt into "RuntimeError: [enforce fail at
+    # inline_container.cc] unexpected pos" (3 runs of 3 before the fix).
+    result = run_script(CTRL_C_WHILE_WRITING, tmp_path)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("KeyboardInterrupt"), result.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["big.pt"])
+
+
+def test_checksum_covers_tensors_values_and_nesting():
+    from difflr.utils.files import checksum
+
+    base = {"a": torch.arange(6.0).reshape(2, 3), "b": [1, 2.5, "x", None], "c": {"d": True}}
+    same = {"a": torch.arange(6.0).reshape(2, 3), "b": [1, 2.5, "x", None], "c": {"d": True}}
+    assert checksum(base) == checksum(same)
+    changed = [
+        {**base, "a": torch.arange(6.0).reshape(3, 2)},  # shape
+        {**base, "a": torch.arange(6).reshape(2, 3)},  # dtype
+        {**base, "a": torch.arange(6.0).reshape(2, 3) + 1e-7},  # one value
+        {**base, "b": [1, 2.5, "y", None]},
+        {**base, "c": {"d": 1}},  # bool -> int
+        {"b": base["b"], "a": base["a"], "c": base["c"]},  # order
+    ]
+    assert len({checksum(c) for c in changed} | {checksum(base)}) == len(changed) + 1
+    # A view saves its whole storage; the loaded view still has the same checksum.
+    big = torch.arange(100.0)
+    assert checksum({"v": big[10:20]}) == checksum({"v": torch.arange(10.0, 20.0)})
+
+
+def test_every_dict_difflr_writes_carries_a_checksum_that_safe_load_verifies(tmp_path):
+    file = atomic_save({"w": torch.ones(3), "n": 3}, tmp_path / "x.pt")
+    raw = torch.load(file, weights_only=True)
+    assert "difflr.checksum" in raw
+    loaded = safe_load(file)
+    assert set(loaded) == {"w", "n"}  # the checksum is removed on read
+    raw["n"] = 4  # edited, checksum kept
+    torch.save(raw, file)
+    with pytest.raises(UnreadableFileError, match=r"x\.pt is corrupt"):
+        safe_load(file)
+
+
+def test_a_symlink_at_a_lock_file_is_refused_not_followed(tmp_path):
+    target = tmp_path / "model.pt"
+    elsewhere = tmp_path / "created"
+    (tmp_path / "model.pt.lock").symlink_to(elsewhere)  # dangling
+    with pytest.raises(OSError, match=r"model\.pt\.lock .*symlink"), one_builder(target):
+        pass
+    assert not elsewhere.exists()
+
+
+KILLED_MID_WRITE = """
+    import sys, time
+    from pathlib import Path
+    from difflr.utils.files import atomic_write
+
+    def write(handle):
+        handle.write(b"partial" * 1000)
+        handle.flush()
+        print("writing", flush=True)
+        time.sleep(120)
+
+    atomic_write(Path(sys.argv[1]) / "models" / "state.pth", write)
+    """
+
+
+def test_temp_files_of_a_killed_write_are_removed_by_a_later_save(tmp_path):
+    from difflr.utils.files import TEMP_PREFIX
+
+    def writer():
+        child = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(KILLED_MID_WRITE), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert child.stdout.readline().strip() == "writing"
+        return child
+
+    def temps():
+        return sorted((tmp_path / "models").glob(f"{TEMP_PREFIX}*"))
+
+    def age(files):
+        for file in files:
+            os.utime(file, (time.time() - 60, time.time() - 60))
+
+    killed = writer()
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    live = writer()  # a write in progress in another process is left alone
+    try:
+        left = temps()
+        assert len(left) == 2
+        age(left)
+        make_learner(tmp_path).save("state")
+        assert len(temps()) == 1  # the killed one's is gone, the live one's is there
+    finally:
+        live.kill()
+        live.wait()
+
+
+LIMITED = """
+    import resource, signal, sys
+    from pathlib import Path
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    import torch, torch.nn.functional as F
+    from torch import nn
+    from tests.helpers import make_learner, make_loaders
+    limit = int(sys.argv[3])
+    if sys.argv[2] == "lr_find":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4096), nn.Linear(4096, 3))  # about 150 kB
+        learn = make_learner(sys.argv[1], model=model, splitter=lambda m: [m[0], m[1]])
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        try:
+            learn.lr_find(num_it=5, snapshot="disk", show_plot=False)
+        except OSError as error:
+            print("refused:", error)
+        same = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        print("unchanged" if same else "CHANGED")
+    else:
+        from difflr.training.checkpoints import FolderClaim
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        try:
+            with FolderClaim(Path(sys.argv[1]) / "checkpoints", "me"):
+                pass
+        except OSError as error:
+            print("refused:", error)
+    """
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
+def test_a_full_disk_stops_lr_find_before_the_sweep_naming_the_folder(tmp_path):
+    # A full disk is simulated with RLIMIT_FSIZE (EFBIG), as in the test of save above.
+    result = run_script(LIMITED, tmp_path, "lr_find", 64_000)
+    assert "refused: " in result.stdout, result.stdout + result.stderr
+    assert f"could not write its snapshot in {tmp_path}" in result.stdout
+    assert "unchanged" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
+def test_a_full_disk_at_the_claim_names_the_claim_file(tmp_path):
+    result = run_script(LIMITED, tmp_path, "claim", 10)
+    assert "refused: " in result.stdout, result.stdout + result.stderr
+    assert str(tmp_path / "checkpoints" / ".claim") in result.stdout
+
+
+def test_learn_load_of_odd_plain_files_is_refused_before_anything_changes(tmp_path):
+    learn = make_learner(tmp_path)
+    learn.fit(1)
+    good = torch.load(learn.save("good"), weights_only=True)
+    good.pop("difflr.checksum")
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    opt_before = repr(learn.opt.state_dict()["param_groups"])
+
+    def edited(**changes):
+        state = {**good, **changes}
+        torch.save(state, tmp_path / "models" / "odd.pth")
+        return "odd"
+
+    first_lr = {**good["opt"]["param_groups"][0], "lr": "fast"}
+    cases = [
+        ({"frozen": ["yes", "no", 0]}, r"frozen pattern is \['yes', 'no', 0\]"),
+        (
+            {"opt": {**good["opt"], "param_groups": [first_lr, *good["opt"]["param_groups"][1:]]}},
+            r"param_groups\[0\]\['lr'\] is 'fast'",
+        ),
+        ({"opt": {**good["opt"], "state": {99: {}}}}, r"state entry 99"),
+        ({"opt": {"state": {}}}, r"optimizer state is malformed"),
+        ({"model": {**good["model"], "0.weight": [1.0]}}, r"\['0\.weight'\] are not tensors"),
+    ]
+    for changes, words in cases:
+        edited(**changes)
+        with pytest.raises(ValueError, match=words):
+            learn.load("odd")
+        assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in before.items())
+        assert repr(learn.opt.state_dict()["param_groups"]) == opt_before
+    assert "lr" in learn.summary()  # still works
+
+
+@pytest.mark.parametrize("fname", ["../x.pt", "sub/x.pt", "/tmp/elsewhere.pt", ".."])
+def test_export_stays_under_path_like_save(tmp_path, fname):
+    learn = make_learner(tmp_path / "learner")
+    with pytest.raises(ValueError, match="not a plain file name"):
+        learn.export(fname)
+    assert not (tmp_path / "x.pt").exists()
+    assert learn.export(tmp_path / "x.pt") == tmp_path / "x.pt"  # a Path goes where it says
+
+
+LOGS_ON_A_FULL_DISK = """
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    from tests.helpers import make_learner
+    learn = make_learner(sys.argv[1], logger=True, checkpoint=False)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10, 10))
+    try:
+        learn.fit(1)
+    except OSError as error:
+        print("refused:", error)
+    """
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
+def test_a_full_disk_at_the_first_tensorboard_write_names_the_log_folder(tmp_path):
+    # (A real full tmpfs fails the same way: the event file's first record, at the writer's
+    # creation, was a bare "OSError: [Errno 28] No space left on device".)
+    result = run_script(LOGS_ON_A_FULL_DISK, tmp_path)
+    assert "refused: " in result.stdout, result.stdout + result.stderr[-3000:]
+    assert f"could not write the logs in {tmp_path / 'lightning_logs'}" in result.stdout

@@ -1,4 +1,5 @@
 import pytest
+import torch
 from torch import nn
 
 from difflr.groups.freezing import apply_freeze
@@ -82,3 +83,25 @@ def test_freezing_everything_warns():
     model = make_model()
     with pytest.warns(UserWarning, match="every layer group is frozen"):
         apply_freeze(model, split_model(model, three_groups), [True] * 3, train_bn=False)
+
+
+def test_a_parameterless_batchnorm_in_a_frozen_group_keeps_its_statistics_with_train_bn_false(
+    tmp_path,
+):
+    from tests.helpers import make_learner
+
+    model = nn.Sequential(
+        nn.Linear(6, 16),
+        nn.BatchNorm1d(16, affine=False),  # no parameters: follows the Linear it normalises
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    )
+    learn = make_learner(
+        tmp_path, model=model, splitter=lambda m: [m[:3], m[3]], train_bn=False, checkpoint=False
+    )
+    learn.freeze()
+    stats = model[1].running_mean.clone(), model[1].running_var.clone()
+    learn.fit(1, 1e-2)
+    assert torch.equal(model[1].running_mean, stats[0])
+    assert torch.equal(model[1].running_var, stats[1])
+    assert int(model[1].num_batches_tracked) == 0

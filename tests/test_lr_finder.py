@@ -237,3 +237,38 @@ def test_a_loader_that_yields_nothing_is_refused_instead_of_looping_forever(tmp_
         learn.lr_find(num_it=10, show_plot=False)
     with pytest.raises(ValueError, match="limit_train_batches=0 leaves the sweep no batch"):
         make_learner(tmp_path, limit_train_batches=0).lr_find(show_plot=False)
+
+
+KILLED_SWEEP = """
+    import os, signal, sys
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    from tests.helpers import make_learner, make_loaders
+
+    class KillAt(Dataset):
+        def __init__(self, items):
+            self.items, self.seen = items, 0
+        def __len__(self):
+            return len(self.items)
+        def __getitem__(self, i):
+            self.seen += 1
+            if self.seen == 40:  # mid-sweep: the snapshot is on disk
+                names = sorted(p.name for p in os.scandir(sys.argv[1]))
+                print("during the sweep:", names, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self.items[i]
+
+    train, valid = make_loaders()
+    learn = make_learner(sys.argv[1], data=(DataLoader(KillAt(train.dataset), batch_size=16),
+                                            valid))
+    learn.lr_find(num_it=20, show_plot=False, snapshot="disk")
+    """
+
+
+def test_a_disk_snapshot_has_no_name_so_a_kill_leaves_nothing_and_none_can_alter_it(tmp_path):
+    from tests.helpers import run_script
+
+    result = run_script(KILLED_SWEEP, tmp_path)
+    assert result.returncode == -9, result.stdout + result.stderr
+    assert "during the sweep: []" in result.stdout  # no file another process could edit
+    assert list(tmp_path.iterdir()) == []  # and none left by the SIGKILL

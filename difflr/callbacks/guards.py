@@ -47,13 +47,15 @@ class FiniteLossGuard(Callback):
     def __init__(self, check_grads: bool = False) -> None:
         self.check_grads = check_grads
         self._batch_idx = 0
-        self._buffers: list[torch.Tensor] = []  # the model's floating-point buffers
+        self._buffers: list[torch.Tensor] = []  # the model's buffers
         self._saved: list[torch.Tensor] = []  # their values at the running batch's start
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # On their final device: the copies are made once per fit and refreshed every batch.
-        self._buffers = [b for b in pl_module.buffers() if b.is_floating_point()]
+        # Integer ones too: BatchNorm's num_batches_tracked is the divisor of its running
+        # average with momentum=None.
+        self._buffers = list(pl_module.buffers())
         self._saved = [b.detach().clone() for b in self._buffers]
 
     @override
@@ -126,3 +128,31 @@ class FrozenNormEval(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         frozen_norms_eval(pl_module)
+
+
+class EmptyEpochGuard(Callback):
+    """Refuse a training loader that yields no batch in an epoch (an empty ``IterableDataset``
+    with ``limit_train_batches``): the fit would "finish" having trained nothing, and a sweep
+    that repeats epochs until it has made its steps would never end."""
+
+    def __init__(self) -> None:
+        self._batches = 0
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batches = 0
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batches += 1
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._batches == 0:
+            raise ValueError(
+                f"the training loader yielded no batch in epoch {trainer.current_epoch}, so "
+                "nothing trained; check the dataset (an empty IterableDataset?), its batch_size "
+                "and drop_last, and limit_train_batches."
+            )

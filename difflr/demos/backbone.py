@@ -349,8 +349,14 @@ def load_pretrained(
             f"{path} was pretrained with other settings (key {payload.get('key')}, expected "
             f"{config.key()}); {fix}"
         )
-    meta = payload["meta"]
-    model = SlimResNet(tuple(meta["config"]["widths"]), len(meta["classes"]))
+    meta = payload.get("meta")
+    try:
+        widths = tuple(meta["config"]["widths"])
+        model = SlimResNet(widths, len(meta["classes"]))
+    except Exception as error:
+        raise PretrainingCacheError(
+            f"{path} has no usable metadata (meta: {type(error).__name__}: {error}); {fix}"
+        ) from None
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError, TypeError) as error:

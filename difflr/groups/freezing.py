@@ -52,11 +52,23 @@ def frozen_norms_eval(model: nn.Module) -> None:
     With ``train_bn=False`` the norm layers of frozen groups are frozen too: in eval mode their
     running statistics stop moving and they normalise with them, as fastai's ``BnFreeze`` and
     Lightning's ``BaseFinetuning.freeze(train_bn=False)`` intend. Call it after ``model.train()``
-    (each fit) and after each change of the frozen pattern. Layers without parameters
-    (``affine=False``) cannot be told frozen or not and keep the model's mode.
+    (each fit) and after each change of the frozen pattern. A layer without parameters
+    (``affine=False``) follows the layer whose output it normalises: the nearest one before it
+    (in the model's order) that has parameters of its own, else the nearest one after it.
     """
-    for module in model.modules():
-        if isinstance(module, NORM_TYPES):
-            params = list(module.parameters(recurse=False))
-            if params:
-                module.train(model.training and any(p.requires_grad for p in params))
+    owners = [
+        (module, list(module.parameters(recurse=False)))
+        for module in model.modules()
+        if isinstance(module, NORM_TYPES)
+        or next(module.parameters(recurse=False), None) is not None
+    ]
+    for i, (module, params) in enumerate(owners):
+        if not isinstance(module, NORM_TYPES):
+            continue
+        if not params:  # affine=False: the neighbour that feeds it decides
+            before = [ps for _, ps in reversed(owners[:i]) if ps]
+            neighbours = before or [ps for _, ps in owners[i + 1 :] if ps]
+            if not neighbours:
+                continue
+            params = neighbours[0]
+        module.train(model.training and any(p.requires_grad for p in params))

@@ -28,6 +28,7 @@ def check_freeze_to(n: int, n_groups: int) -> int:
             f"freeze_to({n}) is out of range: the model has {n_groups} layer groups, so n must be "
             f"in [-{n_groups}, {n_groups}] (0 unfreezes everything, -1 trains the last group only)."
         )
+    n = int(n)  # a numpy integer is an integer
     return n if n >= 0 else n_groups + n
 
 

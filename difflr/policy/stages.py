@@ -112,7 +112,12 @@ class Stage:
                     f"freeze_to must be an int or None (keep the current pattern), got "
                     f"{self.freeze_to!r}."
                 )
-            check_int(self.epochs, "epochs", 1, what="a number of epochs")
+            # numpy integers are integers: stored as int (Lightning asserts int epochs).
+            object.__setattr__(
+                self, "epochs", check_int(self.epochs, "epochs", 1, what="a number of epochs")
+            )
+            if self.freeze_to is not None:
+                object.__setattr__(self, "freeze_to", int(self.freeze_to))
             check_choice(self.schedule, "schedule", ("one_cycle", "flat_cos", "constant"))
             pct_start = (
                 _DEFAULT_PCT_START[self.schedule] if self.pct_start is None else self.pct_start

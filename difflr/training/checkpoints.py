@@ -7,21 +7,18 @@ belong to.
 - `LearnerCheckpoint` is difflr's ``last.ckpt`` / ``best.ckpt`` writer: it never replaces a file
   with a model that holds NaN or infinity, and its state key differs from a plain
   ``ModelCheckpoint``'s, so the user's own ``ModelCheckpoint`` works beside it.
-- `FitState` records in each checkpoint what defines the fit (every stage's schedule and LRs,
-  gradient accumulation, the layer groups and their parameters), which Learner and which fit call
-  wrote it, how far it got, the RNG states and the TensorBoard offsets; `check_resume` refuses a
-  resume that does not match, naming the difference.
+- `FitRecord` is what each checkpoint records of its fit (every stage's schedule and LRs,
+  gradient accumulation, the layer groups and their parameters, the optimizer), which Learner and
+  which fit call wrote it, how far it got, the RNG states and the TensorBoard offsets; it checks
+  its fields when it is built or read. `FitState` writes it; `check_resume` refuses a resume that
+  does not match, naming the difference.
 - `FolderClaim` keeps two Learners from writing checkpoints into one folder at the same time.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import dataclasses
 import math
-import os
-import random
-import socket
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,17 +27,24 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
-from difflr.utils.checks import non_finite_names
-from difflr.utils.files import TEMP_PREFIX, UnreadableFileError, atomic_save, safe_load
+from difflr.utils.checks import is_int, non_finite_names
+from difflr.utils.files import (
+    FolderLock,
+    UnreadableFileError,
+    atomic_save,
+    remove_stale_temps,
+    safe_load,
+)
+from difflr.utils.rng import RngState, loader_generators
 
 __all__ = [
     "AtomicCheckpointIO",
+    "FitRecord",
     "FitState",
     "FolderClaim",
     "LearnerCheckpoint",
@@ -51,8 +55,11 @@ __all__ = [
     "resolve_checkpoint",
 ]
 
-#: Bumped when what FitState records changes meaning; older checkpoints are then refused.
-FORMAT = 2
+#: Bumped when what FitRecord holds changes meaning; older checkpoints are then refused.
+FORMAT = 3
+
+#: The ids of the Learners that wrote a checkpoint in this process (see `check_resume`).
+_WRITERS: set[str] = set()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -99,21 +106,33 @@ class LearnerCheckpoint(ModelCheckpoint):
             super().on_train_epoch_end(trainer, pl_module)
 
     @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._finite(trainer, pl_module):
-            super().on_validation_end(trainer, pl_module)
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._hold_sigterm(trainer)
 
     @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # On SIGTERM Lightning stops inside the validation that follows the epoch's training,
-        # before the checkpoint an epoch end writes: save the finished training epoch first.
-        if (
-            trainer.received_sigterm
-            and self.filename == "last"
-            and not trainer.sanity_checking
-            and self._finite(trainer, pl_module)
-        ):
-            trainer.save_checkpoint(Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}")
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._hold_sigterm(trainer)
+
+    def _hold_sigterm(self, trainer: pl.Trainer) -> None:
+        # Lightning stops a validation at SIGTERM, also the one that ends an epoch whose training
+        # has finished: that epoch would then be saved mid-way through its end (or not at all),
+        # and could not resume exactly. A validation that has begun runs to its end instead; the
+        # flag is put back at its end, so the fit stops there (mid-epoch) or after the epoch's
+        # checkpoint. Lightning has no public switch for this: the one private access.
+        if self.filename != "last" or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        connector = trainer._signal_connector
+        if connector.received_sigterm:
+            connector.received_sigterm = False
+            self._sigterm_held = True
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(self, "_sigterm_held", False):
+            trainer._signal_connector.received_sigterm = True  # see _hold_sigterm
+            self._sigterm_held = False
+        if self._finite(trainer, pl_module):
+            super().on_validation_end(trainer, pl_module)
 
     def _finite(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         if trainer.sanity_checking:
@@ -137,8 +156,14 @@ def checkpoint_callbacks(folder: Path, monitor: str | None = None) -> list[pl.Ca
     """``folder/last.ckpt`` at each epoch end and, with ``monitor``, ``folder/best.ckpt``."""
     callbacks: list[pl.Callback] = [
         # One file, overwritten at each epoch end (save_last alone only writes at fit end).
+        # At the epoch's end, after its validation, whatever val_check_interval and
+        # check_val_every_n_epoch say: only an epoch end resumes exactly.
         LearnerCheckpoint(
-            dirpath=folder, filename="last", save_top_k=1, enable_version_counter=False
+            dirpath=folder,
+            filename="last",
+            save_top_k=1,
+            enable_version_counter=False,
+            save_on_train_epoch_end=True,
         )
     ]
     if monitor is not None:
@@ -150,6 +175,7 @@ def checkpoint_callbacks(folder: Path, monitor: str | None = None) -> list[pl.Ca
                 mode="min" if "loss" in monitor else "max",
                 save_top_k=1,
                 enable_version_counter=False,
+                save_on_train_epoch_end=True,
             )
         )
     return callbacks
@@ -160,40 +186,156 @@ def checkpoint_callbacks(folder: Path, monitor: str | None = None) -> list[pl.Ca
 # ------------------------------------------------------------------------------------------------
 
 
-def rng_state() -> dict[str, Any]:
-    """The torch, CUDA, numpy and python RNG states, as plain values and tensors."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
-        "python": random.getstate(),
-    }
+@dataclass(frozen=True)
+class FitRecord:
+    """What a checkpoint records of the fit that wrote it; every field is checked when a record
+    is built (`FitRecord.read` for one read from a file).
 
+    Args:
+        learner: The id of the Learner that wrote it.
+        run: The id of the fit call.
+        stage: The index of the stage it was written in, in ``[0, n_stages)``.
+        plan: What defines the fit (see `check_resume`): ``stages`` (each a dict with at least
+            ``epochs``), ``groups``, ``accumulate_grad_batches``, ``steps_per_epoch``, ``optimizer``.
+        frozen: The stage's frozen pattern, one bool per layer group.
+        offsets: The logger's step and epoch offsets when the stage started (two ints >= 0).
+        epochs_done: Epochs of the stage whose training had finished when it was written.
+        at_epoch_end: Whether it was written at an epoch's end (only those resume exactly).
+        rng: The RNG states (with the data loaders' generators); ``None`` before a save.
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Put back what `rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
+    Raises:
+        ValueError: A field is missing, of the wrong type or out of range (an edited file).
+    """
+
+    learner: str
+    run: str
+    stage: int
+    plan: dict[str, Any]
+    frozen: tuple[bool, ...] = ()
+    offsets: tuple[int, int] = (0, 0)
+    epochs_done: int = 0
+    at_epoch_end: bool = True
+    rng: RngState | None = None
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value: Any, expected: str) -> ValueError:
+            return ValueError(
+                f"the fit record's {field} is {value!r}, expected {expected}; the checkpoint was "
+                "edited or written by something else. Start the fit anew, or resume from an "
+                "earlier checkpoint."
+            )
+
+        for name in ("learner", "run"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, getattr(self, name), "a str")
+        plan = self.plan
+        stages = plan.get("stages") if isinstance(plan, Mapping) else None
+        if not (
+            isinstance(stages, Sequence)
+            and stages
+            and all(
+                isinstance(st, Mapping) and is_int(st.get("epochs")) and st["epochs"] >= 1
+                for st in stages
+            )
+            and isinstance(plan.get("groups"), Sequence)
+        ):
+            raise bad("plan", "malformed", "stages (each with epochs >= 1) and groups")
+        if not (is_int(self.stage) and 0 <= self.stage < len(stages)):
+            raise bad("stage", self.stage, f"an int in [0, {len(stages)})")
+        frozen = self.frozen
+        if not (
+            isinstance(frozen, Sequence)
+            and all(isinstance(f, bool) for f in frozen)
+            and (not frozen or len(frozen) == len(plan["groups"]))
+        ):
+            raise bad("frozen", frozen, f"{len(plan['groups'])} bools (one per layer group)")
+        if not (
+            isinstance(self.offsets, Sequence)
+            and len(self.offsets) == 2
+            and all(is_int(v) and v >= 0 for v in self.offsets)
+        ):
+            raise bad("offsets", self.offsets, "two ints >= 0")
+        epochs = stages[self.stage]["epochs"]
+        if not (is_int(self.epochs_done) and 0 <= self.epochs_done <= epochs):
+            raise bad("epochs_done", self.epochs_done, f"an int in [0, {epochs}]")
+        if not isinstance(self.at_epoch_end, bool):
+            raise bad("at_epoch_end", self.at_epoch_end, "a bool")
+        if self.rng is not None and not isinstance(self.rng, RngState):
+            raise bad("rng", type(self.rng).__name__, "an RngState")
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """Plain values and tensors, as a checkpoint holds them (``weights_only=True``)."""
+        return {
+            "format": FORMAT,
+            "learner": self.learner,
+            "run": self.run,
+            "stage": self.stage,
+            "n_stages": len(self.plan["stages"]),
+            "plan": self.plan,
+            "frozen": list(self.frozen),
+            "offsets": list(self.offsets),
+            "epochs_done": self.epochs_done,
+            "at_epoch_end": self.at_epoch_end,
+            "rng": None if self.rng is None else self.rng.to_record(),
+        }
+
+    @classmethod
+    def read(cls, state: Any, path: Path) -> FitRecord:
+        """The record a checkpoint at ``path`` holds under ``"difflr"``, checked.
+
+        Raises:
+            ValueError: It is not a fit record of this difflr, or a field is malformed.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"{path} was not written by a Learner fit (it holds no difflr fit record); resume "
+                "it with trainer.fit(..., ckpt_path=...) or load weights with learn.load()."
+            )
+        if state.get("format") != FORMAT:
+            raise ValueError(
+                f"{path} was written by another version of difflr (checkpoint format "
+                f"{state.get('format')!r}, this one reads {FORMAT}); start the fit anew."
+            )
+        fields = ("learner", "run", "stage", "plan", "frozen", "offsets", "epochs_done")
+        missing = [f for f in (*fields, "at_epoch_end", "rng", "n_stages") if f not in state]
+        if missing:
+            raise ValueError(f"{path}'s fit record lacks {missing}; start the fit anew.")
+        try:
+            record = cls(
+                **{f: state[f] for f in fields},
+                at_epoch_end=state["at_epoch_end"],
+                rng=RngState.from_record(state["rng"], str(path)),
+            )
+        except (TypeError, AttributeError) as error:  # a field of an unexpected kind
+            raise ValueError(f"{path}'s fit record is malformed ({error}).") from None
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        if state["n_stages"] != len(record.plan["stages"]) or record.epochs_done < 1:
+            raise ValueError(
+                f"{path}'s fit record is malformed (n_stages {state['n_stages']!r}, epochs_done "
+                f"{record.epochs_done!r}); start the fit anew."
+            )
+        return record
 
 
 class FitState(Callback):
-    """Writes, into every checkpoint of a Learner's fit, what defines the fit and how far it got,
-    and restores the RNG states when a fit resumes from one.
+    """Writes a `FitRecord` into every checkpoint of a Learner's fit, and restores the RNG
+    states (the data loaders' generators included) when a fit resumes from one.
 
     Args:
-        record: Plain values: ``learner`` and ``run`` (ids), ``stage`` and ``n_stages``,
-            ``frozen`` (the stage's pattern), ``plan`` (see `check_resume`) and ``offsets`` (the
-            logger's step and epoch offsets when the stage started).
+        record: The fit's record; the epochs done, the RNG states and whether the save happens at
+            an epoch's end are filled in at each save.
+        loaders: The fit's data loaders (training, validation), whose generators
+            (``DataLoader(generator=...)``, a sampler's own) are saved and restored with the
+            global ones. Lightning draws the first epoch's order before any hook but the
+            checkpoint's, so they must be known beforehand: a ``LightningDataModule`` builds its
+            loaders inside the fit, and theirs are not restored.
     """
 
-    def __init__(self, record: Mapping[str, Any]) -> None:
-        self.record = dict(record)
+    def __init__(self, record: FitRecord, loaders: Sequence[Any] = ()) -> None:
+        self.record = record
+        self.loaders = [loader for loader in loaders if loader is not None]
+        self._at_epoch_end = False
 
     @property
     @override
@@ -201,26 +343,44 @@ class FitState(Callback):
         return "difflr.FitState"
 
     @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._at_epoch_end = False
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._at_epoch_end = False
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs before any ModelCheckpoint's (Lightning puts those last).
+        self._at_epoch_end = True
+
+    @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        checkpoint["difflr"] = {
-            **self.record,
-            "format": FORMAT,
-            # Learner checkpoints are written at epoch ends, after the epoch's training.
-            "epochs_done": trainer.current_epoch + 1,
-            "rng": rng_state(),
-        }
+        _WRITERS.add(self.record.learner)
+        record = dataclasses.replace(
+            self.record,
+            epochs_done=trainer.current_epoch + int(self._at_epoch_end),
+            at_epoch_end=self._at_epoch_end,
+            rng=RngState.capture(self._generators()),
+        )
+        checkpoint["difflr"] = record.to_checkpoint()
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # Restored before the first batch is drawn, so a shuffling loader draws the order the
-        # uninterrupted run drew.
-        state = checkpoint.get("difflr", {})
-        if "rng" in state:
-            set_rng_state(state["rng"])
+        # Restored before Lightning makes the first epoch's iterator (it draws the order then),
+        # so a shuffling loader draws the order the uninterrupted run drew. The record was read
+        # and checked by resume_point before the fit began.
+        state = checkpoint.get("difflr")
+        if isinstance(state, dict) and state.get("rng") is not None:
+            RngState.from_record(state["rng"]).restore(self._generators())
+
+    def _generators(self) -> list[torch.Generator]:
+        return [g for loader in self.loaders for g in loader_generators(loader)]
 
 
 @dataclass(frozen=True)
@@ -235,12 +395,13 @@ class Resume:
     offsets: list[int]
 
 
-def read_fit_state(path: Path) -> dict[str, Any]:
-    """What `FitState` recorded in a checkpoint.
+def read_fit_state(path: Path) -> FitRecord:
+    """The `FitRecord` a checkpoint holds, checked.
 
     Raises:
         UnreadableFileError: The file is not a plain, complete checkpoint.
-        ValueError: The checkpoint was not written by a Learner fit, or by an older difflr.
+        ValueError: The checkpoint was not written by a Learner fit, by an older difflr, or its
+            record is malformed.
     """
     checkpoint = safe_load(path, "checkpoint")
     if not isinstance(checkpoint, dict):
@@ -248,22 +409,11 @@ def read_fit_state(path: Path) -> dict[str, Any]:
             f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, not "
             "a dict); pass a .ckpt file written by a fit."
         )
-    state = checkpoint.get("difflr")
-    if not isinstance(state, dict):
-        raise ValueError(
-            f"{path} was not written by a Learner fit (it holds no difflr fit record); resume it "
-            "with trainer.fit(..., ckpt_path=...) or load weights with learn.load()."
-        )
-    if state.get("format") != FORMAT:
-        raise ValueError(
-            f"{path} was written by another version of difflr (checkpoint format "
-            f"{state.get('format')!r}, this one reads {FORMAT}); start the fit anew."
-        )
-    return state
+    return FitRecord.read(checkpoint.get("difflr"), path)
 
 
 def check_resume(
-    state: Mapping[str, Any],
+    state: FitRecord,
     plan: Mapping[str, Any],
     *,
     learner: str,
@@ -276,8 +426,8 @@ def check_resume(
         state: From `read_fit_state`.
         plan: What defines the fit being asked for (`difflr.training.runner.Runner.describe_fit`):
             ``stages`` (each stage's schedule, epochs, freeze pattern, LRs per group, ...),
-            ``accumulate_grad_batches``, ``steps_per_epoch`` and ``groups`` (each layer group's
-            name, parameter names and shapes).
+            ``accumulate_grad_batches``, ``steps_per_epoch``, ``groups`` (each layer group's
+            name, parameter names and shapes) and ``optimizer`` (its class and param groups).
         learner: The id of the Learner that resumes.
         last_run: The id of that Learner's last fit call in this process (``None`` if it has not
             fitted yet, e.g. a fresh process after a crash).
@@ -287,36 +437,59 @@ def check_resume(
         The stage the checkpoint was written in, and its frozen pattern.
 
     Raises:
-        ValueError: The checkpoint belongs to another Learner, to an earlier fit of this one, to
-            a fit defined differently (the differences are named) or to a fit that had finished.
+        ValueError: The checkpoint belongs to another Learner that has fitted in this process, to
+            an earlier fit of this one, to a fit defined differently (the differences are named),
+            to a fit that had finished, or it was written mid-epoch.
+
+    Warns:
+        UserWarning: This Learner has not fitted yet and another Learner of this process wrote
+            the checkpoint (a Learner re-created after a crash): it is resumed, and the warning
+            names the other fit.
     """
-    if last_run is not None and state["learner"] != learner:
+    if last_run is not None and state.learner != learner:
         raise ValueError(
             f"{path} was written by another Learner (two Learners with one path= share "
             "path/checkpoints); resuming would load that Learner's weights into this one. Give "
             "each Learner its own path=, or start this fit anew."
         )
-    if last_run is not None and state["run"] != last_run:
+    if last_run is not None and state.run != last_run:
         raise ValueError(
             f"{path} was written by an earlier fit of this Learner, not by its last one (which "
             "stopped before its first epoch ended, so nothing of it was saved). Start that fit "
             "again without ckpt_path."
         )
-    differences = _differences(state["plan"], plan)
+    differences = _differences(state.plan, plan)
     if differences:
         shown = "; ".join(differences[:6]) + ("; ..." if len(differences) > 6 else "")
         raise ValueError(
             f"{path} was written by a different fit: {shown}. Resume with the same method and "
             "arguments (and Learner) that wrote it, or start the fit anew without ckpt_path."
         )
-    stage, n_stages = int(state["stage"]), len(plan["stages"])
-    if stage == n_stages - 1 and state["epochs_done"] >= plan["stages"][stage]["epochs"]:
+    stage, n_stages = state.stage, len(plan["stages"])
+    if not state.at_epoch_end:
         raise ValueError(
-            f"{path} holds a fit that had finished (all {state['epochs_done']} epochs of its last "
+            f"{path} was written in the middle of an epoch (epoch {state.epochs_done} of stage "
+            f"{stage}: by a validation that val_check_interval placed inside the epoch, or by "
+            "your own ModelCheckpoint), and Lightning restarts a DataLoader at its first batch, "
+            "so the resume could not be exact. Resume from path/checkpoints/last.ckpt "
+            "(ckpt_path='last'), which difflr writes at epoch ends."
+        )
+    if stage == n_stages - 1 and state.epochs_done >= plan["stages"][stage]["epochs"]:
+        raise ValueError(
+            f"{path} holds a fit that had finished (all {state.epochs_done} epochs of its last "
             "stage), so there is nothing to resume; load its weights with learn.load(), or start "
             "a new fit."
         )
-    return stage, list(state["frozen"])
+    if last_run is None and state.learner != learner and state.learner in _WRITERS:
+        warnings.warn(
+            f"resuming {path}, written by another Learner of this process (Learner "
+            f"{state.learner[:8]}, fit {state.run[:8]}, {state.epochs_done} epoch(s) of stage "
+            f"{stage} done) into this one, which has not fitted yet: right for a Learner "
+            "re-created after a crash. If the other Learner is still in use, give each its own "
+            "path=.",
+            stacklevel=3,
+        )
+    return stage, list(state.frozen)
 
 
 def _differences(saved: Any, wanted: Any, where: str = "") -> list[str]:
@@ -370,73 +543,40 @@ def resolve_checkpoint(folder: Path, ckpt_path: str | Path) -> Path:
 
 
 class FolderClaim:
-    """While a fit writes checkpoints into ``folder``, ``folder/.claim`` names its Learner.
+    """While a fit writes checkpoints into ``folder``, it holds ``folder/.claim`` (an ``flock``,
+    `difflr.utils.files.FolderLock`, naming its Learner and process).
 
     A second Learner that starts a fit on the same folder at the same time (in another process,
-    or in this one) is refused instead of overwriting the first one's ``last.ckpt``. A claim left
-    by a process that no longer runs is taken over, and the temp files of its unfinished writes
-    are removed.
+    or in this one) is refused instead of overwriting the first one's ``last.ckpt``. The system
+    drops the lock when its process ends or is killed, so a claim is never left stale and a
+    reused process id cannot fool it; the temp files of writes killed mid-way are removed when
+    the folder is claimed.
 
     Args:
         folder: The checkpoint folder.
         owner: The claiming Learner's id.
 
     Raises:
-        RuntimeError: (on entry) another live Learner holds the folder.
+        RuntimeError: (on entry) another Learner holds the folder.
+        OSError: (on entry) the claim file cannot be written; the message names it.
     """
 
     def __init__(self, folder: Path, owner: str) -> None:
         self.folder, self.owner = Path(folder), owner
         self.file = self.folder / ".claim"
-        self._held = False
+        self._lock = FolderLock(self.file, owner)
 
     def __enter__(self) -> FolderClaim:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "owner": self.owner}
-        try:
-            descriptor = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = self._holder()
-            if holder is not None and self._alive(holder) and holder.get("owner") != self.owner:
-                raise RuntimeError(
-                    f"{self.folder} is in use by another Learner's fit (process "
-                    f"{holder.get('pid')} on {holder.get('host')}); two Learners would overwrite "
-                    f"each other's last.ckpt. Give each Learner its own path= (or, if no such "
-                    f"fit runs, delete {self.file})."
-                ) from None
-            self.file.unlink(missing_ok=True)
-            descriptor = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(me, handle)
-        self._held = True
-        for leftover in self.folder.glob(f"{TEMP_PREFIX}*"):  # writes killed mid-way
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+        if not self._lock.acquire(wait=False):
+            holder = self._lock.holder()
+            raise RuntimeError(
+                f"{self.folder} is in use by another Learner's fit (process "
+                f"{holder.get('pid', '?')} on {holder.get('host', '?')}); two Learners would "
+                "overwrite each other's last.ckpt. Give each Learner its own path=, or wait for "
+                "that fit to end."
+            )
+        remove_stale_temps(self.folder)  # writes killed mid-way
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._held:
-            with contextlib.suppress(OSError):
-                self.file.unlink()
-            self._held = False
-
-    def _holder(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.file.read_text())
-        except (OSError, ValueError):
-            return None  # unreadable: a claim cut short by a kill
-
-    @staticmethod
-    def _alive(holder: Mapping[str, Any]) -> bool:
-        if holder.get("host") != socket.gethostname():
-            return True  # another machine's process cannot be checked: assume it runs
-        pid = holder.get("pid")
-        if not isinstance(pid, int):
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        self._lock.release()

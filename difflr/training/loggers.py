@@ -53,7 +53,8 @@ class ContinuousLogger(Logger):
 
     @property
     def experiment(self) -> Any:
-        return self.logger.experiment
+        with self._writing():  # made at the first use: its event file is written then
+            return self.logger.experiment
 
     @override
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -71,7 +72,8 @@ class ContinuousLogger(Logger):
 
     @override
     def log_graph(self, model: Any, input_array: Any = None) -> None:
-        self.logger.log_graph(model, input_array)
+        with self._writing():
+            self.logger.log_graph(model, input_array)
 
     @override
     def save(self) -> None:

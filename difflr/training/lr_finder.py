@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import random
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from difflr.callbacks.guards import EmptyEpochGuard
 from difflr.callbacks.recorder import Recorder, SmoothedLoss
 from difflr.callbacks.scheduler import ParamScheduler
 from difflr.policy.lr import LRSpec, expand_lrs
@@ -30,7 +29,15 @@ from difflr.policy.suggestions import SuggestedLRs, SuggestionFunc, make_suggest
 from difflr.training.distributed import decide_on_rank_zero
 from difflr.training.runner import Runner
 from difflr.utils.checks import check_choice, check_int
-from difflr.utils.files import safe_load
+from difflr.utils.files import (
+    CHECKSUM_KEY,
+    UnreadableFileError,
+    checksum,
+    os_error_behind,
+    remove_stale_temps,
+    safe_load,
+)
+from difflr.utils.rng import RngState
 
 __all__ = ["Sweepable", "lr_find"]
 
@@ -54,10 +61,11 @@ class _Snapshot:
     Parameters and buffers are copied into the same tensors (so the optimizer's references stay
     valid), the optimizer through its state dict (state and hyper-parameters), plus the
     ``requires_grad`` flags, gradients, train/eval modes and the torch, CUDA, numpy and python RNG
-    states. ``to_disk`` (a folder) keeps the tensor copies in a file of their own there instead
-    of memory (a unique name, so two sweeps never share it; read back without running code), for
-    a model too
-    large to hold twice.
+    states. ``to_disk`` (a folder) keeps the tensor copies in a file there instead of memory, for
+    a model too large to hold twice: a file deleted from the folder as soon as it is made and
+    read back through the open handle, so no other process can alter it, and the system frees it
+    whatever ends the process (a SIGKILL included). It is read back without running code and its
+    checksum verified.
     """
 
     def __init__(
@@ -69,47 +77,79 @@ class _Snapshot:
         values = {k: v.detach().clone() for k, v in self.tensors.items()}
         grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
         opt_state = copy.deepcopy(optimizer.state_dict())
-        self.file = None
+        self.handle = None
         if to_disk is not None:
-            to_disk.mkdir(parents=True, exist_ok=True)
-            descriptor, name = tempfile.mkstemp(
-                prefix=".lr_find_snapshot-", suffix=".pt", dir=to_disk
+            # Snapshots of older difflr versions kept a name, and a kill left them behind.
+            remove_stale_temps(to_disk, (".lr_find_snapshot-",))
+            self.handle = _write_anonymous(
+                {"values": values, "grads": grads, "opt": opt_state}, to_disk
             )
-            self.file = Path(name)
-            with os.fdopen(descriptor, "wb") as handle:
-                torch.save({"values": values, "grads": grads, "opt": opt_state}, handle)
             values, grads, opt_state = {}, {}, {}
+        self.to_disk = to_disk
         self.values, self.grads, self.opt_state = values, grads, opt_state
         self.flags = {k: p.requires_grad for k, p in module.named_parameters()}
         self.modes = {k: m.training for k, m in module.named_modules()}
-        self.rng = (
-            torch.get_rng_state(),
-            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-            np.random.get_state(),
-            random.getstate(),
-        )
+        self.rng = RngState.capture()
 
     def restore(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        # Flags, modes and RNG first: they come back even if the disk snapshot cannot be read.
+        for key, p in module.named_parameters():
+            p.requires_grad_(self.flags[key])
+        for key, m in module.named_modules():
+            m.training = self.modes[key]
+        self.rng.restore()
         values, grads, opt_state = self.values, self.grads, self.opt_state
-        if self.file is not None:
-            saved = safe_load(self.file, "lr_find snapshot")
+        if self.handle is not None:
+            try:
+                with self.handle:
+                    self.handle.seek(0)
+                    saved = safe_load(
+                        self.to_disk / "(lr_find snapshot)", "lr_find snapshot", self.handle
+                    )
+            except UnreadableFileError as error:
+                raise UnreadableFileError(
+                    f"{error} The model now holds the sweep's last weights, not yours (its "
+                    "requires_grad flags, modes and RNG states are back): load a state you saved "
+                    "(learn.load), or use snapshot='memory'."
+                ) from None
+            finally:
+                self.handle = None
             values, grads, opt_state = saved["values"], saved["grads"], saved["opt"]
-            self.file.unlink(missing_ok=True)
         with torch.no_grad():
             for key, tensor in self.tensors.items():
                 tensor.copy_(values[key])
         for key, p in module.named_parameters():
-            p.requires_grad_(self.flags[key])
             p.grad = grads.get(key)
         optimizer.load_state_dict(opt_state)
-        for key, m in module.named_modules():
-            m.training = self.modes[key]
-        torch_rng, cuda_rng, np_rng, py_rng = self.rng
-        torch.set_rng_state(torch_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        np.random.set_state(np_rng)
-        random.setstate(py_rng)
+
+
+def _write_anonymous(content: dict[str, Any], folder: Path) -> Any:
+    """``content`` (with its checksum) in a file of ``folder`` that has no name: an open handle
+    the caller reads back and closes.
+
+    Raises:
+        OSError: The write failed (a full disk); names the folder, nothing is left behind.
+    """
+    handle = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Unlinked at once (O_TMPFILE where the system has it); handed to the caller.
+        handle = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115
+        torch.save({**content, CHECKSUM_KEY: checksum(content)}, handle)
+        handle.flush()
+    except Exception as error:
+        if handle is not None:
+            handle.close()
+        cause = os_error_behind(error)
+        if cause is None:
+            raise
+        raise OSError(
+            cause.errno,
+            f"lr_find(snapshot='disk') could not write its snapshot in {folder} "
+            f"({cause.strerror or cause}); nothing was changed and the sweep did not start. Free "
+            "disk space, or use snapshot='memory'.",
+        ) from error
+    return handle
 
 
 class _StopOnDivergence(Callback):
@@ -153,28 +193,6 @@ class _StopOnDivergence(Callback):
         self.best = min(self.best, smoothed)
 
 
-class _StopOnEmptyEpoch(Callback):
-    """Refuse a loader that yields no batch: the sweep repeats epochs until it has made its
-    steps, which would never end."""
-
-    def __init__(self) -> None:
-        self._batches = 0
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._batches = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._batches += 1
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self._batches == 0:
-            raise ValueError(
-                "the training loader yielded no batch, so the sweep could make no step; check the "
-                "dataset (an empty IterableDataset?), its batch_size and drop_last, and "
-                "limit_train_batches."
-            )
-
-
 def lr_find(
     learn: Sweepable,
     start_lr: LRSpec = 1e-7,
@@ -208,7 +226,7 @@ def lr_find(
         )
 
     scheduler = ParamScheduler(exp_range(starts, ends), None, total_steps=num_it)
-    callbacks = [scheduler, _StopOnEmptyEpoch(), *([_StopOnDivergence()] if stop_div else [])]
+    callbacks = [scheduler, EmptyEpochGuard(), *([_StopOnDivergence()] if stop_div else [])]
     # Not a fit: no epoch table, NaN guard (the sweep's own rule handles a loss that is not
     # finite), user callbacks, checkpoints, logs or validation. The live line counts the
     # sweep's iterations (unless the Learner has enable_progress_bar=False).

@@ -11,6 +11,7 @@ same two methods, and the after-fit analysis (`difflr.predictions`) `Runner.vali
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -23,19 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from difflr.callbacks.guards import FiniteLossGuard, FrozenNormEval
+from difflr.callbacks.guards import EmptyEpochGuard, FiniteLossGuard, FrozenNormEval
 from difflr.callbacks.progress import LiveProgress, ProgressTable
 from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import ParamScheduler
 from difflr.policy.schedules import steps_per_epoch
 from difflr.training.checkpoints import (
     AtomicCheckpointIO,
+    FitRecord,
     FitState,
     FolderClaim,
     LearnerCheckpoint,
@@ -132,7 +135,8 @@ class Runner:
         owner: str = "",
         train_bn: bool = True,
     ) -> None:
-        trainer_kwargs = dict(trainer_kwargs or {})
+        # numpy numbers mean what Python's do (Lightning asserts isinstance(..., int) in places).
+        trainer_kwargs = {k: _plain_number(v) for k, v in (trainer_kwargs or {}).items()}
         reserved = [k for k in RESERVED_TRAINER_ARGS if k in trainer_kwargs]
         if reserved:
             raise TypeError(
@@ -214,7 +218,9 @@ class Runner:
             live = LiveProgress(self.table if standard else None, label=progress_label)
             extra.append(live)  # after the recorder: it shows the row the recorder just made
         if standard:
+            self._check_user_checkpoints()
             extra += [*([self.table] if live is None else []), *self.callbacks]
+            extra.append(EmptyEpochGuard())
             if self.check_finite:
                 extra.append(FiniteLossGuard(check_grads=self.check_finite == "grads"))
             if self.checkpoint:
@@ -226,7 +232,7 @@ class Runner:
             kwargs.get("plugins"), kwargs.get("strategy")
         )
         # SyncBuffers: every DDP rank ends the fit with rank 0's BatchNorm statistics.
-        kwargs["callbacks"] = [SyncBuffers(), *callbacks, *extra]
+        kwargs["callbacks"] = [SyncBuffers(), _StopPredictingOnSigterm(), *callbacks, *extra]
         with quiet_lightning():
             trainer = pl.Trainer(**kwargs)
         check_fit_in_process(trainer)
@@ -254,7 +260,6 @@ class Runner:
         writes = any(isinstance(cb, LearnerCheckpoint) for cb in trainer.callbacks)
         if writes or (log and self.logger is not None):
             self._check_path()
-        handler = signal.getsignal(signal.SIGINT)
         # Lightning 2 keeps the module's train/eval mode; a fit trains (as fastai's does).
         self.module.train()
         claim = (
@@ -262,14 +267,31 @@ class Runner:
             if writes and trainer.is_global_zero
             else contextlib.nullcontext()
         )
+        where = (
+            f"{self.path / 'checkpoints' / 'last.ckpt'} holds the last epoch whose training "
+            "finished: resume with ckpt_path='last'"
+            if writes
+            else "no checkpoint was written (checkpointing is off)"
+        )
         try:
-            with claim, quiet_lightning(), self._supersede_optimizer(), warnings.catch_warnings():
+            with (
+                _interruptible(
+                    trainer,
+                    self.module,
+                    interrupted=lambda: (
+                        f"fit interrupted after {scheduler.step} optimizer "
+                        "steps; the Learner keeps the weights and the recorder keeps the steps done."
+                    ),
+                    terminated=f"training stopped; {where}",
+                ),
+                claim,
+                self._supersede_optimizer(),
+                warnings.catch_warnings(),
+            ):
                 # LearnerModule always defines validation_step; no valid_dl is not a mistake.
                 warnings.filterwarnings(
                     "ignore", ".*`validation_step` but have no `val_dataloader`"
                 )
-                # Raised inside Lightning itself on recent torch; nothing a user can act on.
-                warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)")
                 # Every fit writes path/checkpoints/last.ckpt anew, by design.
                 warnings.filterwarnings(
                     "ignore", r"Checkpoint directory .* exists and is not empty"
@@ -279,33 +301,34 @@ class Runner:
                     **self.data.fit_kwargs(),
                     ckpt_path=None if ckpt_path is None else str(ckpt_path),
                 )
-        except SIGTERMException:
-            # Lightning stops at the end of the running epoch, after its checkpoint is written.
-            # Exit as asked: a KeyboardInterrupt could be caught by a script and training go on.
-            where = (
-                f"{self.path / 'checkpoints' / 'last.ckpt'} holds the last epoch whose training "
-                "finished: resume with ckpt_path='last'"
-                if writes
-                else "no checkpoint was written (checkpointing is off)"
-            )
-            print(f"difflr: SIGTERM received, training stopped; {where}.", file=sys.stderr)
-            raise SystemExit(128 + signal.SIGTERM) from None
-        except SystemExit:
-            # Lightning turns Ctrl-C into SystemExit (it would end a notebook's kernel or a
-            # script's later cleanup); give the user back the KeyboardInterrupt they raised.
-            if trainer.interrupted:
-                raise KeyboardInterrupt(
-                    f"fit interrupted after {scheduler.step} optimizer steps; the Learner keeps "
-                    "the weights and the recorder keeps the steps done."
-                ) from None
-            raise
         finally:
-            # Lightning ignores SIGINT while it shuts down after an interrupt; restore it.
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, handler)
             if log and self.logger is not None:
                 self.logger.step_offset += scheduler.step
                 self.logger.epoch_offset += trainer.current_epoch
+
+    def _check_user_checkpoints(self) -> None:
+        """Refuse a user's ``ModelCheckpoint`` that would write into ``path/checkpoints``: its
+        ``last.ckpt`` would replace difflr's (NaN weights included) and be what
+        ``ckpt_path="last"`` resumes.
+
+        Raises:
+            ValueError: Its ``dirpath`` is that folder, or it has none and there is no logger
+                (Lightning then writes to ``default_root_dir/checkpoints``, i.e. ``path``'s).
+        """
+        ours = (self.path / "checkpoints").resolve()
+        for callback in self.callbacks:
+            if not isinstance(callback, ModelCheckpoint) or isinstance(callback, LearnerCheckpoint):
+                continue
+            if callback.dirpath is None and self.logger is not None:
+                continue  # Lightning puts it in the logger's version folder
+            target = ours if callback.dirpath is None else Path(callback.dirpath).resolve()
+            if target == ours:
+                raise ValueError(
+                    f"your ModelCheckpoint would write into {self.path / 'checkpoints'}, "
+                    "difflr's own folder: its last.ckpt would replace the Learner's (the file "
+                    "ckpt_path='last' resumes). Give it a folder of its own: "
+                    "ModelCheckpoint(dirpath=...)."
+                )
 
     def resume_point(
         self,
@@ -326,28 +349,30 @@ class Runner:
         path = resolve_checkpoint(self.path / "checkpoints", ckpt_path)
         saved = read_fit_state(path)
         stage, frozen = check_resume(saved, plan, learner=learner, last_run=last_run, path=path)
-        return Resume(path, stage, frozen, saved["run"], list(saved["offsets"]))
+        return Resume(path, stage, frozen, saved.run, list(saved.offsets))
 
     def fit_stage(
         self,
         stage: Any,
         scheduler: ParamScheduler,
-        record: Mapping[str, Any],
+        record: FitRecord,
         frozen: Sequence[bool],
         resume: Resume | None = None,
     ) -> pl.Trainer:
         """Train one `difflr.policy.stages.Stage` in a fresh Trainer (resuming it from ``resume``),
-        its checkpoints holding ``record`` (see `difflr.training.checkpoints.FitState`); returns the
-        Trainer."""
+        its checkpoints holding ``record`` with this stage's frozen pattern and timeline offsets
+        (see `difflr.training.checkpoints.FitState`); returns the Trainer."""
+        if not any(p.requires_grad for p in self.module.parameters()):
+            raise ValueError(
+                "nothing would train: every parameter is frozen (every layer group frozen, and "
+                "with train_bn=False the normalisation layers too). Call unfreeze() or "
+                "freeze_to(n) with n < the number of groups, or give the stage a freeze_to."
+            )
         if resume is not None:
             self.set_offsets(resume.offsets)  # continue the interrupted timeline
         state = FitState(
-            {
-                **record,
-                "n_stages": len(record["plan"]["stages"]),
-                "frozen": list(frozen),
-                "offsets": self.offsets(),
-            }
+            dataclasses.replace(record, frozen=tuple(frozen), offsets=tuple(self.offsets())),
+            loaders=(self.data.train_dl, self.data.valid_dl),
         )
         trainer = self.trainer([scheduler, state], max_epochs=stage.epochs)
         self.fit(trainer, scheduler, ckpt_path=None if resume is None else resume.path)
@@ -362,8 +387,10 @@ class Runner:
     ) -> dict[str, Any]:
         """What defines a fit of ``stages`` (`difflr.policy.stages.Stage`s) run by this Runner, as its
         checkpoints record it: every stage with its defaults resolved, the gradient accumulation,
-        the optimizer steps per epoch (``None`` when the data has no length) and the layer groups
-        (`difflr.groups.layers.group_fingerprint`)."""
+        the optimizer steps per epoch (``None`` when the data has no length), the layer groups
+        (`difflr.groups.layers.group_fingerprint`) and the optimizer (its class and the size of
+        each param group: ``wd_bn_bias`` and ``opt_func`` change them, and a resume would load
+        the optimizer state into the wrong shape)."""
         try:
             steps = self.steps_per_epoch()
         except ValueError:
@@ -373,6 +400,12 @@ class Runner:
             "accumulate_grad_batches": self.trainer_kwargs.get("accumulate_grad_batches", 1),
             "steps_per_epoch": steps,
             "groups": groups,
+            "optimizer": {
+                "type": type(self.optimizer).__name__,
+                "param_groups": [
+                    [g.get("name"), len(g["params"])] for g in self.optimizer.param_groups
+                ],
+            },
         }
 
     def check_schedulable(self) -> None:
@@ -433,9 +466,16 @@ class Runner:
 
         Raises:
             KeyboardInterrupt: Ctrl-C.
+            ValueError: The loader yielded no batch.
         """
         with self._evaluating(trainer, "validate"):
-            return trainer.validate(self.module, verbose=False, **data)
+            results = trainer.validate(self.module, verbose=False, **data)
+        if trainer.validate_loop.batch_progress.total.completed == 0:
+            raise ValueError(
+                "validate read no batch: the validation loader is empty (an empty "
+                "IterableDataset, or limit_val_batches=0?); pass a loader with data."
+            )
+        return results
 
     def predict(self, trainer: pl.Trainer, **data: Any) -> None:
         """``trainer.predict`` of the module, with quiet logs and a clean interrupt. Lightning
@@ -450,18 +490,16 @@ class Runner:
 
     @contextmanager
     def _evaluating(self, trainer: pl.Trainer, what: str) -> Iterator[None]:
-        handler = signal.getsignal(signal.SIGINT)
-        try:
-            with quiet_lightning(), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)")
-                yield
-        except SystemExit:
-            if trainer.interrupted:  # Lightning's SystemExit for Ctrl-C, as in `fit`
-                raise KeyboardInterrupt(f"{what} interrupted; the model is unchanged.") from None
-            raise
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, handler)
+        with (
+            _interruptible(
+                trainer,
+                self.module,
+                interrupted=lambda: f"{what} interrupted; the model is unchanged.",
+                terminated=f"{what} stopped; the model is unchanged",
+                restore_modes=True,
+            ),
+        ):
+            yield
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch in one process, as the Trainer will count them.
@@ -517,6 +555,15 @@ class Runner:
                 module.configure_optimizers = own
 
 
+def _plain_number(value: Any) -> Any:
+    """A numpy integer or float as Python's; anything else as it is."""
+    if is_int(value):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
 def _with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any]:
     """The user's plugins, plus difflr's `AtomicCheckpointIO` unless they bring a CheckpointIO of
     their own or a strategy that saves its own way (FSDP, DeepSpeed, a strategy instance)."""
@@ -530,3 +577,70 @@ def _with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any]:
     ):
         return [*plugins, AtomicCheckpointIO()]
     return plugins
+
+
+@contextmanager
+def _interruptible(
+    trainer: pl.Trainer,
+    module: torch.nn.Module,
+    *,
+    interrupted: Any,
+    terminated: str,
+    restore_modes: bool = False,
+) -> Iterator[None]:
+    """Run a Trainer call (fit, validate, predict) with quiet logs and the signals meaning what
+    they mean: Ctrl-C raises ``KeyboardInterrupt`` (Lightning raises ``SystemExit``), SIGTERM ends
+    the process with status 143 and a message on stderr (a ``KeyboardInterrupt`` could be caught
+    by a script that then goes on).
+
+    Args:
+        trainer: The Trainer that runs.
+        module: Its module; with ``restore_modes``, every submodule's train/eval mode is put back
+            when the call is interrupted or fails (an evaluation promises an unchanged model).
+        interrupted: Returns the ``KeyboardInterrupt``'s message.
+        terminated: What the SIGTERM message says after ``"difflr: SIGTERM received, "``.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    modes = {name: m.training for name, m in module.named_modules()} if restore_modes else {}
+    sigterm = False
+    try:
+        with quiet_lightning(), warnings.catch_warnings():
+            # Raised inside Lightning itself on recent torch; nothing a user can act on.
+            warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)")
+            yield
+        sigterm = trainer.received_sigterm  # predict does not stop at SIGTERM by itself
+    except SIGTERMException:
+        sigterm = True
+    except SystemExit:
+        # Lightning turns Ctrl-C into SystemExit (it would end a notebook's kernel or a script's
+        # later cleanup); give the user back the KeyboardInterrupt they raised.
+        _put_back_modes(module, modes)
+        if trainer.interrupted:
+            raise KeyboardInterrupt(interrupted()) from None
+        raise
+    except BaseException:
+        _put_back_modes(module, modes)
+        raise
+    finally:
+        # Lightning ignores SIGINT while it shuts down after an interrupt; restore it.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
+    if sigterm:
+        _put_back_modes(module, modes)
+        print(f"difflr: SIGTERM received, {terminated}.", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM)
+
+
+def _put_back_modes(module: torch.nn.Module, modes: Mapping[str, bool]) -> None:
+    for name, submodule in module.named_modules():
+        if name in modes:
+            submodule.training = modes[name]
+
+
+class _StopPredictingOnSigterm(pl.Callback):
+    """Stop a prediction pass after the running batch at SIGTERM (Lightning's prediction loop
+    notes the signal but runs on); `_interruptible` then ends the process."""
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.received_sigterm:
+            raise SIGTERMException

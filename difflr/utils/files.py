@@ -11,11 +11,19 @@ whole module for inference, like fastai's ``export``, to be loaded only from a t
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
+import math
 import os
 import pickle
 import re
+import signal
+import socket
 import tempfile
+import threading
+import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -24,14 +32,18 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CHECKSUM_KEY",
+    "FolderLock",
     "UnreadableFileError",
     "atomic_save",
     "atomic_write",
     "check_state_fits",
+    "checksum",
     "export_model",
     "load_state",
     "one_builder",
     "read_state",
+    "remove_stale_temps",
     "safe_load",
     "state_file",
     "write_state",
@@ -39,6 +51,9 @@ __all__ = [
 
 #: Temp files of unfinished writes start with this; a claimed folder's leftovers can be removed.
 TEMP_PREFIX = ".difflr-partial-"
+
+#: The key under which a dict that difflr writes carries the checksum of its content.
+CHECKSUM_KEY = "difflr.checksum"
 
 
 class UnreadableFileError(ValueError):
@@ -61,11 +76,20 @@ def atomic_write(file: Path, write: Callable[[IO[bytes]], Any]) -> Path:
             propagates after the temp file is removed.
     """
     file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=file.parent)
-    temp = Path(temp_name)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=file.parent)
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"could not write {file} ({error.strerror or error}); nothing was changed. Free "
+            "disk space or choose another path, then save again.",
+        ) from error
+    temp = Path(temp_name)
+    held = _lock_temp(descriptor)
+    interrupted: list[int] = []
+    try:
+        with _sigint_noted() as interrupted, os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -75,17 +99,32 @@ def atomic_write(file: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     except BaseException as error:
         with contextlib.suppress(OSError):
             temp.unlink()
+        _release(held)
+        previous = "is unchanged" if file.exists() else "did not exist and still does not"
+        if interrupted and not isinstance(error, KeyboardInterrupt):
+            # Ctrl-C inside torch.save's C++ writer comes out as a RuntimeError: give it back
+            # as the KeyboardInterrupt it was.
+            raise KeyboardInterrupt(
+                f"interrupted while writing {file}; the previous {file.name} {previous}."
+            ) from None
         cause = os_error_behind(error)
         if cause is not None:
-            previous = "is unchanged" if file.exists() else "did not exist and still does not"
             raise OSError(
                 cause.errno,
                 f"could not write {file} ({cause.strerror or cause}); the previous {file.name} "
                 f"{previous}. Free disk space or choose another path, then save again.",
             ) from error
         raise
+    _release(held)
     _sync_folder(file.parent)
+    remove_stale_temps(file.parent)  # of earlier writes that were killed
     return file
+
+
+def _release(held: int | None) -> None:
+    if held is not None:
+        with contextlib.suppress(OSError):
+            os.close(held)
 
 
 def os_error_behind(error: BaseException | None) -> OSError | None:
@@ -98,6 +137,74 @@ def os_error_behind(error: BaseException | None) -> OSError | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+class _Noted(list):
+    """A flag that is falsy until set (a list, so a closure can set it)."""
+
+
+@contextlib.contextmanager
+def _sigint_noted() -> Iterator[_Noted]:
+    """Note whether SIGINT arrived during the body; the handler in place still runs (Python's
+    raises ``KeyboardInterrupt``). Main thread only: signals are delivered there."""
+    noted = _Noted()
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def note(signum: int, frame: Any) -> None:
+        noted.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def remove_stale_temps(folder: Path, prefixes: tuple[str, ...] = (TEMP_PREFIX,)) -> list[Path]:
+    """Remove the temp files that writes killed mid-way left in ``folder``; returns those removed.
+
+    A write holds an ``flock`` on its temp file until the rename, so a temp file whose lock can be
+    taken belongs to a process that is gone (the system drops the lock of a killed process). One
+    younger than a few seconds is left alone: its writer may not have locked it yet.
+    """
+    removed: list[Path] = []
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return removed
+    now = time.time()
+    for prefix in prefixes:
+        for leftover in Path(folder).glob(f"{prefix}*"):
+            with contextlib.suppress(OSError):
+                if leftover.is_symlink() or now - leftover.stat().st_mtime < 5:
+                    continue
+                descriptor = os.open(leftover, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    leftover.unlink()
+                    removed.append(leftover)
+                finally:
+                    os.close(descriptor)
+    return removed
+
+
+def _lock_temp(descriptor: int) -> int | None:
+    """Hold an ``flock`` on a temp file being written (on a dup of its descriptor, kept until the
+    rename), so that `remove_stale_temps` tells a live write from a killed one."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    held = os.dup(descriptor)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    return held
 
 
 def _umask() -> int:
@@ -116,52 +223,163 @@ def _sync_folder(folder: Path) -> None:
             os.close(descriptor)
 
 
+class FolderLock:
+    """An exclusive ``flock`` on a lock file: the one way difflr keeps two writers apart.
+
+    The system releases the lock when its holder exits or is killed, so a lock is never left
+    stale and a reused process id cannot fool it. Locks taken through two opens conflict also
+    within one process. The lock file stays when released (deleting it would let a third process
+    lock a new file while a second holds the old one); while held it names its holder (process
+    id, host, ``owner``) for the messages of those refused. A symlink at the lock file is refused,
+    never followed. Where ``fcntl`` does not exist (Windows) nothing is locked.
+
+    Args:
+        file: The lock file (its folder is created).
+        owner: Who holds it, for messages.
+    """
+
+    def __init__(self, file: Path, owner: str = "") -> None:
+        self.file, self.owner = Path(file), owner
+        self._descriptor: int | None = None
+
+    def acquire(self, wait: bool, on_wait: Callable[[], Any] | None = None) -> bool:
+        """Take the lock; without ``wait``, return ``False`` at once if another holds it.
+
+        Raises:
+            OSError: The lock file cannot be made (a full disk, no permission, a symlink there);
+                the message names it.
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return True
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+            descriptor = os.open(self.file, flags, 0o644)
+        except OSError as error:
+            hint = (
+                " It is a symlink: difflr does not follow one there; remove it."
+                if error.errno == errno.ELOOP
+                else " Free disk space or choose another path."
+            )
+            raise OSError(
+                error.errno, f"cannot open the lock file {self.file} ({error.strerror}).{hint}"
+            ) from error
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(descriptor)
+                return False
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        self._descriptor = descriptor
+        self._note_holder()
+        return True
+
+    def _note_holder(self) -> None:
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "owner": self.owner})
+        try:
+            os.ftruncate(self._descriptor, 0)
+            if os.pwrite(self._descriptor, me.encode(), 0) < len(me.encode()):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a short write
+        except OSError as error:
+            self.release()
+            raise OSError(
+                error.errno,
+                f"could not write the lock file {self.file} ({error.strerror}); nothing was "
+                "changed. Free disk space or choose another path.",
+            ) from error
+
+    def holder(self) -> dict[str, Any]:
+        """Who holds the lock, as its holder wrote it (empty if unreadable)."""
+        try:
+            holder = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._descriptor)  # closing the descriptor drops the flock
+            self._descriptor = None
+
+
 @contextlib.contextmanager
 def one_builder(file: Path, on_wait: Callable[[], Any] | None = None) -> Iterator[None]:
-    """Hold an exclusive lock on ``file`` + ``.lock`` for the body: processes (and threads) that
-    would build the same file take turns, so the second finds the first one's result instead of
-    redoing minutes of work beside it.
-
-    The lock is ``flock`` on the lock file: the system releases it when its holder exits or is
-    killed, so no stale lock is ever left (the empty lock file stays: deleting it would let a
-    third builder lock a new file while the second holds the old one). Where ``fcntl`` does not exist (Windows) the body runs
-    unlocked; the atomic write still keeps the file whole.
+    """Hold an exclusive lock on ``file`` + ``.lock`` for the body (`FolderLock`, waiting for
+    it): processes (and threads) that would build the same file take turns, so the second finds
+    the first one's result instead of redoing minutes of work beside it.
 
     Args:
         file: The file to build; the lock file sits next to it (its folder is created).
         on_wait: Called once, before blocking, when another builder holds the lock (to say so).
     """
+    lock = FolderLock(Path(file).with_name(Path(file).name + ".lock"))
+    lock.acquire(wait=True, on_wait=on_wait)
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
         yield
-        return
-    lock = Path(file).with_name(Path(file).name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        lock.release()
 
 
 def atomic_save(obj: Any, file: Path) -> Path:
-    """``torch.save(obj, file)``, atomically (see `atomic_write`)."""
+    """``torch.save(obj, file)``, atomically (see `atomic_write`); a dict is saved with the
+    `checksum` of its content under `CHECKSUM_KEY`, which `safe_load` verifies."""
+    if type(obj) is dict:
+        obj = {**obj, CHECKSUM_KEY: checksum(obj)}
     return atomic_write(file, lambda handle: torch.save(obj, handle))
 
 
-def safe_load(file: Path, what: str = "file") -> Any:
-    """``torch.load(file, weights_only=True)`` onto the CPU, with errors that say what to do.
+def checksum(obj: Any) -> int:
+    """CRC-32 of a nested structure as ``torch.load`` gives it back: every tensor's dtype,
+    shape and bytes, every plain value (str, int, float, bool, None, bytes) and the nesting.
+
+    It detects corruption (a bit flipped on disk or in a copy, an edited value), not forgery:
+    whoever edits a file can recompute it. Its cost: docs/benchmarks.md, section 5.
+    """
+    crc = 0
+
+    def feed(value: Any) -> None:
+        nonlocal crc
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach()
+            crc = zlib.crc32(f"T{tensor.dtype}{tuple(tensor.shape)}".encode(), crc)
+            if tensor.layout != torch.strided:
+                tensor = tensor.to_dense()
+            if tensor.device.type == "meta" or tensor.numel() == 0:
+                return
+            data = tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            crc = zlib.crc32(data, crc)
+        elif isinstance(value, dict):
+            crc = zlib.crc32(b"{", crc)
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+        elif isinstance(value, (list, tuple)):
+            crc = zlib.crc32(b"[", crc)
+            for item in value:
+                feed(item)
+        elif value is None or isinstance(value, (str, int, float, bytes)):
+            crc = zlib.crc32(f"{type(value).__name__}:{value!r}".encode(), crc)
+        else:
+            crc = zlib.crc32(type(value).__name__.encode(), crc)
+
+    feed(obj)
+    return crc
+
+
+def safe_load(file: Path, what: str = "file", handle: IO[bytes] | None = None) -> Any:
+    """``torch.load(file, weights_only=True)`` onto the CPU, with errors that say what to do;
+    a dict's `checksum` is verified (and removed) when it carries one.
 
     Args:
         file: The file to read.
         what: What the file should be, for messages (``"checkpoint"``, ``"saved Learner state"``).
+        handle: Read this open file instead (``file`` then only names it in messages).
 
     Raises:
         FileNotFoundError: No such file.
@@ -169,12 +387,16 @@ def safe_load(file: Path, what: str = "file") -> Any:
             or it is truncated or corrupt (a write killed by an older tool, a full disk).
     """
     file = Path(file)
-    if not file.is_file():
+    if handle is None and not file.is_file():
         raise FileNotFoundError(f"no {what} at {file}.")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        content = torch.load(
+            file if handle is None else handle, map_location="cpu", weights_only=True
+        )
     except pickle.UnpicklingError as error:
-        if not zipfile.is_zipfile(file):  # not what torch.save writes: cut short, or not torch's
+        if not zipfile.is_zipfile(
+            file if handle is None else handle
+        ):  # not what torch.save writes: cut short, or not torch's
             raise UnreadableFileError(
                 f"{file} is not a complete {what} (it is not a torch.save file: "
                 f"{_telling_line(error)}); it was probably cut short by a killed process or a "
@@ -187,11 +409,21 @@ def safe_load(file: Path, what: str = "file") -> Any:
             "someone else cannot run anything. If you made this file yourself and trust it, load "
             "it with torch.load(..., weights_only=False)."
         ) from None
-    except (EOFError, RuntimeError, ValueError, OSError) as error:
+    except Exception as error:  # random bytes fail in many ways: IndexError, struct.error...
         raise UnreadableFileError(
             f"{file} is not a complete {what} ({type(error).__name__}: {error}); it was probably "
-            "cut short by a killed process or a full disk. Use an earlier file, or start anew."
+            "cut short by a killed process or a full disk, or it is another kind of file. Use an "
+            "earlier file, or start anew."
         ) from error
+    if isinstance(content, dict) and CHECKSUM_KEY in content:
+        saved = content.pop(CHECKSUM_KEY)
+        if saved != checksum(content):
+            raise UnreadableFileError(
+                f"{file} is corrupt: its content does not match the checksum difflr wrote with "
+                "it (a bit flipped on disk or in a copy, or the file was edited). Use an earlier "
+                "file, or start anew."
+            )
+    return content
 
 
 def _telling_line(error: Exception) -> str:
@@ -205,7 +437,7 @@ def _telling_line(error: Exception) -> str:
     return line if len(line) <= 200 else line[:200] + "..."
 
 
-def state_file(models: Path, name: str | Path) -> Path:
+def state_file(models: Path, name: str | Path, suffix: str = ".pth") -> Path:
     """Where ``save(name)``/``load(name)`` go: ``models/{name}.pth`` for a name, or the path
     itself for a ``pathlib.Path``.
 
@@ -227,10 +459,11 @@ def state_file(models: Path, name: str | Path) -> Path:
     separators = [s for s in (os.sep, os.altsep, "/") if s]
     if not name or name in (".", "..") or any(s in name for s in separators):
         raise ValueError(
-            f"name={name!r} is not a plain file name: save and load keep states in path/models. "
-            "Pass a name such as 'stage1', or a pathlib.Path for a file elsewhere."
+            f"name={name!r} is not a plain file name: save, load and export keep their files "
+            "under the Learner's path. Pass a name such as 'stage1', or a pathlib.Path for a "
+            "file elsewhere."
         )
-    return models / (name if name.endswith(".pth") else f"{name}.pth")
+    return models / (name if name.endswith(suffix) else f"{name}{suffix}")
 
 
 def write_state(
@@ -285,6 +518,20 @@ def check_state_fits(
             momentum on the wrong parameters).
     """
     own, saved = model.state_dict(), state["model"]
+    not_tensors = [k for k, v in saved.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors or not all(isinstance(k, str) for k in saved):
+        raise ValueError(
+            f"{file} is not a Learner state: its model entries {not_tensors[:5]} are not tensors "
+            "(an edited or foreign file); save it again with learn.save()."
+        )
+    frozen = state.get("frozen")
+    if frozen is not None and not (
+        isinstance(frozen, list) and all(isinstance(f, bool) for f in frozen)
+    ):
+        raise ValueError(
+            f"{file}'s frozen pattern is {frozen!r}, not a list of bools (one per layer group); "
+            "the file was edited. Save it again with learn.save()."
+        )
     if strict:
         missing = [k for k in own if k not in saved]
         unexpected = [k for k in saved if k not in own]
@@ -301,6 +548,7 @@ def check_state_fits(
             )
     if optimizer is None or "opt" not in state:
         return
+    _check_optimizer_state(state["opt"], optimizer, file)
     if groups is not None and state.get("groups") not in (None, groups):
         saved = [(g["name"], g["params"]) for g in state["groups"]]
         raise ValueError(
@@ -334,6 +582,67 @@ def check_state_fits(
                 )
 
 
+def _check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer, file: Path) -> None:
+    """Refuse an optimizer state whose structure or hyper-parameters are not what
+    ``optimizer.load_state_dict`` takes: a malformed one would fail half-way, or load an LR such
+    as ``'fast'`` that breaks the next step.
+
+    Raises:
+        ValueError: Names the entry and what was expected.
+    """
+
+    def bad(what: str) -> ValueError:
+        return ValueError(
+            f"{file}'s optimizer state is malformed ({what}); the file was edited or written by "
+            "something else. Load with with_opt=False, or save it again with learn.save()."
+        )
+
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("state"), dict)
+        and isinstance(saved.get("param_groups"), list)
+        and all(isinstance(g, dict) for g in saved["param_groups"])
+    ):
+        raise bad("expected a dict with 'state' and a list of 'param_groups'")
+    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    for i, group in enumerate(saved["param_groups"]):
+        params = group.get("params")
+        if not (isinstance(params, list) and all(isinstance(p, int) for p in params)):
+            raise bad(f"param_groups[{i}]['params'] is not a list of parameter indices")
+        if i >= len(optimizer.param_groups):
+            continue  # the count is compared (and named) below
+        for key, current in optimizer.param_groups[i].items():
+            if key == "params" or key not in group:
+                continue
+            value = group[key]
+            if not _same_kind(value, current):
+                raise bad(
+                    f"param_groups[{i}][{key!r}] is {value!r}, this optimizer's is {current!r}"
+                )
+            if key == "lr" and not (
+                isinstance(value, torch.Tensor) or (math.isfinite(value) and value >= 0)
+            ):
+                raise bad(f"param_groups[{i}]['lr'] is {value!r}")
+    for index, param_state in saved["state"].items():
+        if not (isinstance(index, int) and 0 <= index < n_params and isinstance(param_state, dict)):
+            raise bad(f"state entry {index!r} is not a parameter index below {n_params}")
+
+
+def _same_kind(value: Any, current: Any) -> bool:
+    """Whether a saved hyper-parameter is of the kind the optimizer holds there."""
+    if isinstance(current, bool) or current is None:
+        return isinstance(value, bool) or value is None
+    if isinstance(current, (int, float, torch.Tensor)):
+        return isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool)
+    if isinstance(current, (tuple, list)):
+        return (
+            isinstance(value, (tuple, list))
+            and len(value) == len(current)
+            and all(_same_kind(v, c) for v, c in zip(value, current))
+        )
+    return isinstance(value, type(current))
+
+
 def load_state(
     file: Path,
     model: nn.Module,
@@ -349,9 +658,11 @@ def load_state(
     """
     state = read_state(file)
     check_state_fits(state, model, optimizer, file, strict, groups)
-    model.load_state_dict(state["model"], strict=strict)
+    # The optimizer first: torch builds its new state aside and swaps it in at the end, so a
+    # refusal there leaves everything as it was; the model's load cannot fail once checked.
     if optimizer is not None and "opt" in state:
         optimizer.load_state_dict(state["opt"])
+    model.load_state_dict(state["model"], strict=strict)
     return state.get("frozen")
 
 
