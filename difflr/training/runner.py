@@ -46,12 +46,8 @@ from difflr.training.checkpoints import (
     resolve_checkpoint,
 )
 from difflr.training.data import Data, loader_length
-from difflr.training.distributed import (
-    SyncBuffers,
-    batches_per_process,
-    check_fit_in_process,
-    planned_world_size,
-)
+from difflr.training.distributed import SyncBuffers, batches_per_process, planned_world_size
+from difflr.training.handback import hand_back
 from difflr.training.loggers import ContinuousLogger
 from difflr.training.module import LearnerModule
 from difflr.utils.checks import check_choice, check_int, is_int, user_stacklevel
@@ -229,7 +225,8 @@ class Runner:
         kwargs["callbacks"] = [SyncBuffers(), *callbacks, *extra]
         with quiet_lightning():
             trainer = pl.Trainer(**kwargs)
-        check_fit_in_process(trainer)
+        # ddp_notebook/ddp_fork: the workers hand back everything the Learner keeps.
+        hand_back(trainer, self.module, self.optimizer)
         return trainer
 
     def fit(
