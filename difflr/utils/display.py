@@ -6,7 +6,6 @@ import os
 import sys
 from typing import Any
 
-
 #: Set in a process forked from this one (``ddp_notebook``'s workers): ipykernel forwards a
 #: forked child's prints to the cell but drops its rich displays ("attempted to send message
 #: from fork"), so such a child writes plain text.
