@@ -30,7 +30,7 @@ from difflr.policy.schedules import one_cycle_lr
 from difflr.policy.suggestions import make_suggestions
 from difflr.training.distributed import batches_per_process, decide_on_rank_zero, planned_world_size
 from tests import ddp_script
-from tests.helpers import make_learner, make_loaders, make_model
+from tests.helpers import make_loaders, make_model
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
