@@ -43,6 +43,20 @@ def snapshot(learn: Any) -> dict[str, Any]:
     }
 
 
+class NanAtStep:
+    """Cross-entropy, NaN at call ``n`` (counted in each process from the fork)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self, preds: Any, target: Any) -> Any:
+        import torch.nn.functional as F
+
+        self.calls += 1
+        loss = F.cross_entropy(preds, target)
+        return loss * float("nan") if self.calls == self.n else loss
+
+
 def make_tap(out: Path) -> Any:
     """`RankZeroTap`, a callback that makes rank 0 write what it holds at the start and end of
     each fit (defined here so that a notebook can import it)."""
@@ -172,6 +186,22 @@ def _calls(out: Path, precision: str, parent: int, cuda_inits: list[str]) -> Non
     tap.fits = 2
     learn.fine_tune(1, freeze_epochs=1)
     record["fine_tune"] = snapshot(learn)
+    # A NaN loss at the second step of rank 0 (the NaN guard stops there): its error comes back
+    # as itself, and the Learner is as before the call.
+    nan_learn = make_learner(
+        out / "nan",
+        loss_func=NanAtStep(2),
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        precision=precision,
+    )
+    before = snapshot(nan_learn)
+    try:
+        nan_learn.fit_one_cycle(1)
+    except FloatingPointError as error:
+        record["nan_error"] = str(error)
+    record["nan_before"], record["nan_after"] = before, snapshot(nan_learn)
     record["log_dirs"] = sorted(p.name for p in (out / "learner" / "lightning_logs").iterdir())
     record["cuda_inits"] = cuda_inits
     torch.save(record, out / "parent.pt")

@@ -263,6 +263,19 @@ def test_validate_and_get_preds_cover_the_whole_dataset(runs: Runs, precision: s
     torch.testing.assert_close(preds, parent["expected_probs"], atol=atol, rtol=0)
 
 
+@PRECISIONS
+def test_a_workers_nan_guard_error_comes_back_as_itself_and_the_learner_is_unchanged(
+    runs: Runs, precision: str
+) -> None:
+    parent, _ = _script(runs, precision)
+    message = parent["nan_error"]
+    assert message.startswith("the training loss is nan at optimizer step 1")
+    assert "worker process" in message and "as it was before this call" in message
+    assert_same_state(parent["nan_before"]["model"], parent["nan_after"]["model"])
+    assert_same_state(parent["nan_before"]["opt"], parent["nan_after"]["opt"])
+    assert len(parent["nan_after"]["lrs"]) == 0
+
+
 def test_fine_tune_records_both_phases_in_one_table(runs: Runs) -> None:
     parent, _ = _script(runs, "32-true")
     recorded = parent["fine_tune"]

@@ -30,8 +30,13 @@ Learner included (its model, loaders, callbacks and any lambda in them): refused
 
 from __future__ import annotations
 
+import builtins
 import io
 import random
+import re
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
@@ -42,7 +47,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
-__all__ = ["Handback", "HandsBack", "check_launcher", "hand_back", "runs_in_workers"]
+__all__ = [
+    "Handback",
+    "HandsBack",
+    "check_launcher",
+    "hand_back",
+    "runs_in_workers",
+    "worker_errors",
+]
 
 #: The key of difflr's bytes among the launcher's extra results.
 _KEY = "difflr_handback_bytes"
@@ -219,3 +231,49 @@ def hand_back(
         strategy, _start_method(trainer), Handback(module, optimizer)
     )
 
+
+#: The last line of a Python traceback: ``FloatingPointError: the training loss is nan ...``.
+_ERROR_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*): (.*)$")
+
+
+def _original_error(error: BaseException) -> BaseException | None:
+    """The worker's error as its own type, for a built-in exception (``FloatingPointError``,
+    ``ValueError``, ...) whose traceback torch hands over as text; else ``None``."""
+    text = str(getattr(error, "msg", "") or error)
+    lines = text.rstrip().splitlines()
+    for k in range(len(lines) - 1, -1, -1):
+        match = _ERROR_LINE.match(lines[k])
+        if match is None:
+            continue
+        kind = getattr(builtins, match.group(1), None)
+        if not (isinstance(kind, type) and issubclass(kind, Exception)):
+            return None
+        message = "\n".join([match.group(2), *lines[k + 1 :]])
+        index = getattr(error, "error_index", None)
+        try:
+            return kind(
+                f"{message}\n(raised in worker process {index}: nothing came back from the "
+                "workers, so the Learner is as it was before this call)"
+            )
+        except TypeError:  # an exception type that takes other arguments
+            return None
+    return None
+
+
+@contextmanager
+def worker_errors(trainer: pl.Trainer) -> Iterator[None]:
+    """Around a call of a Trainer that may run in worker processes: a worker's error is raised
+    here as its own type when it is a built-in one (torch reports it as a
+    ``ProcessRaisedException`` holding the traceback's text), and any worker still running when
+    the call ends by an error or an interrupt is killed, so that none is left behind."""
+    try:
+        yield
+    except BaseException as error:
+        if not runs_in_workers(trainer):
+            raise
+        trainer.strategy.launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
+        if isinstance(error, torch.multiprocessing.ProcessRaisedException):
+            original = _original_error(error)
+            if original is not None:
+                raise original from error
+        raise

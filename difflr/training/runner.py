@@ -47,7 +47,7 @@ from difflr.training.checkpoints import (
 )
 from difflr.training.data import Data, loader_length
 from difflr.training.distributed import SyncBuffers, batches_per_process, planned_world_size
-from difflr.training.handback import hand_back
+from difflr.training.handback import hand_back, runs_in_workers, worker_errors
 from difflr.training.loggers import ContinuousLogger
 from difflr.training.module import LearnerModule
 from difflr.utils.checks import check_choice, check_int, is_int, user_stacklevel
@@ -260,7 +260,13 @@ class Runner:
             else contextlib.nullcontext()
         )
         try:
-            with claim, quiet_lightning(), self._supersede_optimizer(), warnings.catch_warnings():
+            with (
+                claim,
+                quiet_lightning(),
+                self._supersede_optimizer(),
+                warnings.catch_warnings(),
+                worker_errors(trainer),
+            ):
                 # LearnerModule always defines validation_step; no valid_dl is not a mistake.
                 warnings.filterwarnings(
                     "ignore", ".*`validation_step` but have no `val_dataloader`"
@@ -290,6 +296,11 @@ class Runner:
         except SystemExit:
             # Lightning turns Ctrl-C into SystemExit (it would end a notebook's kernel or a
             # script's later cleanup); give the user back the KeyboardInterrupt they raised.
+            if trainer.interrupted and runs_in_workers(trainer):
+                raise KeyboardInterrupt(
+                    "fit interrupted; its worker processes were stopped and nothing came back "
+                    "from them: the Learner is as it was before this call."
+                ) from None
             if trainer.interrupted:
                 raise KeyboardInterrupt(
                     f"fit interrupted after {scheduler.step} optimizer steps; the Learner keeps "
@@ -449,7 +460,7 @@ class Runner:
     def _evaluating(self, trainer: pl.Trainer, what: str) -> Iterator[None]:
         handler = signal.getsignal(signal.SIGINT)
         try:
-            with quiet_lightning(), warnings.catch_warnings():
+            with quiet_lightning(), warnings.catch_warnings(), worker_errors(trainer):
                 warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)")
                 yield
         except SystemExit:
