@@ -57,6 +57,50 @@ class NanAtStep:
         return loss * float("nan") if self.calls == self.n else loss
 
 
+def interrupt(out: Path) -> dict[str, Any]:
+    """Ctrl-C as Jupyter sends it (SIGINT to the kernel's process group: the notebook's process and
+    its workers) while the workers train; what the Learner holds after, and the workers' fate."""
+    import signal
+    import threading
+    import time
+
+    from lightning.pytorch.callbacks import Callback
+
+    from tests.helpers import make_learner
+
+    class Slow(Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, i: int) -> None:
+            (out / f"pid{trainer.global_rank}").write_text(str(os.getpid()))
+            time.sleep(0.2)
+
+    def press_ctrl_c() -> None:
+        while not all((out / f"pid{r}").exists() for r in (0, 1)):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.killpg(os.getpgrp(), signal.SIGINT)
+
+    out.mkdir()
+    learn = make_learner(out, accelerator="cpu", devices=2, strategy="ddp_fork", callbacks=[Slow()])
+    before = snapshot(learn)
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    result: dict[str, Any] = {"before": before}
+    try:
+        learn.fit(50)
+    except KeyboardInterrupt as error:
+        result["message"] = str(error)
+    result["after"] = snapshot(learn)
+    result["workers"] = [_process_state(int((out / f"pid{r}").read_text())) for r in (0, 1)]
+    return result
+
+
+def _process_state(pid: int) -> str:
+    """``"gone"``, or the state letter of ``/proc/PID/stat`` (``Z``: a zombie, not reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
 def make_tap(out: Path) -> Any:
     """`RankZeroTap`, a callback that makes rank 0 write what it holds at the start and end of
     each fit (defined here so that a notebook can import it)."""
@@ -202,6 +246,8 @@ def _calls(out: Path, precision: str, parent: int, cuda_inits: list[str]) -> Non
     except FloatingPointError as error:
         record["nan_error"] = str(error)
     record["nan_before"], record["nan_after"] = before, snapshot(nan_learn)
+    if precision == PRECISIONS[0]:
+        record["interrupt"] = interrupt(out / "interrupt")
     record["log_dirs"] = sorted(p.name for p in (out / "learner" / "lightning_logs").iterdir())
     record["cuda_inits"] = cuda_inits
     torch.save(record, out / "parent.pt")

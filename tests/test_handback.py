@@ -141,6 +141,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         timeout=TIMEOUT,
         cwd=ROOT,
         env=_env(),
+        start_new_session=True,  # its Ctrl-C goes to its own process group
     )
     if thread is not None:
         thread.join(TIMEOUT)
@@ -274,6 +275,17 @@ def test_a_workers_nan_guard_error_comes_back_as_itself_and_the_learner_is_uncha
     assert_same_state(parent["nan_before"]["model"], parent["nan_after"]["model"])
     assert_same_state(parent["nan_before"]["opt"], parent["nan_after"]["opt"])
     assert len(parent["nan_after"]["lrs"]) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_ctrl_c_stops_the_workers_and_leaves_the_learner_as_before_the_call(runs: Runs) -> None:
+    parent, _ = _script(runs, "32-true")
+    stopped = parent["interrupt"]
+    assert "worker processes were stopped and nothing came back" in stopped["message"]
+    assert_same_state(stopped["before"]["model"], stopped["after"]["model"])
+    assert_same_state(stopped["before"]["opt"], stopped["after"]["opt"])
+    assert len(stopped["after"]["lrs"]) == 0
+    assert stopped["workers"] == ["gone", "gone"]  # ended and reaped
 
 
 def test_fine_tune_records_both_phases_in_one_table(runs: Runs) -> None:

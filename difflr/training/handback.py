@@ -271,7 +271,10 @@ def worker_errors(trainer: pl.Trainer) -> Iterator[None]:
     except BaseException as error:
         if not runs_in_workers(trainer):
             raise
-        trainer.strategy.launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
+        launcher = trainer.strategy.launcher
+        launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
+        for process in launcher.procs:
+            process.join(timeout=10)  # reaped: no zombie left in the notebook's process
         if isinstance(error, torch.multiprocessing.ProcessRaisedException):
             original = _original_error(error)
             if original is not None:
