@@ -57,6 +57,33 @@ class NanAtStep:
         return loss * float("nan") if self.calls == self.n else loss
 
 
+def crash_and_resume(out: Path, precision: str) -> dict[str, Any]:
+    """A 3-epoch one-cycle whose worker crashes in its third epoch, resumed from ``last.ckpt`` by
+    a new Learner; and the same fit uninterrupted."""
+    from lightning.pytorch.callbacks import Callback
+
+    from tests.helpers import make_learner
+
+    class Crash(Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, i: int) -> None:
+            if trainer.current_epoch == 2 and i == 1:
+                raise RuntimeError("simulated crash")
+
+    options = {"accelerator": "cpu", "devices": 2, "strategy": "ddp_fork", "precision": precision}
+    full = make_learner(out / "full", **options)
+    full.fit_one_cycle(3, 1e-2)
+    crashed = make_learner(out / "resumed", callbacks=[Crash()], **options)
+    result: dict[str, Any] = {"full": snapshot(full)}
+    try:
+        crashed.fit_one_cycle(3, 1e-2)
+    except RuntimeError as error:
+        result["crash"] = str(error)
+    resumed = make_learner(out / "resumed", **options)
+    resumed.fit_one_cycle(3, 1e-2, ckpt_path="last")
+    result["resumed"] = snapshot(resumed)
+    return result
+
+
 def interrupt(out: Path) -> dict[str, Any]:
     """Ctrl-C as Jupyter sends it (SIGINT to the kernel's process group: the notebook's process and
     its workers) while the workers train; what the Learner holds after, and the workers' fate."""
@@ -228,7 +255,9 @@ def _calls(out: Path, precision: str, parent: int, cuda_inits: list[str]) -> Non
     record["preds"], record["targets"] = learn.get_preds()
 
     tap.fits = 2
+    print(f"--- fine_tune {precision} ---", flush=True)
     learn.fine_tune(1, freeze_epochs=1)
+    print(f"--- fine_tune {precision} done ---", flush=True)
     record["fine_tune"] = snapshot(learn)
     # A NaN loss at the second step of rank 0 (the NaN guard stops there): its error comes back
     # as itself, and the Learner is as before the call.
@@ -246,6 +275,7 @@ def _calls(out: Path, precision: str, parent: int, cuda_inits: list[str]) -> Non
     except FloatingPointError as error:
         record["nan_error"] = str(error)
     record["nan_before"], record["nan_after"] = before, snapshot(nan_learn)
+    record["resume"] = crash_and_resume(out, precision)
     if precision == PRECISIONS[0]:
         record["interrupt"] = interrupt(out / "interrupt")
     record["log_dirs"] = sorted(p.name for p in (out / "learner" / "lightning_logs").iterdir())

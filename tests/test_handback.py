@@ -277,6 +277,21 @@ def test_a_workers_nan_guard_error_comes_back_as_itself_and_the_learner_is_uncha
     assert len(parent["nan_after"]["lrs"]) == 0
 
 
+@PRECISIONS
+def test_a_fit_whose_worker_crashed_resumes_from_its_checkpoint_to_the_same_end(
+    runs: Runs, precision: str
+) -> None:
+    parent, _ = _script(runs, precision)
+    resume = parent["resume"]
+    assert resume["crash"].startswith("simulated crash")
+    full, resumed = resume["full"], resume["resumed"]
+    assert_same_state(full["model"], resumed["model"])
+    assert_same_state(full["opt"], resumed["opt"])
+    np.testing.assert_array_equal(full["lrs"], resumed["lrs"])
+    np.testing.assert_array_equal(full["losses"], resumed["losses"])
+    assert [r["epoch"] for r in resumed["values"]] == [0.0, 1.0, 2.0]
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_ctrl_c_stops_the_workers_and_leaves_the_learner_as_before_the_call(runs: Runs) -> None:
     parent, _ = _script(runs, "32-true")
@@ -288,14 +303,17 @@ def test_ctrl_c_stops_the_workers_and_leaves_the_learner_as_before_the_call(runs
     assert stopped["workers"] == ["gone", "gone"]  # ended and reaped
 
 
-def test_fine_tune_records_both_phases_in_one_table(runs: Runs) -> None:
-    parent, _ = _script(runs, "32-true")
+@PRECISIONS
+def test_fine_tune_records_both_phases_in_one_table(runs: Runs, precision: str) -> None:
+    parent, _ = _script(runs, precision)
     recorded = parent["fine_tune"]
     assert recorded["boundaries"] == [0, fork_script.STEPS_PER_EPOCH]
     assert [row["epoch"] for row in recorded["values"]] == [0.0, 1.0]
-    # One epoch table per fit call (two fits and fine_tune; lr_find has none): fine_tune's
-    # header once, although its two stages ran in two sets of workers.
-    assert runs.script.stdout.count("train_loss  valid_loss") == 3 * len(fork_script.PRECISIONS)
+    # The table's header once, although the two stages ran in two sets of workers.
+    printed = runs.script.stdout.split(f"--- fine_tune {precision} ---")[1]
+    printed = printed.split(f"--- fine_tune {precision} done ---")[0]
+    assert printed.count("train_loss  valid_loss") == 1
+    assert re.findall(r"^\s+([01])\s+\d", printed, re.MULTILINE) == ["0", "1"]
 
 
 def test_the_notebooks_process_never_initialises_cuda(runs: Runs) -> None:
