@@ -10,6 +10,7 @@ Lightning internals are checked in this process.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import re
@@ -399,3 +400,50 @@ def test_lightnings_launcher_internals_that_the_handback_relies_on(tmp_path) -> 
     # A Trainer that runs here keeps Lightning's launcher (none, for one device).
     plain = make_learner(tmp_path).runner.trainer([], standard=False)
     assert not isinstance(plain.strategy.launcher, _HandbackLauncher)
+
+
+def test_a_handback_puts_back_what_was_collected_whatever_changed_since(tmp_path) -> None:
+    """`Handback.collect` then `apply` in one process, the changes a call makes undone."""
+    import random
+
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from difflr.training.handback import Handback
+
+    learn = make_learner(tmp_path)
+    stop = EarlyStopping("valid_loss")
+    stop.wait_count = 3
+    trainer = learn.runner.trainer([stop], standard=False)
+    learn.model(torch.randn(4, 6)).sum().backward()
+    learn.opt.step()
+    learn.recorder._lrs.append(np.array([1e-3, 2e-3, 3e-3]))
+    learn.model.register_buffer("scratch", torch.arange(3.0), persistent=False)
+    learn.model[0].weight.requires_grad_(False)
+    learn.model.eval()
+    handback = Handback(learn.module, learn.opt, trainer.callbacks)
+    kept = {
+        "opt": copy.deepcopy(learn.opt.state_dict()),
+        "rng": (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()),
+    }
+    data = handback.collect(trainer)
+
+    # What a call in this process would have changed.
+    learn.opt.state.clear()
+    learn.recorder.reset()
+    stop.wait_count = 0
+    learn.model.scratch.zero_()
+    learn.model[0].weight.requires_grad_(True)
+    learn.model.train()
+    torch.rand(5), np.random.rand(5), random.random()
+    trainer.callbacks.insert(0, EarlyStopping("valid_loss"))  # configure_callbacks in a worker
+
+    handback.apply(trainer, data)
+    assert_same_state(learn.opt.state_dict(), kept["opt"])
+    np.testing.assert_array_equal(learn.recorder.lrs, [[1e-3, 2e-3, 3e-3]])
+    assert stop.wait_count == 3
+    assert torch.equal(learn.model.scratch, torch.arange(3.0))
+    assert not learn.model[0].weight.requires_grad and learn.model[3].weight.requires_grad
+    assert not learn.model.training and not learn.model[1].training
+    assert torch.equal(torch.get_rng_state(), kept["rng"][0])
+    np.testing.assert_array_equal(np.random.get_state()[1], kept["rng"][1])
+    assert random.getstate() == kept["rng"][2]

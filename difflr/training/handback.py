@@ -35,7 +35,7 @@ import io
 import random
 import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
@@ -119,11 +119,20 @@ class Handback:
     Args:
         module: The LightningModule that trains (its weights come back through Lightning).
         optimizer: The Learner's optimizer.
+        callbacks: The Trainer's callbacks before the workers start: each worker holds its copy
+            of each, in this order (a module's ``configure_callbacks`` may change the Trainer's
+            list in the workers).
     """
 
-    def __init__(self, module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(
+        self,
+        module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        callbacks: Sequence[Any] = (),
+    ) -> None:
         self.module = module
         self.optimizer = optimizer
+        self.callbacks = list(callbacks)
 
     def collect(self, trainer: pl.Trainer) -> bytes:
         """Rank 0's state after the call, as bytes (tensors on the CPU)."""
@@ -134,7 +143,7 @@ class Handback:
             "requires_grad": [p.requires_grad for p in module.parameters()],
             "training": [m.training for m in module.modules()],
             "buffers": {k: b for k, b in module.named_buffers() if k not in persistent},
-            "callbacks": [_callback_state(cb) for cb in trainer.callbacks],
+            "callbacks": [_callback_state(cb) for cb in self.callbacks],
             "rng": (torch.get_rng_state(), np.random.get_state(), random.getstate()),
             "fit_loop": (
                 trainer.fit_loop.state_dict() if trainer.state.fn == TrainerFn.FITTING else None
@@ -159,7 +168,7 @@ class Handback:
         with torch.no_grad():
             for key, value in state["buffers"].items():
                 buffers[key].copy_(value)
-        for callback, saved in zip(trainer.callbacks, state["callbacks"]):
+        for callback, saved in zip(self.callbacks, state["callbacks"], strict=True):
             _load_callback_state(callback, saved)
         torch_rng, np_rng, py_rng = state["rng"]
         torch.set_rng_state(torch_rng)
@@ -228,7 +237,7 @@ def hand_back(
     # Lightning has no public setter for a strategy's launcher; `_launcher` is what its
     # `launcher` property returns (pinned by tests/test_handback.py).
     strategy._launcher = _HandbackLauncher(
-        strategy, _start_method(trainer), Handback(module, optimizer)
+        strategy, _start_method(trainer), Handback(module, optimizer, trainer.callbacks)
     )
 
 
