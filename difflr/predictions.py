@@ -90,6 +90,7 @@ class _Collector(BasePredictionWriter):
         self.targets: list[Any] = []
         self.losses: list[torch.Tensor] = []
         self.inputs: list[Any] = []
+        self.parts: list[dict[str, Any]] | None = None  # every rank's result(), gathered
 
     @override
     def write_on_batch_end(
@@ -121,6 +122,18 @@ class _Collector(BasePredictionWriter):
             self.losses.append(per_item_loss(self.loss_func, prediction, target).cpu())
         if self.with_input:
             self.inputs.append(to_cpu(inputs[0] if len(inputs) == 1 else inputs))
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Gathered here, while the processes can still talk (a forked worker's cannot later).
+        self.parts = _gather(trainer, self.result())
+
+    def handback_state(self) -> list[dict[str, Any]] | None:
+        """What a worker process (``ddp_notebook``) hands back: every rank's batches."""
+        return self.parts
+
+    def load_handback_state(self, state: list[dict[str, Any]] | None) -> None:
+        self.parts = state
 
     def result(self) -> dict[str, Any]:
         """This process's batches joined: plain tensors and lists, ready to be gathered."""
@@ -241,7 +254,8 @@ def collect_predictions(
         # Said by Lightning for a loader without item indices; the order is then the loader's.
         warnings.filterwarnings("ignore", "Couldn't infer the batch indices")
         runner.predict(trainer, dataloaders=loader)
-    parts = [p for p in _gather(trainer, collector.result()) if p["preds"] is not None]
+    gathered = collector.parts if collector.parts is not None else [collector.result()]
+    parts = [p for p in gathered if p["preds"] is not None]
     if not parts:
         raise ValueError(f"get_preds read no batch from {type(loader).__name__}; it is empty.")
     joined = {key: _join([p[key] for p in parts]) for key in parts[0]}

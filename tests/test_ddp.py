@@ -3,8 +3,8 @@ rank decides for lr_find, and only rank 0 logs.
 
 ``tests/ddp_script.py`` runs once per session (about 30 s on 2 cores) in a subprocess with
 ``strategy="ddp"``; Lightning's script launcher starts its rank 1. The tests read what each rank
-saved. The pure helpers of ``difflr.training.distributed`` and the refusal of the spawning launchers are
-tested in this process.
+saved. The pure helpers of ``difflr.training.distributed`` are tested in this process; the
+launchers that fork workers for each call (``ddp_notebook``) are ``tests/test_handback.py``'s.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from difflr.policy.schedules import one_cycle_lr
 from difflr.policy.suggestions import make_suggestions
 from difflr.training.distributed import batches_per_process, decide_on_rank_zero, planned_world_size
 from tests import ddp_script
-from tests.helpers import make_learner, make_loaders, make_model
+from tests.helpers import make_loaders, make_model
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -297,17 +297,6 @@ def test_gradual_unfreezing_refuses_to_start_under_ddp(run: DDPRun) -> None:
         assert message is not None
         assert "2 processes" in message and "fit_stages" in message
         assert not record["gradual_unfreezing_froze"]  # refused before freezing anything
-
-
-@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_notebook"])
-def test_launchers_that_fit_in_worker_processes_are_refused(tmp_path, strategy: str) -> None:
-    learn = make_learner(tmp_path, strategy=strategy, accelerator="cpu", devices=2)
-    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    with pytest.raises(ValueError, match="strategy='ddp'"):
-        learn.fit_one_cycle(1)
-    with pytest.raises(ValueError, match="worker processes"):
-        learn.lr_find(num_it=5, show_plot=False)
-    assert max_difference(before, learn.model.state_dict()) == 0
 
 
 # --------------------------------------------------------------------------------- rank 0 only

@@ -36,6 +36,12 @@ class FiniteLossGuard(Callback):
     batch's start. The error names the optimizer step, the loss and every layer group's LR, and
     says whether the weights are finite: it checks them rather than assume it.
 
+    Under ``precision="16-mixed"`` non-finite gradients are routine: the ``GradScaler`` skips
+    that step (no update) and lowers its scale; the step still counts for the schedule, as in
+    Lightning's ``global_step``. The guard leaves such steps to the scaler, and stops only when
+    the gradients are not finite at a loss scale below 1 (not an overflow: the scaler would skip
+    every step from then on) or when the loss itself is not finite.
+
     The loss is read on the host once per step (a device synchronisation on a GPU); the Learner
     adds this callback unless ``check_finite=False``. Works for any ``LightningModule`` with
     automatic optimisation.
@@ -53,8 +59,8 @@ class FiniteLossGuard(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # On their final device: the copies are made once per fit and refreshed every batch.
-        # Integer ones too: BatchNorm's num_batches_tracked is the divisor of its running
-        # average with momentum=None.
+        # All of them: BatchNorm's integer num_batches_tracked counts the failing batch too (and
+        # weighs the running statistics with momentum=None).
         self._buffers = list(pl_module.buffers())
         self._saved = [b.detach().clone() for b in self._buffers]
 
@@ -86,8 +92,16 @@ class FiniteLossGuard(Callback):
         bad = non_finite_names(
             (name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None
         )
-        if bad:
-            self._stop(trainer, pl_module, f"the gradients of {', '.join(bad)} are not finite")
+        if not bad:
+            return
+        scale = _loss_scale(trainer)
+        if scale is not None and scale >= 1.0:
+            # float16 mixed precision: the GradScaler skips this step (no update) and lowers its
+            # scale, a routine overflow. At a scale below 1 the gradients are not finite even
+            # unscaled: that is no overflow, and the scaler would skip every step from then on.
+            return
+        where = "" if scale is None else f" even at a loss scale of {scale:g}"
+        self._stop(trainer, pl_module, f"the gradients of {', '.join(bad)} are not finite{where}")
 
     def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
         if self._buffers:
@@ -114,6 +128,15 @@ class FiniteLossGuard(Callback):
             "LR (learn.lr_find() helps), check the data for NaN/inf, or clip gradients "
             "(gradient_clip_val=...)."
         )
+
+
+def _loss_scale(trainer: pl.Trainer) -> float | None:
+    """The loss scale of the GradScaler that Lightning's float16 mixed precision steps through
+    (``precision="16-mixed"``), or ``None`` without one (full precision, ``bf16-mixed``)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return float(scaler.get_scale())
 
 
 class FrozenNormEval(Callback):

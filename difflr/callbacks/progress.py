@@ -282,6 +282,17 @@ class ProgressTable(Callback):
             self._output = _Output(table=True)
         return self._output
 
+    def handback_state(self) -> _Output | None:
+        """What a worker process (``ddp_notebook``) hands back: the display so far (the rows
+        it printed), so that the next stage of a plan goes on under it."""
+        if self._output is not None and self._output._bar is not None:
+            return None  # a bar still open (an interrupted epoch): start afresh
+        return self._output
+
+    def load_handback_state(self, state: _Output | None) -> None:
+        """Take a worker's display as this one."""
+        self._output = state
+
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Showing the same rows again shows nothing new (a terminal prints each row once).

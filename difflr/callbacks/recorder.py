@@ -266,6 +266,17 @@ class Recorder(Callback):
         self._moms = [np.array(row) for row in self._moms]
         self._resumed = True  # the next on_train_start continues this run, not a new one
 
+    # ----------------------------------------------------------------------------- workers
+    def handback_state(self) -> dict[str, Any]:
+        """What a worker process (``ddp_notebook``) hands back: the whole record so far."""
+        return self.state_dict()
+
+    def load_handback_state(self, state: dict[str, Any]) -> None:
+        """Take a worker's record as this one; the next fit starts a new run, as it would
+        after a call in this process (unlike a checkpoint's, which the next fit continues)."""
+        self.load_state_dict(state)
+        self._resumed = False
+
     # ----------------------------------------------------------------------------- plots
     def plot_sched(self) -> Figure:
         """Every layer group's LR (log scale) and momentum at each step, fits marked."""

@@ -8,9 +8,8 @@ params that train in that fit. What is left for difflr to do under DDP is small,
 - `SyncBuffers`: at the end of a fit every rank takes rank 0's buffers (BatchNorm running
   statistics are updated from each rank's own batches; DDP only re-synchronises them at the next
   forward), so that every replica ends a fit bit-identical to rank 0, whose model is checkpointed.
-- `check_fit_in_process`: refuse the launchers that run ``trainer.fit`` in worker processes
-  (``ddp_spawn``, ``ddp_notebook``/``ddp_fork``): only rank 0's weights come back from them, not
-  the optimizer state, the recorder or the schedule position that a Learner keeps.
+- The launchers that run each call in worker processes (``ddp_notebook``/``ddp_fork``) are
+  `difflr.training.handback`'s: the workers hand back everything a Learner keeps.
 - `planned_world_size` and `batches_per_process`: the number of optimizer steps a
   fit will make in each process, for schedule previews (the sampler shards the data).
 """
@@ -31,7 +30,6 @@ T = TypeVar("T")
 __all__ = [
     "SyncBuffers",
     "batches_per_process",
-    "check_fit_in_process",
     "decide_on_rank_zero",
     "is_distributed",
     "planned_world_size",
@@ -102,34 +100,6 @@ class SyncBuffers(Callback):
         with torch.no_grad():
             for buffer in pl_module.buffers():
                 torch.distributed.broadcast(buffer, src=0)
-
-
-def check_fit_in_process(trainer: pl.Trainer) -> None:
-    """Refuse a strategy whose launcher runs ``trainer.fit`` in worker processes.
-
-    ``ddp_spawn``, ``ddp_notebook``/``ddp_fork`` (and ``DDPStrategy(start_method=...)`` with those)
-    start new processes for each ``trainer.fit`` and hand back only rank 0's weights; a Learner
-    keeps more than weights between fits (the optimizer's state, the recorder, the position of
-    the schedule, the logger's step offset), which would silently stay behind in the workers.
-    ``strategy="ddp"`` in a script (Lightning's script launcher, ``torchrun``, SLURM) runs every
-    rank's Learner in its own process for the whole program, and is supported.
-
-    Raises:
-        ValueError: The strategy launches worker processes per fit.
-    """
-    # Lightning has no public way to ask whether fit runs in this process; the launcher class is
-    # the one place that says it (pinned by tests/test_ddp.py).
-    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
-    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
-        raise ValueError(
-            f"a Learner cannot train with a strategy that starts worker processes for each fit "
-            f"({type(trainer.strategy).__name__} with a {type(trainer.strategy.launcher).__name__}, "
-            "e.g. strategy='ddp_spawn' or 'ddp_notebook'): only rank 0's weights would come back, "
-            "not the optimizer state, the recorder or the schedule position. Put the training in "
-            "a script and use strategy='ddp' (python train.py, or torchrun), or train in one "
-            "process (devices=1)."
-        )
 
 
 def planned_world_size(trainer_kwargs: Mapping[str, Any]) -> int:

@@ -49,12 +49,8 @@ from difflr.training.checkpoints import (
     resolve_checkpoint,
 )
 from difflr.training.data import Data, loader_length
-from difflr.training.distributed import (
-    SyncBuffers,
-    batches_per_process,
-    check_fit_in_process,
-    planned_world_size,
-)
+from difflr.training.distributed import SyncBuffers, batches_per_process, planned_world_size
+from difflr.training.handback import hand_back, runs_in_workers, worker_errors
 from difflr.training.loggers import ContinuousLogger
 from difflr.training.module import LearnerModule
 from difflr.utils.checks import check_choice, check_int, is_int, user_stacklevel
@@ -235,7 +231,8 @@ class Runner:
         kwargs["callbacks"] = [SyncBuffers(), _StopPredictingOnSigterm(), *callbacks, *extra]
         with quiet_lightning():
             trainer = pl.Trainer(**kwargs)
-        check_fit_in_process(trainer)
+        # ddp_notebook/ddp_fork: the workers hand back everything the Learner keeps.
+        hand_back(trainer, self.module, self.optimizer)
         return trainer
 
     def fit(
@@ -279,14 +276,18 @@ class Runner:
                     trainer,
                     self.module,
                     interrupted=lambda: (
-                        f"fit interrupted after {scheduler.step} optimizer "
-                        "steps; the Learner keeps the weights and the recorder keeps the steps done."
+                        "fit interrupted; its worker processes were stopped and nothing came "
+                        "back from them: the Learner is as it was before this call."
+                        if runs_in_workers(trainer)
+                        else f"fit interrupted after {scheduler.step} optimizer steps; the "
+                        "Learner keeps the weights and the recorder keeps the steps done."
                     ),
                     terminated=f"training stopped; {where}",
                 ),
                 claim,
                 self._supersede_optimizer(),
                 warnings.catch_warnings(),
+                worker_errors(trainer),
             ):
                 # LearnerModule always defines validation_step; no valid_dl is not a mistake.
                 warnings.filterwarnings(
@@ -498,6 +499,7 @@ class Runner:
                 terminated=f"{what} stopped; the model is unchanged",
                 restore_modes=True,
             ),
+            worker_errors(trainer),
         ):
             yield
 

@@ -6,12 +6,29 @@ import os
 import sys
 from typing import Any
 
+#: Set in a process forked from this one (``ddp_notebook``'s workers): ipykernel forwards a
+#: forked child's prints to the cell but drops its rich displays ("attempted to send message
+#: from fork"), so such a child writes plain text.
+_FORKED = False
+
+
+def _after_fork_in_child() -> None:
+    global _FORKED
+    _FORKED = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def kernel_shell() -> Any | None:
-    """The running IPython shell if it is a kernel (Jupyter), else ``None``.
+    """The running IPython shell if it is a kernel (Jupyter) that this process can display in,
+    else ``None`` (also in a process forked from the kernel's: see ``_FORKED``).
 
     Never imports IPython: if it is not imported yet, this is certainly not a kernel.
     """
+    if _FORKED:
+        return None
     ipython = sys.modules.get("IPython")
     get_ipython = getattr(ipython, "get_ipython", None)
     if get_ipython is None:
