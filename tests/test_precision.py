@@ -158,6 +158,7 @@ def test_steps_the_grad_scaler_skips_are_not_nan_guard_failures_and_keep_the_sch
     # skips them (no update) and halves its scale until they fit.
     init_scale = 2.0**24
     learn, scaler = fp16_learner(tmp_path, device, init_scale, check_finite="grads")
+    assert describe_optimizer(learn.opt) == "AdamW (fused)"  # the scaler skips a fused step too
     planned = learn.preview_one_cycle(2, slice(1e-4, 1e-2))
     learn.fit_one_cycle(2, slice(1e-4, 1e-2))
     skipped = round(math.log2(init_scale / scaler.get_scale()))
