@@ -471,7 +471,12 @@ class Runner:
         """
         with self._evaluating(trainer, "validate"):
             results = trainer.validate(self.module, verbose=False, **data)
-        if trainer.validate_loop.batch_progress.total.completed == 0:
+        # Worker processes (ddp_notebook) count their batches in their own loop: their values
+        # came back.
+        read = trainer.validate_loop.batch_progress.total.completed or (
+            runs_in_workers(trainer) and any(results)
+        )
+        if not read:
             raise ValueError(
                 "validate read no batch: the validation loader is empty (an empty "
                 "IterableDataset, or limit_val_batches=0?); pass a loader with data."
