@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from difflr.callbacks.recorder import Recorder, SmoothedLoss
+from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import ParamScheduler
+from difflr.callbacks.step_loss import StepLosses
 from difflr.policy.lr import LRSpec, expand_lrs
 from difflr.policy.schedules import exp_range
 from difflr.policy.suggestions import SuggestedLRs, SuggestionFunc, make_suggestions, valley
@@ -126,31 +127,23 @@ class _StopOnDivergence(Callback):
     def __init__(self, factor: float = 4.0) -> None:
         self.factor = factor
         self.best = math.inf
-        self.ema = SmoothedLoss()
-        self._step_losses: list[float] = []
-        self._stepped = False
+        self.step_losses = StepLosses()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self._stepped = True
+        self.step_losses.step()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            # Lightning hands over the loss divided by accumulate_grad_batches.
-            self._step_losses.append(float(loss) * trainer.accumulate_grad_batches)
-        if not self._stepped:
-            return  # the optimizer step of these micro-batches is still to come
-        self._stepped = False
-        if not self._step_losses:
-            return  # every batch of the step was skipped
-        smoothed = self.ema.update(sum(self._step_losses) / len(self._step_losses))
-        self._step_losses = []
-        stop = not math.isfinite(smoothed) or smoothed > self.factor * self.best
-        if trainer.world_size > 1:
-            stop = trainer.strategy.broadcast(stop, src=0)
-        if stop:
-            trainer.should_stop = True
-        self.best = min(self.best, smoothed)
+        self.step_losses.batch_end(outputs, trainer.accumulate_grad_batches)
+        # Normally one step per batch; none while micro-batches accumulate.
+        for smoothed in self.step_losses.read():
+            if smoothed is None:
+                continue  # every batch of the step was skipped
+            stop = not math.isfinite(smoothed) or smoothed > self.factor * self.best
+            if trainer.world_size > 1:
+                stop = trainer.strategy.broadcast(stop, src=0)
+            if stop:
+                trainer.should_stop = True
+            self.best = min(self.best, smoothed)
 
 
 class _StopOnEmptyEpoch(Callback):
