@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import difflr.training.module
-from difflr import Learner, accuracy
+from difflr import ClassificationInterpretation, Learner, accuracy
 from difflr.training.module import (
     computes_own_loss,
     forward_batch,
@@ -209,6 +209,24 @@ def test_lr_find_on_dict_batches_restores_everything(tmp_path) -> None:
     suggestion = learn.lr_find(num_it=12, show_plot=False)
     assert len(learn.recorder.losses) > 0 and suggestion.valley > 0
     _assert_same(before, _state(learn))
+
+
+def test_get_preds_and_interpretation_read_the_labels_of_dict_batches_as_fit_does(tmp_path):
+    learn = Learner(KwargsNet(), _loaders(), F.cross_entropy, **_quiet(tmp_path))
+    learn.fit(1, 1e-3)
+    valid = DictData(32, 1)  # the validation loader's data, in its order
+    learn.model.eval()
+    with torch.no_grad():
+        logits = learn.model(x=valid.x, scale=torch.ones(32, 1)).logits
+    inputs, preds, targets, losses = learn.get_preds(with_input=True, with_loss=True)
+    assert torch.equal(targets, valid.y)
+    torch.testing.assert_close(losses, F.cross_entropy(logits, valid.y, reduction="none"))
+    assert sorted(inputs) == ["scale", "x"]  # the inputs without the target
+    interp = ClassificationInterpretation.from_learner(learn)
+    assert torch.equal(interp.targs, valid.y)
+    expected = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(expected, (valid.y.numpy(), logits.argmax(1).numpy()), 1)
+    np.testing.assert_array_equal(interp.confusion_matrix(), expected)
 
 
 def test_the_docstring_examples_run() -> None:
