@@ -22,12 +22,13 @@ from difflr import predictions
 from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import stage_scheduler
 from difflr.groups.blocks import tied_parameters
-from difflr.groups.freezing import apply_freeze, trainable_flags
+from difflr.groups.freezing import trainable_flags
 from difflr.groups.layers import LayerGroup, Splitter, group_fingerprint, warn_single_group
 from difflr.groups.splitters import describe_group, split_model
 from difflr.optim.implementation import OptFunc, describe_optimizer, make_optimizer
 from difflr.optim.param_groups import build_param_groups, read_hypers, set_weight_decay
 from difflr.optim.preview import SchedulePreview, preview_plan
+from difflr.optim.stage_entry import enter_stage
 from difflr.policy.freeze import check_freeze_to, frozen_pattern
 from difflr.policy.lr import LRSpec, expand_lrs
 from difflr.policy.schedules import DEFAULT_MOMS
@@ -219,12 +220,7 @@ class Learner:
             TypeError: ``n`` is not an int.
             ValueError: ``n`` is outside ``[-n_groups, n_groups]``.
         """
-        check_freeze_to(n, self.n_groups)
-        warn_single_group(self.splits, f"freeze_to({n})")
-        pattern = frozen_pattern(n, self.n_groups)
-        if pattern != self._frozen:
-            self.opt.state.clear()
-        self._set_frozen(pattern)
+        self._enter_stage(self._frozen_pattern(n), previous=self._frozen)
 
     def freeze(self) -> None:
         """Train the last layer group (the head) only: ``freeze_to(-1)``."""
@@ -234,9 +230,34 @@ class Learner:
         """Train every layer group: ``freeze_to(0)``."""
         self.freeze_to(0)
 
-    def _set_frozen(self, pattern: Sequence[bool]) -> None:
-        apply_freeze(self.model, self.splits, list(pattern), self.train_bn)
-        self._frozen = list(pattern)
+    def _frozen_pattern(self, n: int) -> list[bool]:
+        """The pattern of ``freeze_to(n)``, checked, with the single-group warning."""
+        check_freeze_to(n, self.n_groups)
+        warn_single_group(self.splits, f"freeze_to({n})")
+        return frozen_pattern(n, self.n_groups)
+
+    def _enter_stage(
+        self,
+        frozen: Sequence[bool] | None,
+        *,
+        previous: Sequence[bool] | None,
+        wd: float | None = None,
+    ) -> None:
+        """`difflr.optim.stage_entry.enter_stage` for the Learner's model; the pattern and the
+        weight decay are remembered."""
+        enter_stage(
+            self.model,
+            self.splits,
+            self.opt,
+            frozen,
+            previous=previous,
+            train_bn=self.train_bn,
+            wd=wd,
+        )
+        if frozen is not None:
+            self._frozen = list(frozen)
+        if wd is not None:
+            self.wd = wd
 
     # ----------------------------------------------------------------------------- fitting
     def fit(
@@ -366,12 +387,13 @@ class Learner:
         self.runner.table.start()
         for k in range(0 if resume is None else resume.stage, len(stages)):
             resuming = resume is not None and k == resume.stage
-            if resuming:
-                self._set_frozen(resume.frozen)
+            if resuming:  # the checkpoint's optimizer state was made under its pattern: kept
+                frozen, previous = resume.frozen, resume.frozen
             elif stages[k].freeze_to is not None:
-                self.freeze_to(stages[k].freeze_to)
-            set_weight_decay(self.opt, stages[k].wd)
-            self.wd = self.wd if stages[k].wd is None else stages[k].wd
+                frozen, previous = self._frozen_pattern(stages[k].freeze_to), self._frozen
+            else:
+                frozen, previous = None, None
+            self._enter_stage(frozen, previous=previous, wd=stages[k].wd)
             record = {"learner": self._id, "run": self._run, "stage": k, "plan": plan}
             self.trainer = self.runner.fit_stage(
                 stages[k], schedulers[k], record, self._frozen, resume if resuming else None
@@ -517,7 +539,7 @@ class Learner:
         groups = group_fingerprint(self.model, self.splits)
         frozen = load_state(file, self.model, self.opt if with_opt else None, groups, strict)
         if frozen is not None and len(frozen) == self.n_groups:
-            self._set_frozen(frozen)
+            self._enter_stage(frozen, previous=frozen)  # with the optimizer state just loaded
         return self
 
     def export(self, fname: str = "export.pt") -> Path:
