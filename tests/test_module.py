@@ -220,6 +220,7 @@ def test_get_preds_and_interpretation_read_the_labels_of_dict_batches_as_fit_doe
         logits = learn.model(x=valid.x, scale=torch.ones(32, 1)).logits
     inputs, preds, targets, losses = learn.get_preds(with_input=True, with_loss=True)
     assert torch.equal(targets, valid.y)
+    torch.testing.assert_close(preds, logits.softmax(1))
     torch.testing.assert_close(losses, F.cross_entropy(logits, valid.y, reduction="none"))
     assert sorted(inputs) == ["scale", "x"]  # the inputs without the target
     interp = ClassificationInterpretation.from_learner(learn)

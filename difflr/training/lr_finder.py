@@ -15,7 +15,7 @@ import random
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import lightning.pytorch as pl
 import numpy as np
@@ -27,7 +27,13 @@ from difflr.callbacks.scheduler import ParamScheduler
 from difflr.callbacks.step_loss import StepLosses
 from difflr.policy.lr import LRSpec, expand_lrs
 from difflr.policy.schedules import exp_range
-from difflr.policy.suggestions import SuggestedLRs, SuggestionFunc, make_suggestions, valley
+from difflr.policy.suggestions import (
+    SuggestedLRs,
+    SuggestionFunc,
+    make_suggestions,
+    suggestion_funcs,
+    valley,
+)
 from difflr.training.distributed import decide_on_rank_zero
 from difflr.training.runner import Runner
 from difflr.utils.checks import check_choice, check_int
@@ -193,7 +199,7 @@ def lr_find(
         )
     num_it = check_int(num_it, "num_it", 2, what="sweep iterations")
     check_choice(snapshot, "snapshot", ("memory", "disk"))
-    funcs = _suggestion_funcs(suggest_funcs)
+    funcs = () if suggest_funcs is None else suggestion_funcs(suggest_funcs)
     if learn.runner.trainer_kwargs.get("limit_train_batches") in (0, 0.0):
         raise ValueError(
             "limit_train_batches=0 leaves the sweep no batch to train on; lr_find needs at least "
@@ -239,17 +245,3 @@ def lr_find(
 
         show(rec.plot_lr_find())
     return suggested
-
-
-def _suggestion_funcs(suggest_funcs: Any) -> tuple[SuggestionFunc, ...]:
-    if suggest_funcs is None:
-        return ()
-    if callable(suggest_funcs):
-        return (suggest_funcs,)
-    funcs = tuple(suggest_funcs) if isinstance(suggest_funcs, (list, tuple)) else (None,)
-    if not all(callable(func) for func in funcs):
-        raise TypeError(
-            f"suggest_funcs must be a suggestion function (lrs, losses) -> lr, a list of them, or "
-            f"None for none; got {suggest_funcs!r}."
-        )
-    return funcs

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from difflr.utils.checks import is_number
+
 Metric = Callable[[torch.Tensor, torch.Tensor], Any]
 
 
@@ -337,7 +339,7 @@ class LearnerModule(pl.LightningModule):
         preds, targets = torch.cat(self._preds), torch.cat(self._targets)
         for name, metric in zip(self.metric_names, self.metrics):
             value = metric.compute() if is_stateful_metric(metric) else metric(preds, targets)
-            if not _is_number(value):
+            if not is_number(value, tensor=True):
                 raise TypeError(
                     f"metric {name!r} returned {value!r} ({type(value).__name__}); a metric must "
                     "return a number (a float or a one-element tensor), e.g. accuracy(preds, "
@@ -409,9 +411,3 @@ def make_module(
         if not callable(m) and not hasattr(m, "compute"):
             raise TypeError(f"metric {m!r} is not callable (preds, targets) -> number.")
     return LearnerModule(model, loss_func, metrics, optimizer)
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.numel() == 1 and not value.is_complex()
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -22,8 +22,16 @@ def is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def is_number(value: Any) -> bool:
-    """Whether ``value`` is a real number (numpy's included), and not a ``bool``."""
+def is_number(value: Any, *, tensor: bool = False) -> bool:
+    """Whether ``value`` is a real number (numpy's included), and not a ``bool``; with
+    ``tensor=True`` a real tensor of one element counts too (what a metric may return).
+
+    Examples:
+        >>> is_number(0.5), is_number(True), is_number(torch.tensor([0.5]), tensor=True)
+        (True, False, True)
+    """
+    if isinstance(value, torch.Tensor):
+        return tensor and value.numel() == 1 and not value.is_complex()
     return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, complex))
 
 
