@@ -43,6 +43,8 @@ from difflr.training.runner import Runner
 from difflr.utils.checks import check_moms, check_wd
 from difflr.utils.files import export_model, load_state, state_file, write_state
 
+__all__ = ["Learner"]
+
 
 class Learner:
     """Fine-tune a model with layer groups, discriminative LRs, freezing and the one-cycle policy.

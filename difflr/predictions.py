@@ -12,9 +12,9 @@ here, through the Learner's public seam to Lightning (``learn.runner``):
   adds.
 - `predict`: one item or a batch, without a Trainer: eval mode, no gradient, the model's device.
 
-And the rules they share: the activation that turns outputs into probabilities
-(`activation_for`), each item's loss from any loss function (`per_item_loss`), a loader that
-visits every item once in order (`sequential_loader`), and class names (`find_vocab`)."""
+Batches are read by `difflr.training.module.unpack_batch`, as in training; the rules they share
+are below them: activations and per-item losses in `difflr.training.activations`, loaders and
+class names in `difflr.training.loaders`."""
 
 from __future__ import annotations
 
@@ -56,6 +56,16 @@ from difflr.training.loaders import (
 from difflr.training.module import unpack_batch
 from difflr.training.runner import Runner
 from difflr.utils.nested import concat, take, to_cpu, to_device
+
+__all__ = [
+    "Predictions",
+    "collect_predictions",
+    "get_preds",
+    "indexed",
+    "predict",
+    "read_loader",
+    "validate",
+]
 
 
 # ----------------------------------------------------------------------------- get_preds

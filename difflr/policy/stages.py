@@ -3,7 +3,7 @@
 A `Stage` says everything one Trainer's worth of training needs: which layer groups are frozen,
 how many epochs, which schedule (one-cycle, flat-cosine or constant) with its hyper-parameters,
 and the weight decay. It is validated when it is made (and against the model before anything
-trains), builds its own `ParamScheduler`, and counts its own optimizer steps. Every fit method of
+trains), gives the schedules its `ParamScheduler` follows, and counts its own optimizer steps. Every fit method of
 the Learner is a short function that builds a list of stages (a *plan*): ``fit_one_cycle`` is one
 stage, ``fine_tune`` two, ``fit_stages`` any number. The same plan is run by
 ``Learner.fit_stages`` (a fresh Trainer per stage, so a DDP wrapper sees exactly the params that

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
-from difflr.utils.checks import check_int, check_number, check_positive
+from difflr.utils.checks import check_int, check_number, check_positive, user_stacklevel
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
@@ -466,7 +466,7 @@ def make_suggestions(
             f"lr_find recorded {len(lr_array)} points; {len(used_lrs)} remain with a finite loss "
             f"after dropping the first {skip_start} and the last {skip_end}, and a suggestion "
             "needs 2, so every suggestion is nan. Run more iterations (num_it) or lower end_lr.",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
         suggested = SuggestedLRs.from_dict(dict.fromkeys(names, math.nan))
         return suggested, {name: (math.nan, math.nan) for name in names}

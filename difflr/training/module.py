@@ -23,7 +23,25 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from difflr.utils.checks import is_number
+from difflr.utils.checks import is_number, user_stacklevel
+
+__all__ = [
+    "TARGET_KEYS",
+    "Batch",
+    "LearnerModule",
+    "Metric",
+    "StepOutput",
+    "call_model",
+    "computes_own_loss",
+    "describe",
+    "forward_batch",
+    "is_stateful_metric",
+    "make_module",
+    "metric_name",
+    "output_loss",
+    "output_preds",
+    "unpack_batch",
+]
 
 Metric = Callable[[torch.Tensor, torch.Tensor], Any]
 
@@ -388,7 +406,7 @@ def make_module(
             warnings.warn(
                 "loss_func and metrics are ignored for a LightningModule: its training_step and "
                 "validation_step compute and log them.",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         return model
     if not isinstance(model, nn.Module):

@@ -16,6 +16,21 @@ from typing import Any
 import numpy as np
 import torch
 
+__all__ = [
+    "check_callable",
+    "check_choice",
+    "check_int",
+    "check_moms",
+    "check_number",
+    "check_pct",
+    "check_positive",
+    "check_wd",
+    "is_int",
+    "is_number",
+    "non_finite_names",
+    "user_stacklevel",
+]
+
 
 def is_int(value: Any) -> bool:
     """Whether ``value`` is an integer (numpy's included), and not a ``bool``."""

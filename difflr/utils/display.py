@@ -6,6 +6,8 @@ import os
 import sys
 from typing import Any
 
+__all__ = ["in_notebook", "kernel_shell", "terminal_width"]
+
 
 def kernel_shell() -> Any | None:
     """The running IPython shell if it is a kernel (Jupyter), else ``None``.
