@@ -31,6 +31,14 @@ PENDING_ALL = {
 }
 PENDING_STACKLEVEL = {"difflr.training.checkpoints"}  # issue 25
 PENDING_LENGTH = {"difflr.demos.ablation"}  # issue 26
+#: Test files whose owners are changing them in parallel work (issues 24, 25, 26).
+PENDING_QUIET = {
+    "ddp_script.py",
+    "test_checkpoints.py",
+    "test_demos.py",
+    "test_files.py",
+    "test_resume.py",
+}
 
 #: Private names of other packages that difflr cannot do without, each confined to one place
 #: (STYLE.md): where it is used, what it is.
@@ -226,3 +234,27 @@ def test_every_package_difflr_imports_is_declared() -> None:
                 if distribution not in declared:
                     undeclared.add(f"{root} ({module})")
     assert not undeclared, f"imported but not declared in pyproject.toml: {sorted(undeclared)}"
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in (ROOT / "tests").glob("*.py") if p.name != "helpers.py"), ids=str
+)
+def test_tests_build_quiet_learners_through_the_helpers(path: Path) -> None:
+    """A test that wants a Learner without logs or progress asks `tests.helpers.make_learner`
+    (or its `quiet` options), so that every test's Learner is quiet the same way."""
+    if path.name in PENDING_QUIET:
+        pytest.skip("its owner routes it through tests/helpers.py (see PENDING_QUIET)")
+    ad_hoc = [
+        f"{path.name}:{node.lineno}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and any(
+            k.arg in ("logger", "enable_progress_bar")
+            and isinstance(k.value, ast.Constant)
+            and k.value.value is False
+            for k in node.keywords
+        )
+        and getattr(node.func, "id", getattr(node.func, "attr", ""))
+        in ("Learner", "vision_learner")
+    ]
+    assert not ad_hoc, f"quiet Learners built by hand: {ad_hoc}; use tests.helpers.make_learner"

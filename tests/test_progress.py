@@ -22,7 +22,7 @@ from difflr import Learner, Recorder
 from difflr.callbacks import progress, step_loss
 from difflr.callbacks.progress import LiveProgress, ProgressTable, _Line, _Output
 from difflr.callbacks.step_loss import SmoothedLoss
-from tests.helpers import make_loaders, make_model, three_groups
+from tests.helpers import make_learner
 
 # Tiny's validation_step is unused in the fits without validation data.
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
@@ -357,16 +357,8 @@ def test_refresh_s_must_be_positive():
 
 # ------------------------------------------------------------------------------ the Learner
 def _learner(tmp_path, **kwargs) -> Learner:
-    return Learner(
-        make_model(),
-        make_loaders(),
-        loss_func=F.cross_entropy,
-        splitter=three_groups,
-        path=tmp_path,
-        logger=False,
-        checkpoint=False,
-        **kwargs,
-    )
+    """A Learner whose fits show their progress (unless ``enable_progress_bar=False``)."""
+    return make_learner(tmp_path, checkpoint=False, **{"enable_progress_bar": True, **kwargs})
 
 
 def test_each_fit_gets_the_live_line_unless_the_progress_bar_is_off(tmp_path):

@@ -16,6 +16,7 @@ from torch import nn
 from difflr import GradualUnfreezing, Learner, Recorder, Stage
 from difflr.policy.schedules import one_cycle_lr, one_cycle_mom, steps_per_epoch
 from difflr.policy.stages import ScheduleKind, fine_tune_stages
+from tests import helpers
 from tests.helpers import make_loaders
 
 # The original example's plan for a ResNet-18 in 6 groups (ORIGINAL_EXAMPLE.md), verbatim.
@@ -63,16 +64,7 @@ def six_groups(model: nn.Module) -> list[nn.Module]:
 
 
 def make_learner(tmp_path, **kwargs) -> Learner:
-    return Learner(
-        six_group_model(),
-        make_loaders(),
-        F.cross_entropy,
-        splitter=six_groups,
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        **kwargs,
-    )
+    return helpers.make_learner(tmp_path, six_group_model(), splitter=six_groups, **kwargs)
 
 
 def test_from_milestones_reads_the_original_plan():
@@ -130,13 +122,8 @@ def test_malformed_milestones_are_refused_naming_the_key(milestones, words):
 
 
 def test_a_plan_of_the_wrong_length_for_the_model_is_refused_before_training(tmp_path, loaders):
-    learn = Learner(
-        six_group_model(),
-        loaders,
-        F.cross_entropy,
-        splitter=lambda m: [m[:5], m[5:]],
-        path=tmp_path,
-        logger=False,
+    learn = helpers.make_learner(
+        tmp_path, six_group_model(), loaders, splitter=lambda m: [m[:5], m[5:]]
     )
     before = [p.detach().clone() for p in learn.model.parameters()]
     with pytest.raises(
