@@ -21,14 +21,14 @@ from torch import nn
 from difflr import predictions
 from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import stage_scheduler
-from difflr.groups.blocks import tied_parameters
 from difflr.groups.freezing import trainable_flags
 from difflr.groups.layers import LayerGroup, Splitter, group_fingerprint, warn_single_group
-from difflr.groups.splitters import describe_group, split_model
+from difflr.groups.splitters import split_model
 from difflr.optim.implementation import OptFunc, describe_optimizer, make_optimizer
-from difflr.optim.param_groups import build_param_groups, read_hypers, set_weight_decay
+from difflr.optim.param_groups import build_param_groups, set_weight_decay
 from difflr.optim.preview import SchedulePreview, preview_plan
 from difflr.optim.stage_entry import enter_stage
+from difflr.optim.summary import summary_table
 from difflr.policy.freeze import check_freeze_to, frozen_pattern
 from difflr.policy.lr import LRSpec, expand_lrs
 from difflr.policy.schedules import DEFAULT_MOMS
@@ -215,8 +215,10 @@ class Learner:
     def freeze_to(self, n: int) -> None:
         """Freeze layer groups ``[:n]`` and train the rest (negative ``n`` counts from the end).
 
-        With ``train_bn=True`` normalisation layers stay trainable in frozen groups. A change of
-        the frozen pattern clears the optimizer's state (momentum buffers), as in fastai.
+        With ``train_bn=True`` normalisation layers stay trainable in frozen groups (with
+        ``train_bn=False`` they are frozen too, and run in eval mode). A change of the frozen
+        pattern clears the optimizer's state (momentum buffers), as in fastai. Each stage of a
+        fit is entered the same way (`difflr.optim.stage_entry.enter_stage`).
 
         Raises:
             TypeError: ``n`` is not an int.
@@ -555,39 +557,10 @@ class Learner:
         """A table of the layer groups (name, parameters, trainable state, current LR, the
         modules each holds), a line per tied parameter saying which group trains it, and the
         optimizer with the implementation its step runs (e.g. ``AdamW (fused)``)."""
-        return _summary(self.model, self.splits, self._frozen, self.opt)
+        return summary_table(self.model, self.splits, self._frozen, self.opt)
 
     def __repr__(self) -> str:
         return (
             f"Learner({type(self.model).__name__}, {self.n_groups} layer groups, "
             f"opt={describe_optimizer(self.opt)}, frozen={sum(self._frozen)}/{self.n_groups})"
         )
-
-
-def _summary(
-    model: nn.Module,
-    splits: Sequence[LayerGroup],
-    frozen: Sequence[bool],
-    optimizer: torch.optim.Optimizer,
-) -> str:
-    """`Learner.summary`'s table (outside the class: the facade stays small)."""
-    lrs, _ = read_hypers(optimizer)
-    rows = [("group", "params", "trainable", "lr", "modules")]
-    for group, is_frozen, lr in zip(splits, frozen, lrs):
-        trainable = sum(p.numel() for p in group.params if p.requires_grad)
-        state = (
-            "no" if trainable == 0 else ("yes" if not is_frozen else f"norm only ({trainable:,})")
-        )
-        modules = describe_group(model, group)
-        rows.append((group.name, f"{group.n_params:,}", state, f"{lr:.2e}", modules))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    owner = {id(p): g.name for g in splits for p in g.params}
-    named = dict(model.named_parameters())
-    for names in tied_parameters(model):
-        where = owner.get(id(named[names[0]]), "no group")
-        lines.append(f"tied: {' = '.join(names)} (one tensor, trained in {where})")
-    lines.append(
-        f"optimizer: {describe_optimizer(optimizer)}, {len(optimizer.param_groups)} param groups"
-    )
-    return "\n".join(lines)
