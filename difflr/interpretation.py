@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from typing_extensions import Self
 
-from difflr.plotting import _teach_kernel_figures
+from difflr.plotting import new_figure
 from difflr.predictions import collect_predictions, indexed, read_loader
 from difflr.training.activations import Activation, activate, check_act
 from difflr.training.loaders import check_vocab_fits
-from difflr.training.module import split_inputs
+from difflr.training.module import unpack_batch
 from difflr.training.runner import Runner
 from difflr.utils.checks import check_int
+from difflr.utils.nested import take
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -169,7 +170,9 @@ class Interpretation:
 
     def _caption(self, i: int) -> str:
         loss = f"{float(self.losses[i]):.2f}"
-        target = _item_of(self.targs, i)
+        target = None if self.targs is None else take(self.targs, i)
+        if isinstance(target, (tuple, list)) and target:
+            target = target[0]  # several targets: the first
         if isinstance(target, torch.Tensor) and target.numel() == 1:
             return f"{target.item():.3g} / {loss}"
         return loss
@@ -186,14 +189,13 @@ class Interpretation:
 
     def _inputs(self, indices: np.ndarray) -> list[Any] | None:
         if self.inputs is not None:
-            first = self.inputs[0] if isinstance(self.inputs, (tuple, list)) else self.inputs
-            return [_item_of(first, int(i)) for i in indices]
+            return [take(_first(self.inputs), int(i)) for i in indices]
         if not indexed(self.dl):
             return None
         # Through the loader's collate_fn, so that an item is what the model was given.
         batch = self.dl.collate_fn([self.dl.dataset[int(i)] for i in indices])
-        first = split_inputs(batch)[0][0]
-        return [_item_of(first, j) for j in range(len(indices))]
+        first = _first(unpack_batch(batch, need_target=False).inputs)
+        return [take(first, j) for j in range(len(indices))]
 
 
 class ClassificationInterpretation(Interpretation):
@@ -301,7 +303,7 @@ class ClassificationInterpretation(Interpretation):
                 cm = cm / cm.sum(axis=1, keepdims=True)
         n, names = self.n_classes, [str(name) for name in self._names()]
         side = max(4.0, 0.45 * n + 2.0)
-        fig = _new_figure((side, side))
+        fig = new_figure((side, side))
         ax = fig.subplots()
         image = ax.imshow(cm, cmap=cmap, interpolation="nearest")
         ax.set_title(title)
@@ -337,12 +339,10 @@ class ClassificationInterpretation(Interpretation):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _item_of(values: Any, i: int) -> Any:
-    if values is None:
-        return None
-    if isinstance(values, (tuple, list)) and values and isinstance(values[0], torch.Tensor):
-        return values[0][i]
-    return values[i]
+def _first(inputs: Any) -> Any:
+    """The first of several inputs (a tuple of them), else the inputs: what an image is read
+    from."""
+    return inputs[0] if isinstance(inputs, (tuple, list)) else inputs
 
 
 def _check_classification(preds: Any, targs: Any) -> None:
@@ -400,19 +400,11 @@ def _as_image(x: Any) -> np.ndarray | None:
     return array[..., 0] if array.shape[2] == 1 else array
 
 
-def _new_figure(size: tuple[float, float]) -> Figure:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, layout="constrained")
-    _teach_kernel_figures(fig)  # a returned Figure renders inline, once, in Jupyter
-    return fig
-
-
 def _image_grid(images: list[np.ndarray], captions: list[str], header: str) -> Figure:
     n = len(images)
     rows = math.ceil(math.sqrt(n))
     cols = math.ceil(n / rows)
-    fig = _new_figure((_IMAGE_SIZE[0] * cols, _IMAGE_SIZE[1] * rows))
+    fig = new_figure((_IMAGE_SIZE[0] * cols, _IMAGE_SIZE[1] * rows))
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     for ax, image, caption in zip(axes, images, captions):
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
@@ -424,7 +416,7 @@ def _image_grid(images: list[np.ndarray], captions: list[str], header: str) -> F
 
 
 def _bar_figure(losses: np.ndarray, captions: list[str], header: str) -> Figure:
-    fig = _new_figure((6.0, max(2.0, 0.35 * len(losses) + 1.0)))
+    fig = new_figure((6.0, max(2.0, 0.35 * len(losses) + 1.0)))
     ax = fig.subplots()
     positions = np.arange(len(losses))
     ax.barh(positions, losses)

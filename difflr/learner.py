@@ -21,13 +21,14 @@ from torch import nn
 from difflr import predictions
 from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import stage_scheduler
-from difflr.groups.blocks import tied_parameters
-from difflr.groups.freezing import apply_freeze, trainable_flags
+from difflr.groups.freezing import trainable_flags
 from difflr.groups.layers import LayerGroup, Splitter, group_fingerprint, warn_single_group
-from difflr.groups.splitters import describe_group, split_model
+from difflr.groups.splitters import split_model
 from difflr.optim.implementation import OptFunc, describe_optimizer, make_optimizer
 from difflr.optim.param_groups import build_param_groups, set_weight_decay
 from difflr.optim.preview import SchedulePreview, preview_plan
+from difflr.optim.stage_entry import enter_stage
+from difflr.optim.summary import summary_table
 from difflr.policy.freeze import check_freeze_to, frozen_pattern
 from difflr.policy.lr import LRSpec, expand_lrs
 from difflr.policy.schedules import DEFAULT_MOMS
@@ -42,6 +43,8 @@ from difflr.training.module import make_module
 from difflr.training.runner import Runner
 from difflr.utils.checks import check_moms, check_wd
 from difflr.utils.files import export_model, load_state, state_file, write_state
+
+__all__ = ["Learner"]
 
 
 class Learner:
@@ -218,19 +221,16 @@ class Learner:
     def freeze_to(self, n: int) -> None:
         """Freeze layer groups ``[:n]`` and train the rest (negative ``n`` counts from the end).
 
-        With ``train_bn=True`` normalisation layers stay trainable in frozen groups. A change of
-        the frozen pattern clears the optimizer's state (momentum buffers), as in fastai.
+        With ``train_bn=True`` normalisation layers stay trainable in frozen groups (with
+        ``train_bn=False`` they are frozen too, and run in eval mode). A change of the frozen
+        pattern clears the optimizer's state (momentum buffers), as in fastai. Each stage of a
+        fit is entered the same way (`difflr.optim.stage_entry.enter_stage`).
 
         Raises:
             TypeError: ``n`` is not an int.
             ValueError: ``n`` is outside ``[-n_groups, n_groups]``.
         """
-        check_freeze_to(n, self.n_groups)
-        warn_single_group(self.splits, f"freeze_to({n})")
-        pattern = frozen_pattern(n, self.n_groups)
-        if pattern != self._frozen:
-            self.opt.state.clear()
-        self._set_frozen(pattern)
+        self._enter_stage(self._frozen_pattern(n), previous=self._frozen)
 
     def freeze(self) -> None:
         """Train the last layer group (the head) only: ``freeze_to(-1)``."""
@@ -240,9 +240,34 @@ class Learner:
         """Train every layer group: ``freeze_to(0)``."""
         self.freeze_to(0)
 
-    def _set_frozen(self, pattern: Sequence[bool]) -> None:
-        apply_freeze(self.model, self.splits, list(pattern), self.train_bn)
-        self._frozen = list(pattern)
+    def _frozen_pattern(self, n: int) -> list[bool]:
+        """The pattern of ``freeze_to(n)``, checked, with the single-group warning."""
+        check_freeze_to(n, self.n_groups)
+        warn_single_group(self.splits, f"freeze_to({n})")
+        return frozen_pattern(n, self.n_groups)
+
+    def _enter_stage(
+        self,
+        frozen: Sequence[bool] | None,
+        *,
+        previous: Sequence[bool] | None,
+        wd: float | None = None,
+    ) -> None:
+        """`difflr.optim.stage_entry.enter_stage` for the Learner's model; the pattern and the
+        weight decay are remembered."""
+        enter_stage(
+            self.model,
+            self.splits,
+            self.opt,
+            frozen,
+            previous=previous,
+            train_bn=self.train_bn,
+            wd=wd,
+        )
+        if frozen is not None:
+            self._frozen = list(frozen)
+        if wd is not None:
+            self.wd = wd
 
     # ----------------------------------------------------------------------------- fitting
     def fit(
@@ -373,12 +398,13 @@ class Learner:
         self.runner.table.start()
         for k in range(0 if resume is None else resume.stage, len(stages)):
             resuming = resume is not None and k == resume.stage
-            if resuming:
-                self._set_frozen(resume.frozen)
+            if resuming:  # the checkpoint's optimizer state was made under its pattern: kept
+                frozen, previous = resume.frozen, resume.frozen
             elif stages[k].freeze_to is not None:
-                self.freeze_to(stages[k].freeze_to)
-            set_weight_decay(self.opt, stages[k].wd)
-            self.wd = self.wd if stages[k].wd is None else stages[k].wd
+                frozen, previous = self._frozen_pattern(stages[k].freeze_to), self._frozen
+            else:
+                frozen, previous = None, None
+            self._enter_stage(frozen, previous=previous, wd=stages[k].wd)
             record = FitRecord(learner=self._id, run=self._run, stage=k, plan=plan)
             self.trainer = self.runner.fit_stage(
                 stages[k], schedulers[k], record, self._frozen, resume if resuming else None
@@ -524,7 +550,7 @@ class Learner:
         groups = group_fingerprint(self.model, self.splits)
         frozen = load_state(file, self.model, self.opt if with_opt else None, groups, strict)
         if frozen is not None and len(frozen) == self.n_groups:
-            self._set_frozen(frozen)
+            self._enter_stage(frozen, previous=frozen)  # with the optimizer state just loaded
         return self
 
     def export(self, fname: str | Path = "export.pt") -> Path:
@@ -548,7 +574,7 @@ class Learner:
         is that fit's peak per group (the schedule's own value at its end, e.g. ``lr_max /
         div_final`` after a one-cycle, is in ``recorder.lrs``)."""
         if self._peak_lrs is None:
-            return _summary(
+            return summary_table(
                 self.model,
                 self.splits,
                 self._frozen,
@@ -556,40 +582,12 @@ class Learner:
                 "lr",
                 expand_lrs(self.lr, self.n_groups),
             )
-        return _summary(self.model, self.splits, self._frozen, self.opt, "peak_lr", self._peak_lrs)
+        return summary_table(
+            self.model, self.splits, self._frozen, self.opt, "peak_lr", self._peak_lrs
+        )
 
     def __repr__(self) -> str:
         return (
             f"Learner({type(self.model).__name__}, {self.n_groups} layer groups, "
             f"opt={describe_optimizer(self.opt)}, frozen={sum(self._frozen)}/{self.n_groups})"
         )
-
-
-def _summary(
-    model: nn.Module,
-    splits: Sequence[LayerGroup],
-    frozen: Sequence[bool],
-    optimizer: torch.optim.Optimizer,
-    lr_label: str,
-    lrs: Sequence[float],
-) -> str:
-    """`Learner.summary`'s table (outside the class: the facade stays small)."""
-    rows = [("group", "params", "trainable", lr_label, "modules")]
-    for group, is_frozen, lr in zip(splits, frozen, lrs):
-        trainable = sum(p.numel() for p in group.params if p.requires_grad)
-        state = (
-            "no" if trainable == 0 else ("yes" if not is_frozen else f"norm only ({trainable:,})")
-        )
-        modules = describe_group(model, group)
-        rows.append((group.name, f"{group.n_params:,}", state, f"{lr:.2e}", modules))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    owner = {id(p): g.name for g in splits for p in g.params}
-    named = dict(model.named_parameters())
-    for names in tied_parameters(model):
-        where = owner.get(id(named[names[0]]), "no group")
-        lines.append(f"tied: {' = '.join(names)} (one tensor, trained in {where})")
-    lines.append(
-        f"optimizer: {describe_optimizer(optimizer)}, {len(optimizer.param_groups)} param groups"
-    )
-    return "\n".join(lines)

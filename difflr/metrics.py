@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["accuracy", "error_rate"]
+
 
 def accuracy(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Fraction of rows whose arg-max class equals the target (targets as class indices).

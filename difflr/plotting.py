@@ -23,18 +23,32 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from numpy.typing import ArrayLike
 
-__all__ = ["plot_loss", "plot_lr_find", "plot_sched", "show"]
+__all__ = ["new_figure", "plot_loss", "plot_lr_find", "plot_sched", "show"]
 
 _SUBPLOT_SIZE = (6.0, 4.0)  # inches, per axes
 
 
-def _new_figure(n_axes: int) -> tuple[Figure, list[Any]]:
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A matplotlib ``Figure`` made without pyplot, with a constrained layout; returned from a
+    Jupyter cell it is shown once, inline. Every difflr figure starts here.
+
+    Args:
+        figsize: Width and height in inches.
+
+    Examples:
+        >>> new_figure((4.0, 3.0)).get_size_inches().tolist()
+        [4.0, 3.0]
+    """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(_SUBPLOT_SIZE[0] * n_axes, _SUBPLOT_SIZE[1]), layout="constrained")
-    axes = fig.subplots(1, n_axes, squeeze=False)[0]
+    fig = Figure(figsize=figsize, layout="constrained")
     _teach_kernel_figures(fig)
-    return fig, list(axes)
+    return fig
+
+
+def _axes_row(n_axes: int) -> tuple[Figure, list[Any]]:
+    fig = new_figure((_SUBPLOT_SIZE[0] * n_axes, _SUBPLOT_SIZE[1]))
+    return fig, list(fig.subplots(1, n_axes, squeeze=False)[0])
 
 
 def _teach_kernel_figures(fig: Figure) -> None:
@@ -133,7 +147,7 @@ def plot_sched(
             mom_array = None
 
     trains = _trainable_mask(trainable, boundaries, n_steps, n_groups)
-    fig, axes = _new_figure(1 if mom_array is None else 2)
+    fig, axes = _axes_row(1 if mom_array is None else 2)
     steps = np.arange(n_steps)
     lr_ax = axes[0]
     positive = np.where(lr_array > 0, lr_array, np.nan)
@@ -225,7 +239,7 @@ def plot_loss(
     valid_array = np.array(pairs, dtype=np.float64).reshape(-1, 2)
     valid_array = valid_array[valid_array[:, 0] >= skip_start]
 
-    fig, (ax,) = _new_figure(1)
+    fig, (ax,) = _axes_row(1)
     ax.plot(np.arange(skip_start, len(loss_array)), loss_array[skip_start:], label="train")
     if len(valid_array):
         ax.plot(valid_array[:, 0], valid_array[:, 1], marker="o", label="valid")
@@ -277,7 +291,7 @@ def plot_lr_find(
             f"skip_end below {len(lr_array)}."
         )
 
-    fig, (ax,) = _new_figure(1)
+    fig, (ax,) = _axes_row(1)
     curve_losses = np.where(np.isfinite(loss_array[:stop]), loss_array[:stop], np.nan)
     ax.plot(lr_array[:stop], curve_losses)
     ax.set_xscale("log")

@@ -12,14 +12,14 @@ here, through the Learner's public seam to Lightning (``learn.runner``):
   adds.
 - `predict`: one item or a batch, without a Trainer: eval mode, no gradient, the model's device.
 
-And the rules they share: the activation that turns outputs into probabilities
-(`activation_for`), each item's loss from any loss function (`per_item_loss`), a loader that
-visits every item once in order (`sequential_loader`), and class names (`find_vocab`)."""
+Batches are read by `difflr.training.module.unpack_batch`, as in training; the rules they share
+are below them: activations and per-item losses in `difflr.training.activations`, loaders and
+class names in `difflr.training.loaders`."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -53,9 +53,19 @@ from difflr.training.loaders import (
     validation_loader,
     validation_source,
 )
-from difflr.training.module import split_inputs
+from difflr.training.module import unpack_batch
 from difflr.training.runner import Runner
 from difflr.utils.nested import concat, take, to_cpu, to_device
+
+__all__ = [
+    "Predictions",
+    "collect_predictions",
+    "get_preds",
+    "indexed",
+    "predict",
+    "read_loader",
+    "validate",
+]
 
 
 # ----------------------------------------------------------------------------- get_preds
@@ -108,7 +118,8 @@ class _Collector(BasePredictionWriter):
                 f"{type(pl_module).__name__}.predict_step returned None; get_preds needs the "
                 "model's outputs for the batch."
             )
-        inputs, target = split_inputs(batch)
+        parts = unpack_batch(batch, need_target=False)
+        target = parts.target
         if batch_indices:
             self.indices.append(list(batch_indices))
         self.preds.append(to_cpu(prediction))
@@ -117,11 +128,12 @@ class _Collector(BasePredictionWriter):
         if self.loss_func is not None:
             if not target:
                 raise ValueError(
-                    "with_loss=True, but the batches carry no target; pass batches (x, y)."
+                    "with_loss=True, but the batches carry no target; pass batches (x, y), or "
+                    "dicts with the target under 'labels'."
                 )
             self.losses.append(per_item_loss(self.loss_func, prediction, target).cpu())
         if self.with_input:
-            self.inputs.append(to_cpu(inputs[0] if len(inputs) == 1 else inputs))
+            self.inputs.append(to_cpu(parts.inputs))
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -152,14 +164,17 @@ def _predict_on_inputs(module: pl.LightningModule) -> Iterator[None]:
     ``forward`` on the batch's inputs.
 
     Lightning's default ``predict_step`` calls ``forward`` on the whole batch, target included.
-    An instance attribute shadows it for one run; the class is never touched.
+    An instance attribute shadows it for one run; the class is never touched. A dict batch is
+    still handed over whole, as Lightning does: a LightningModule reads its dicts its own way.
     """
     if defines_hook(module, "predict_step", pl.LightningModule):
         yield
         return
 
     def predict_step(batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> Any:
-        return module(*split_inputs(batch)[0])
+        if isinstance(batch, Mapping):
+            return module(batch)
+        return module(*unpack_batch(batch, need_target=False).args)
 
     module.predict_step = predict_step
     try:
@@ -345,7 +360,8 @@ def _example_input(data: Data) -> torch.Tensor | None:
         dataset = getattr(loader, "dataset", None)
         if dataset is None or isinstance(dataset, IterableDataset) or not loader_length(dataset):
             continue
-        first = split_inputs(dataset[0])[0][0]
+        args = unpack_batch(dataset[0], need_target=False).args
+        first = args[0] if args else None
         if isinstance(first, torch.Tensor):
             return first
     return None

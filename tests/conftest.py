@@ -6,7 +6,7 @@ import matplotlib
 import pytest
 from torch.utils.data import DataLoader
 
-from tests.helpers import make_loaders, three_groups
+from tests.helpers import make_loaders, quiet, three_groups
 
 matplotlib.use("Agg")
 
@@ -18,10 +18,5 @@ def loaders() -> tuple[DataLoader, DataLoader]:
 
 @pytest.fixture
 def learner_kwargs(tmp_path) -> dict:
-    return {
-        "splitter": three_groups,
-        "path": tmp_path,
-        "logger": False,
-        "enable_progress_bar": False,
-        "checkpoint": False,
-    }
+    """`make_learner`'s options without checkpoints, for tests that bring their own data."""
+    return {"splitter": three_groups, **quiet(tmp_path), "checkpoint": False}

@@ -43,6 +43,12 @@ def make_loaders(n: int = 96, batch_size: int = 16, seed: int = 0) -> tuple[Data
     return DataLoader(ds, batch_size=batch_size), DataLoader(ds, batch_size=32)
 
 
+def quiet(path: Any) -> dict[str, Any]:
+    """The Learner arguments every test run shares: files under ``path``, no logger, no
+    progress bar."""
+    return {"path": path, "logger": False, "enable_progress_bar": False}
+
+
 def make_learner(
     path: Any,
     model: nn.Module | None = None,
@@ -50,17 +56,18 @@ def make_learner(
     loss_func: Any = F.cross_entropy,
     **kwargs: Any,
 ):
-    """A quiet Learner over `make_model` (three groups) and `make_loaders`; ``kwargs`` win."""
+    """A quiet Learner (`quiet`), by default over `make_model` (three groups) and `make_loaders`;
+    ``kwargs`` win (``splitter=None`` for a model of another shape). Every test builds its
+    quiet Learners here."""
     from difflr import Learner
 
-    options = {
-        "splitter": three_groups,
-        "path": path,
-        "logger": False,
-        "enable_progress_bar": False,
-        **kwargs,
-    }
-    return Learner(model or make_model(), data or make_loaders(), loss_func, **options)
+    options = {"splitter": three_groups, **quiet(path), **kwargs}
+    return Learner(
+        make_model() if model is None else model,
+        make_loaders() if data is None else data,
+        loss_func,
+        **options,
+    )
 
 
 def run_script(code: str, *args: Any, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,9 @@ from lightning.pytorch.loggers import CSVLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from difflr import GradualUnfreezing, Recorder, Stage
-from difflr.callbacks.recorder import HYPER_POINTS_PER_FIT, SmoothedLoss
+from difflr.callbacks.progress import LiveProgress
+from difflr.callbacks.recorder import HYPER_POINTS_PER_FIT
+from difflr.callbacks.step_loss import SmoothedLoss
 from tests.helpers import make_learner, make_loaders, make_model, three_groups
 
 
@@ -163,3 +165,61 @@ def test_tensorboard_shows_every_groups_lr_on_one_chart_and_momentum_on_another(
     # The patterns catch every group's tag.
     tags = accumulator.Tags()["scalars"]
     assert {t for t in tags if re.fullmatch("lr/.*", t)} == {"lr/0.stem", "lr/1.body", "lr/2.head"}
+
+
+class OneElementLoss(LitSix):
+    """A user's module whose training_step returns its loss with shape ``(1,)`` (``backward``
+    takes it); it keeps every batch's loss to compare the curves with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y).reshape(1)
+        self.batch_losses.append(loss.item())
+        return loss
+
+
+def _smoothed(batch_losses: list[float]) -> list[float]:
+    ema = SmoothedLoss()
+    return [ema.update(loss) for loss in batch_losses]
+
+
+def test_a_user_module_whose_loss_has_shape_1_is_recorded_in_a_plain_trainer():
+    module, recorder = OneElementLoss(), Recorder(log_hypers=False)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
+    trainer.fit(module, make_loaders()[0])
+    expected = _smoothed(module.batch_losses)
+    assert len(expected) == len(recorder.lrs) == 12
+    np.testing.assert_allclose(recorder.losses, expected, rtol=1e-6)
+    assert [row["train_loss"] for row in recorder.values] == [expected[5], expected[11]]
+
+
+@pytest.mark.filterwarnings("ignore:.*configure_optimizers is superseded")
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader`")
+def test_a_user_module_whose_loss_has_shape_1_fits_and_sweeps_in_a_learner(tmp_path):
+    module = OneElementLoss()
+    learn = make_learner(
+        tmp_path, module, loss_func=None, splitter=None, checkpoint=False, enable_progress_bar=True
+    )
+    learn.fit_one_cycle(2, 1e-3)
+    expected = _smoothed(module.batch_losses)
+    np.testing.assert_allclose(learn.recorder.losses, expected, rtol=1e-6)
+    assert learn.recorder.values[-1]["train_loss"] == expected[-1]
+    # The live line reads the same loss: it ends on the table's train_loss.
+    (live,) = [cb for cb in learn.trainer.callbacks if isinstance(cb, LiveProgress)]
+    assert live.loss == expected[-1]
+
+    module.batch_losses.clear()
+    learn.lr_find(end_lr=1e-2, num_it=10, show_plot=False)
+    np.testing.assert_allclose(learn.recorder.losses, _smoothed(module.batch_losses), rtol=1e-6)
+    assert len(learn.recorder.losses) == 10

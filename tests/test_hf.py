@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from difflr import BlockSplitter, Learner, accuracy, expand_lrs, layer_decay
 from difflr.groups.hf import is_transformers_model, transformers_trunk
 from difflr.groups.splitters import describe_group, find_splitter, split_model
+from tests.helpers import make_learner
 from tests.test_learner import closed_form_one_cycle
 from tests.test_lr_finder import _assert_same, _state
 
@@ -184,7 +185,7 @@ def test_freeze_trains_only_the_head_and_a_slice_is_geometric_over_the_groups(
     family, tmp_path
 ) -> None:
     model = family[0]
-    learn = Learner(model, _loaders(model), **_quiet(tmp_path), train_bn=False)
+    learn = _learner(tmp_path, model, train_bn=False)
     learn.freeze()
     trainable = _ids(p for p in model.parameters() if p.requires_grad)
     assert trainable == _ids(learn.splits[-1].params)
@@ -274,7 +275,7 @@ def test_an_encoder_decoder_has_no_single_layer_list_and_gets_the_general_rule()
 
 def test_summary_shows_each_groups_modules_and_the_tied_weight(tmp_path) -> None:
     model = gpt2_lm()
-    learn = Learner(model, _loaders(model), **_quiet(tmp_path))
+    learn = _learner(tmp_path, model)
     lines = learn.summary().splitlines()
     assert lines[0].split() == ["group", "params", "trainable", "lr", "modules"]
     assert lines[1].split()[0] == "0.embeddings" and lines[1].endswith("transformer.wpe")
@@ -328,8 +329,10 @@ def _loaders(model: nn.Module) -> tuple[DataLoader, DataLoader]:
     return DataLoader(train, batch_size=16), DataLoader(valid, batch_size=16)
 
 
-def _quiet(tmp_path) -> dict:
-    return {"path": tmp_path, "logger": False, "enable_progress_bar": False, "checkpoint": False}
+def _learner(tmp_path, model: nn.Module, data=None, loss_func=None, **kwargs) -> Learner:
+    """A quiet Learner over ``model`` (its built-in groups) and ``data``, else `_loaders`."""
+    data = _loaders(model) if data is None else data
+    return make_learner(tmp_path, model, data, loss_func, splitter=None, checkpoint=False, **kwargs)
 
 
 def _one_cycle(lr_max: list[float], n_steps: int) -> np.ndarray:
@@ -344,7 +347,7 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_a_classifier_fits_from_dict_batches_with_its_own_loss(tmp_path) -> None:
     torch.manual_seed(0)
     model = bert()
-    learn = Learner(model, _loaders(model), metrics=accuracy, train_bn=False, **_quiet(tmp_path))
+    learn = _learner(tmp_path, model, metrics=accuracy, train_bn=False)
     learn.freeze()
     before = _weights(model)
     learn.fit_one_cycle(1, 1e-2)
@@ -364,7 +367,7 @@ def test_a_classifier_fits_from_dict_batches_with_its_own_loss(tmp_path) -> None
 def test_a_causal_lm_fits_with_layer_decay_and_lr_find_restores_it(tmp_path) -> None:
     torch.manual_seed(0)
     model = llama_lm()
-    learn = Learner(model, _loaders(model), **_quiet(tmp_path))
+    learn = _learner(tmp_path, model)
     learn.fit_one_cycle(1, layer_decay(1e-2, 0.5))
     np.testing.assert_allclose(learn.recorder.lrs, _one_cycle([1.25e-3, 2.5e-3, 5e-3, 1e-2], 3))
     before = _state(learn)
@@ -383,7 +386,7 @@ def test_the_loss_is_the_models_own_and_metrics_get_the_logits(tmp_path) -> None
         return float(preds[0, 0])
 
     train, valid = _loaders(model)
-    learn = Learner(model, (train, valid), metrics=first_logit, **_quiet(tmp_path))
+    learn = _learner(tmp_path, model, (train, valid), metrics=first_logit)
     learn.fit(1, 1e-3)
     assert seen[-1] == (torch.Size([16, 3]), torch.Size([16]))
     model.eval()
@@ -402,7 +405,7 @@ def test_an_explicit_loss_func_gets_the_logits_and_the_labels(tmp_path) -> None:
         calls.append((logits.shape, labels.shape))
         return nn.functional.cross_entropy(logits, labels)
 
-    learn = Learner(model, _loaders(model), loss_func, **_quiet(tmp_path))
+    learn = _learner(tmp_path, model, loss_func=loss_func)
     learn.fit(1, 1e-3)
     assert calls and all(c == (torch.Size([16, 3]), torch.Size([16])) for c in calls)
 
@@ -410,7 +413,7 @@ def test_an_explicit_loss_func_gets_the_logits_and_the_labels(tmp_path) -> None:
 def test_a_batch_without_labels_says_where_the_target_goes(tmp_path) -> None:
     model = bert()
     data = [{"input_ids": torch.randint(0, VOCAB, (4, SEQ))} for _ in range(2)]
-    learn = Learner(model, (DataLoader(data, batch_size=None), None), **_quiet(tmp_path))
+    learn = _learner(tmp_path, model, (DataLoader(data, batch_size=None), None))
     with pytest.raises(TypeError, match=r"no \.loss when called without labels .* under 'labels'"):
         learn.fit(1, 1e-3)
 
@@ -421,7 +424,7 @@ def test_pairs_of_tensors_work_too(tmp_path) -> None:
     model = bert()
     data = TokenData()
     pairs = DataLoader(torch.utils.data.TensorDataset(data.ids, data.labels), batch_size=16)
-    learn = Learner(model, (pairs, None), **_quiet(tmp_path))
+    learn = _learner(tmp_path, model, (pairs, None))
     before = _weights(model)
     learn.fit(1, 1e-3)
     assert len(learn.recorder.losses) == 3 and np.isfinite(learn.recorder.losses).all()

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from difflr import ClassificationInterpretation, Interpretation, Learner
+from tests.helpers import make_learner
 
 # Several tests use a one-layer model on purpose: one layer group, which difflr warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:difflr found no layer groups")
@@ -42,15 +43,13 @@ def learn(tmp_path_factory) -> Learner:
     others."""
     dataset = image_data()
     dl = DataLoader(dataset, batch_size=16)
-    learn = Learner(
+    learn = make_learner(
+        tmp_path_factory.mktemp("interp"),
         make_classifier(),
         (DataLoader(dataset, batch_size=16, shuffle=True), dl),
-        F.cross_entropy,
+        splitter=None,
         vocab=VOCAB,
-        path=tmp_path_factory.mktemp("interp"),
-        logger=False,
         checkpoint=False,
-        enable_progress_bar=False,
     )
     learn.fit_one_cycle(1, 3e-2)
     return learn
@@ -164,7 +163,7 @@ def test_plot_top_losses_of_inputs_that_are_not_images_is_a_bar_chart(tmp_path):
     dl = DataLoader(TensorDataset(x, y), batch_size=8)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 3))
-    learn = Learner(model, (dl, dl), F.cross_entropy, path=tmp_path, logger=False)
+    learn = make_learner(tmp_path, model, (dl, dl), splitter=None)
     interp = ClassificationInterpretation.from_learner(learn)
     with torch.no_grad():
         losses = F.cross_entropy(model(x), y, reduction="none")
@@ -201,7 +200,7 @@ def test_a_regression_model_is_told_to_use_interpretation(tmp_path):
     dl = DataLoader(TensorDataset(x, y), batch_size=8)
     torch.manual_seed(0)
     model = nn.Linear(6, 2)
-    learn = Learner(model, (dl, dl), F.mse_loss, path=tmp_path, logger=False)
+    learn = make_learner(tmp_path, model, (dl, dl), F.mse_loss, splitter=None)
     with pytest.raises(ValueError, match=r"float32.*Interpretation\.from_learner\(learn\)"):
         ClassificationInterpretation.from_learner(learn)
     interp = Interpretation.from_learner(learn)

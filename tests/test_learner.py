@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from difflr import Learner, accuracy
 from difflr.optim.param_groups import read_hypers
 from difflr.policy.schedules import one_cycle_lr, one_cycle_mom
-from tests.helpers import make_loaders, make_model, three_groups
+from tests import helpers
+from tests.helpers import make_loaders, make_model, quiet, three_groups
 
 
 def make_learner(loaders, learner_kwargs, **kwargs) -> Learner:
-    return Learner(make_model(), loaders, F.cross_entropy, **{**learner_kwargs, **kwargs})
+    return helpers.make_learner(data=loaders, **{**learner_kwargs, **kwargs})
 
 
 def closed_form_one_cycle(lr_max, n_steps, div=25.0, div_final=1e5, pct_start=0.25, moms=None):
@@ -143,7 +144,7 @@ def test_freeze_change_clears_optimizer_state_but_a_repeated_freeze_does_not(
 
 def test_freeze_on_a_single_group_model_warns(loaders, tmp_path):
     with pytest.warns(UserWarning, match="found no layer groups"):
-        learn = Learner(make_model(), loaders, F.cross_entropy, path=tmp_path, logger=False)
+        learn = helpers.make_learner(tmp_path, data=loaders, splitter=None)
     with pytest.warns(UserWarning, match="single layer group"):
         learn.freeze()
 
@@ -187,7 +188,7 @@ def test_step_count_is_the_real_number_of_optimizer_steps(
 def test_drop_last_is_counted(learner_kwargs):
     x, y = torch.randn(100, 6), torch.randint(0, 3, (100,))
     train = DataLoader(TensorDataset(x, y), batch_size=16, drop_last=True)  # 6 batches, not 7
-    learn = Learner(make_model(), (train, None), F.cross_entropy, **learner_kwargs)
+    learn = make_learner((train, None), learner_kwargs)
     learn.fit_one_cycle(1, 1e-3)
     lrs, _ = closed_form_one_cycle([1e-3] * 3, 6)
     np.testing.assert_allclose(learn.recorder.lrs, lrs, rtol=1e-12)
@@ -196,11 +197,9 @@ def test_drop_last_is_counted(learner_kwargs):
 def test_gradient_accumulation_losses_average_the_batches_of_a_step(learner_kwargs):
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     train = DataLoader(TensorDataset(x, y), batch_size=16)
-    plain = Learner(make_model(), (train, None), F.cross_entropy, **learner_kwargs)
+    plain = make_learner((train, None), learner_kwargs)
     plain.fit(1, lr=1e-12)  # practically no update: losses are the model's initial losses
-    accum = Learner(
-        make_model(), (train, None), F.cross_entropy, accumulate_grad_batches=2, **learner_kwargs
-    )
+    accum = make_learner((train, None), learner_kwargs, accumulate_grad_batches=2)
     accum.fit(1, lr=1e-12)
     model = make_model()
     with torch.no_grad():
@@ -263,7 +262,7 @@ class LitModel(pl.LightningModule):
 
 def test_lightning_module_trains_with_the_learners_optimizer(loaders, tmp_path):
     module = LitModel()
-    learn = Learner(module, loaders, path=tmp_path, logger=False, enable_progress_bar=False)
+    learn = helpers.make_learner(tmp_path, module, loaders, loss_func=None, splitter=None)
     assert [g.name for g in learn.splits] == ["0.stem", "1.body", "2.head"]
     with pytest.warns(UserWarning, match="configure_optimizers is superseded"):
         learn.fit_one_cycle(1, slice(1e-4, 1e-2))
@@ -284,7 +283,7 @@ def test_lightning_datamodule_is_accepted(tmp_path, learner_kwargs):
         def val_dataloader(self):
             return valid
 
-    learn = Learner(make_model(), Data(), F.cross_entropy, **learner_kwargs)
+    learn = make_learner(Data(), learner_kwargs)
     learn.fit(1)
     assert learn.recorder.lrs.shape == (len(train), 3)
 
@@ -292,15 +291,7 @@ def test_lightning_datamodule_is_accepted(tmp_path, learner_kwargs):
 def test_tensorboard_holds_group_tags_on_one_continuous_step_axis(loaders, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    learn = Learner(
-        make_model(),
-        loaders,
-        F.cross_entropy,
-        splitter=three_groups,
-        path=tmp_path,
-        enable_progress_bar=False,
-        log_every_n_steps=1,
-    )
+    learn = helpers.make_learner(tmp_path, data=loaders, logger=True, log_every_n_steps=1)
     learn.freeze()
     learn.fit_one_cycle(1, 1e-3)
     learn.unfreeze()
@@ -486,7 +477,7 @@ def test_a_lightning_module_with_its_own_loaders_needs_no_data(tmp_path):
         def val_dataloader(self):
             return valid
 
-    learn = Learner(WithData(), path=tmp_path, logger=False, enable_progress_bar=False)
+    learn = Learner(WithData(), **quiet(tmp_path))  # data=None: its own loaders
     planned = learn.preview_one_cycle(1, 1e-3)
     with pytest.warns(UserWarning, match="superseded"):
         learn.fit_one_cycle(1, 1e-3)

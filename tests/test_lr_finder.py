@@ -7,12 +7,11 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from difflr import Learner, minimum, steep, valley
+from difflr import minimum, steep, valley
 from difflr.policy.suggestions import make_suggestions
-from tests.helpers import make_learner, make_loaders, make_model, three_groups
+from tests.helpers import make_learner, make_model, three_groups
 
 
 def _state(learn):
@@ -128,15 +127,7 @@ class _Exploding(nn.Module):
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_a_sweep_that_raises_or_is_interrupted_restores(tmp_path, exc):
     model = _Exploding(after=1000, exc=exc)
-    learn = Learner(
-        model,
-        make_loaders(),
-        F.cross_entropy,
-        splitter=lambda m: three_groups(m.net),
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-    )
+    learn = make_learner(tmp_path, model, splitter=lambda m: three_groups(m.net))
     learn.fit(1, 1e-2)
     before = _state(learn)
     model.calls, model.after = 0, 7
@@ -224,15 +215,7 @@ def test_a_loader_that_yields_nothing_is_refused_instead_of_looping_forever(tmp_
         def __iter__(self):
             return iter(())
 
-    learn = Learner(
-        make_model(),
-        (torch.utils.data.DataLoader(Empty(), batch_size=4), None),
-        F.cross_entropy,
-        splitter=three_groups,
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-    )
+    learn = make_learner(tmp_path, data=(torch.utils.data.DataLoader(Empty(), batch_size=4), None))
     with pytest.raises(ValueError, match="yielded no batch"):
         learn.lr_find(num_it=10, show_plot=False)
     with pytest.raises(ValueError, match="limit_train_batches=0 leaves the sweep no batch"):

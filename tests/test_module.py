@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import difflr.training.module
-from difflr import Learner, accuracy
+from difflr import ClassificationInterpretation, Learner, accuracy
 from difflr.training.module import (
     computes_own_loss,
     forward_batch,
@@ -75,8 +75,11 @@ def _loaders(key: str = "labels") -> tuple[DataLoader, DataLoader]:
     return DataLoader(DictData(key=key), batch_size=16), DataLoader(DictData(32, 1), batch_size=16)
 
 
-def _quiet(tmp_path) -> dict:
-    return {"path": tmp_path, "logger": False, "enable_progress_bar": False, "checkpoint": False}
+def _learner(tmp_path, loss_func=None, key: str = "labels", **kwargs) -> Learner:
+    """A quiet Learner over `KwargsNet` (its own two groups) and dict batches."""
+    return make_learner(
+        tmp_path, KwargsNet(), _loaders(key), loss_func, splitter=None, checkpoint=False, **kwargs
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +178,7 @@ def test_a_model_whose_forward_takes_labels_needs_no_loss_func() -> None:
 
 
 def test_a_learner_fits_dict_batches_with_the_models_own_loss(tmp_path) -> None:
-    learn = Learner(KwargsNet(), _loaders("label"), metrics=accuracy, **_quiet(tmp_path))
+    learn = _learner(tmp_path, key="label", metrics=accuracy)
     learn.freeze()
     learn.fit_one_cycle(1, 1e-2)
     first = learn.recorder.values[-1]["valid_loss"]
@@ -188,7 +191,7 @@ def test_a_learner_fits_dict_batches_with_the_models_own_loss(tmp_path) -> None:
 
 
 def test_the_valid_loss_is_the_models_own_loss_over_the_validation_set(tmp_path) -> None:
-    learn = Learner(KwargsNet(), _loaders(), **_quiet(tmp_path))
+    learn = _learner(tmp_path)
     learn.fit(1, 1e-3)
     learn.model.eval()
     valid = DictData(32, 1)  # the validation loader's data, in its order: two batches of 16
@@ -203,12 +206,31 @@ def test_the_valid_loss_is_the_models_own_loss_over_the_validation_set(tmp_path)
 
 
 def test_lr_find_on_dict_batches_restores_everything(tmp_path) -> None:
-    learn = Learner(KwargsNet(), _loaders(), **_quiet(tmp_path))
+    learn = _learner(tmp_path)
     learn.fit_one_cycle(1, 1e-2)  # optimizer state and BatchNorm statistics to restore
     before = _state(learn)
     suggestion = learn.lr_find(num_it=12, show_plot=False)
     assert len(learn.recorder.losses) > 0 and suggestion.valley > 0
     _assert_same(before, _state(learn))
+
+
+def test_get_preds_and_interpretation_read_the_labels_of_dict_batches_as_fit_does(tmp_path):
+    learn = _learner(tmp_path, F.cross_entropy)
+    learn.fit(1, 1e-3)
+    valid = DictData(32, 1)  # the validation loader's data, in its order
+    learn.model.eval()
+    with torch.no_grad():
+        logits = learn.model(x=valid.x, scale=torch.ones(32, 1)).logits
+    inputs, preds, targets, losses = learn.get_preds(with_input=True, with_loss=True)
+    assert torch.equal(targets, valid.y)
+    torch.testing.assert_close(preds, logits.softmax(1))
+    torch.testing.assert_close(losses, F.cross_entropy(logits, valid.y, reduction="none"))
+    assert sorted(inputs) == ["scale", "x"]  # the inputs without the target
+    interp = ClassificationInterpretation.from_learner(learn)
+    assert torch.equal(interp.targs, valid.y)
+    expected = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(expected, (valid.y.numpy(), logits.argmax(1).numpy()), 1)
+    np.testing.assert_array_equal(interp.confusion_matrix(), expected)
 
 
 def test_the_docstring_examples_run() -> None:

@@ -24,20 +24,17 @@ from difflr.training.activations import (
     softmax_over_classes,
 )
 from difflr.training.loaders import sequential_loader
-from tests.helpers import make_loaders, make_model, three_groups
+from tests import helpers
+from tests.helpers import make_loaders, make_model
 
 # Several tests use a one-layer model on purpose: one layer group, which difflr warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:difflr found no layer groups")
 
 
 def make_learner(data, learner_kwargs, loss_func=F.cross_entropy, model=None, **kwargs) -> Learner:
-    return Learner(
-        make_model() if model is None else model,
-        data,
-        loss_func,
-        metrics=accuracy,
-        **{**learner_kwargs, **kwargs},
-    )
+    """A quiet Learner with the accuracy metric (``metrics=None``: none)."""
+    options = {"metrics": accuracy, **learner_kwargs, **kwargs}
+    return helpers.make_learner(model=model, data=data, loss_func=loss_func, **options)
 
 
 def eval_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -85,15 +82,8 @@ def test_validate_is_the_mean_loss_of_a_no_grad_loop_in_eval_mode(loaders, learn
 
 
 def test_after_a_fit_validate_is_the_epoch_tables_last_row_and_changes_no_record(loaders, tmp_path):
-    learn = Learner(
-        make_model(),
-        loaders,
-        F.cross_entropy,
-        metrics=accuracy,
-        splitter=three_groups,
-        path=tmp_path,
-        enable_progress_bar=False,
-        checkpoint=False,
+    learn = helpers.make_learner(
+        tmp_path, data=loaders, metrics=accuracy, logger=True, checkpoint=False
     )
     learn.fit_one_cycle(2, 1e-2)
     rec = learn.recorder
@@ -386,7 +376,7 @@ def test_get_preds_with_binary_cross_entropy_gives_sigmoids(learner_kwargs):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(20, 6, generator=g), (torch.rand(20, 3, generator=g) > 0.5).float()
     dl = DataLoader(TensorDataset(x, y), batch_size=8)
-    learn = Learner(make_model(), (dl, dl), nn.BCEWithLogitsLoss(), **learner_kwargs)
+    learn = make_learner((dl, dl), learner_kwargs, nn.BCEWithLogitsLoss(), metrics=None)
     preds, targets, losses = learn.get_preds(with_loss=True)
     outputs = eval_outputs(learn.model, x)
     assert torch.equal(targets, y)
@@ -432,7 +422,7 @@ def test_a_lightning_module_predicts_with_its_forward_or_its_own_predict_step(
     loaders, learner_kwargs
 ):
     x, y = loaders[1].dataset.tensors
-    plain = Learner(Classifier(), loaders, **{**learner_kwargs, "splitter": None})
+    plain = make_learner(loaders, learner_kwargs, None, Classifier(), splitter=None, metrics=None)
     outputs = eval_outputs(plain.model, x)
     preds, targets, losses = plain.get_preds(with_loss=True)
     torch.testing.assert_close(preds, outputs.softmax(1))  # its loss_func is cross-entropy
@@ -441,15 +431,17 @@ def test_a_lightning_module_predicts_with_its_forward_or_its_own_predict_step(
     assert plain.validate() == {"val_loss": pytest.approx(F.cross_entropy(outputs, y).item())}
     assert "predict_step" not in vars(plain.model)  # the forward shim is gone
 
-    own = Learner(WithPredictStep(), loaders, **{**learner_kwargs, "splitter": None})
+    own = make_learner(
+        loaders, learner_kwargs, None, WithPredictStep(), splitter=None, metrics=None
+    )
     preds, _ = own.get_preds(act=identity)
     torch.testing.assert_close(preds, eval_outputs(own.model, x) + 100.0)
 
 
 @pytest.mark.filterwarnings("ignore:.*configure_optimizers is superseded")
 def test_per_item_losses_of_a_lightning_module_need_its_loss_func(loaders, learner_kwargs):
-    learn = Learner(
-        Classifier(with_loss_func=False), loaders, **learner_kwargs | {"splitter": None}
+    learn = make_learner(
+        loaders, learner_kwargs, None, Classifier(with_loss_func=False), splitter=None, metrics=None
     )
     with pytest.raises(TypeError, match=r"loss_func attribute"):
         learn.get_preds(with_loss=True)
@@ -473,7 +465,7 @@ class ValidDataModule(pl.LightningDataModule):
 
 
 def test_a_datamodules_validation_set_and_class_names_are_used(learner_kwargs):
-    learn = Learner(make_model(), ValidDataModule(), F.cross_entropy, **learner_kwargs)
+    learn = make_learner(ValidDataModule(), learner_kwargs, metrics=None)
     assert learn.vocab == ["low", "mid", "high"]
     x, y = make_loaders()[1].dataset.tensors
     outputs = eval_outputs(learn.model, x)
@@ -512,7 +504,7 @@ def test_predict_without_a_vocab_gives_indices_and_a_regression_its_raw_output(l
 
     x_all = valid_dl.dataset.tensors[0]
     regression = DataLoader(TensorDataset(x_all, torch.randn(len(x_all), 3)), batch_size=16)
-    reg = Learner(make_model(), (regression, regression), F.mse_loss, **learner_kwargs)
+    reg = make_learner((regression, regression), learner_kwargs, F.mse_loss, metrics=None)
     torch.testing.assert_close(reg.predict(x), eval_outputs(reg.model, x[None])[0])
     torch.testing.assert_close(reg.predict(x_all[:4]), eval_outputs(reg.model, x_all[:4]))
 
@@ -520,8 +512,8 @@ def test_predict_without_a_vocab_gives_indices_and_a_regression_its_raw_output(l
 def test_predict_with_binary_cross_entropy_lists_the_labels_above_one_half(learner_kwargs):
     x = torch.randn(12, 6, generator=torch.Generator().manual_seed(3))
     dl = DataLoader(TensorDataset(x, torch.zeros(12, 3)), batch_size=4)
-    learn = Learner(
-        make_model(), (dl, dl), nn.BCEWithLogitsLoss(), vocab=["a", "b", "c"], **learner_kwargs
+    learn = make_learner(
+        (dl, dl), learner_kwargs, nn.BCEWithLogitsLoss(), vocab=["a", "b", "c"], metrics=None
     )
     probs = torch.sigmoid(eval_outputs(learn.model, x))
     decoded, mask, p = learn.predict(x)

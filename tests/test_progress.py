@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from difflr import Learner, Recorder
-from difflr.callbacks import progress
+from difflr.callbacks import progress, step_loss
 from difflr.callbacks.progress import (
     LiveProgress,
     ProgressTable,
@@ -28,8 +28,8 @@ from difflr.callbacks.progress import (
     _Output,
     format_time,
 )
-from difflr.callbacks.recorder import SmoothedLoss
-from tests.helpers import make_loaders, make_model, three_groups
+from difflr.callbacks.step_loss import SmoothedLoss
+from tests.helpers import make_learner
 
 # Tiny's validation_step is unused in the fits without validation data.
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
@@ -285,8 +285,8 @@ def _fit(notebook, train, valid=None, epochs=1, **trainer_kwargs):
 
 def test_the_line_is_refreshed_during_the_epoch_at_a_bounded_rate(notebook, monkeypatch):
     reads = []
-    to_host = progress._to_host
-    monkeypatch.setattr(progress, "_to_host", lambda losses: reads.append(1) or to_host(losses))
+    to_host = step_loss._to_host
+    monkeypatch.setattr(step_loss, "_to_host", lambda losses: reads.append(1) or to_host(losses))
     tick, recorder, bar, trainer = _fit(notebook, _data(100), _data(40))
     assert trainer.progress_bar_callback is bar  # it replaced Lightning's own bar
 
@@ -306,7 +306,9 @@ def test_the_line_is_refreshed_during_the_epoch_at_a_bounded_rate(notebook, monk
     assert 'value="100" max="100"' in final["text/html"]
     assert 'data-state="finished"' in final["text/html"]
     # The losses left the device once per refresh that had new ones, never once per step.
-    assert len(reads) == 6 + 1  # the refreshes at 16, 32, ..., 96 batches, and the epoch's end
+    # The refreshes at 16, 32, ..., 96 batches and the epoch's end, and the recorder's one read
+    # at the epoch's end.
+    assert len(reads) == 6 + 1 + 1
     # The smoothed loss: the recorder's smoothing, ending on the table's train_loss.
     ema = SmoothedLoss()
     expected = [ema.update(loss) for loss in tick.losses]
@@ -372,16 +374,8 @@ def test_refresh_s_must_be_positive():
 
 # ------------------------------------------------------------------------------ the Learner
 def _learner(tmp_path, **kwargs) -> Learner:
-    return Learner(
-        make_model(),
-        make_loaders(),
-        loss_func=F.cross_entropy,
-        splitter=three_groups,
-        path=tmp_path,
-        logger=False,
-        checkpoint=False,
-        **kwargs,
-    )
+    """A Learner whose fits show their progress (unless ``enable_progress_bar=False``)."""
+    return make_learner(tmp_path, checkpoint=False, **{"enable_progress_bar": True, **kwargs})
 
 
 def test_each_fit_gets_the_live_line_unless_the_progress_bar_is_off(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import get_args
 
 import lightning.pytorch as pl
 import numpy as np
@@ -14,7 +15,8 @@ from torch import nn
 
 from difflr import GradualUnfreezing, Learner, Recorder, Stage
 from difflr.policy.schedules import one_cycle_lr, one_cycle_mom, steps_per_epoch
-from difflr.policy.stages import fine_tune_stages
+from difflr.policy.stages import ScheduleKind, fine_tune_stages
+from tests import helpers
 from tests.helpers import make_loaders
 
 # The original example's plan for a ResNet-18 in 6 groups (ORIGINAL_EXAMPLE.md), verbatim.
@@ -62,16 +64,7 @@ def six_groups(model: nn.Module) -> list[nn.Module]:
 
 
 def make_learner(tmp_path, **kwargs) -> Learner:
-    return Learner(
-        six_group_model(),
-        make_loaders(),
-        F.cross_entropy,
-        splitter=six_groups,
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        **kwargs,
-    )
+    return helpers.make_learner(tmp_path, six_group_model(), splitter=six_groups, **kwargs)
 
 
 def test_from_milestones_reads_the_original_plan():
@@ -129,13 +122,8 @@ def test_malformed_milestones_are_refused_naming_the_key(milestones, words):
 
 
 def test_a_plan_of_the_wrong_length_for_the_model_is_refused_before_training(tmp_path, loaders):
-    learn = Learner(
-        six_group_model(),
-        loaders,
-        F.cross_entropy,
-        splitter=lambda m: [m[:5], m[5:]],
-        path=tmp_path,
-        logger=False,
+    learn = helpers.make_learner(
+        tmp_path, six_group_model(), loaders, splitter=lambda m: [m[:5], m[5:]]
     )
     before = [p.detach().clone() for p in learn.model.parameters()]
     with pytest.raises(
@@ -348,6 +336,20 @@ def test_each_schedule_kind_has_its_own_default_pct_start():
     assert Stage(0, 1, 1e-3).pct_start == 0.25
     assert Stage(0, 1, 1e-3, schedule="flat_cos").pct_start == 0.75
     assert Stage(0, 1, 1e-3, schedule="flat_cos", pct_start=0.5).pct_start == 0.5
+
+
+def test_every_schedule_kind_is_a_stage_schedule_with_its_recorded_knobs():
+    # The kinds a type checker knows are the kinds a Stage accepts, and each describes itself.
+    assert get_args(ScheduleKind) == ("one_cycle", "flat_cos", "constant")
+    described = {
+        kind: Stage(0, 1, 1e-3, schedule=kind).describe(1) for kind in get_args(ScheduleKind)
+    }
+    assert {k: (d["pct_start"], d["div"], d["div_final"]) for k, d in described.items()} == {
+        "one_cycle": (0.25, 25.0, 1e5),
+        "flat_cos": (0.75, None, 1e5),
+        "constant": (None, None, None),
+    }
+    assert [d["moms"] is not None for d in described.values()] == [True, False, False]
 
 
 def test_a_stage_schedules_in_closed_form():

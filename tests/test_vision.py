@@ -16,6 +16,7 @@ from difflr import vision
 from difflr.groups.layers import LayerGroup
 from difflr.groups.splitters import split_model
 from difflr.vision import create_head, load_arch, replace_head, vision_learner
+from tests.helpers import quiet
 from tests.test_splitters import RESNET_NAMES
 
 
@@ -215,9 +216,7 @@ def test_vision_learner_gives_n_out_outputs_and_the_original_six_groups(tmp_path
         "resnet18",
         _image_loaders(),
         n_out=3,
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
+        **quiet(tmp_path),
     )
     assert [g.name for g in learn.splits] == RESNET_NAMES
     assert _ids(learn.splits[-1]) == {id(p) for p in learn.model.fc.parameters()}
@@ -238,9 +237,7 @@ def test_vision_learner_with_cached_weights_loads_them_and_freezes_the_body(
         _image_loaders(),
         n_out=4,
         weights="DEFAULT",
-        logger=False,
-        enable_progress_bar=False,
-        path=tmp_path,
+        **quiet(tmp_path),
     )
     assert torch.equal(learn.model.conv1.weight, state["conv1.weight"])
     assert learn.frozen == [True] * 5 + [False]
@@ -255,7 +252,7 @@ def test_vision_learner_without_cached_weights_fails_before_building_a_learner(
     empty_hub: Path,
 ) -> None:
     with pytest.raises(RuntimeError, match="no network access"):
-        vision_learner("resnet18", _image_loaders(), n_out=2, weights="DEFAULT", logger=False)
+        vision_learner("resnet18", _image_loaders(), n_out=2, weights="DEFAULT", **quiet("."))
 
 
 def test_vision_learner_passes_head_and_learner_kwargs_through(tmp_path: Path) -> None:
@@ -276,10 +273,8 @@ def test_vision_learner_passes_head_and_learner_kwargs_through(tmp_path: Path) -
         },
         lr=3e-4,
         wd=0.05,
-        path=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
         limit_train_batches=1,
+        **quiet(tmp_path),
     )
     assert learn.model.fc is head
     assert learn.module.loss_func is loss_func

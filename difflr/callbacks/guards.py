@@ -1,9 +1,6 @@
-"""Lightning callbacks: the per-step hyper-parameter scheduler and the recorder.
-
-Both work on any ``Trainer`` whose (single) optimizer has one or more torch param groups per
-layer group, each carrying the layer group's index under ``"layer_group"`` (as
-`difflr.optim.param_groups.build_param_groups` makes them). An optimizer without that key is treated as
-one layer group per param group, so the callbacks also drop into a hand-written module."""
+"""Lightning callbacks that guard a fit: a NaN or infinite loss (or gradient) stops it before
+the update (`FiniteLossGuard`), and the normalisation layers of frozen groups stay in eval mode
+(`FrozenNormEval`, for ``train_bn=False``)."""
 
 from __future__ import annotations
 
@@ -23,6 +20,8 @@ from difflr.utils.checks import non_finite_names
 
 if TYPE_CHECKING:
     pass
+
+__all__ = ["FiniteLossGuard", "FrozenNormEval"]
 
 
 class FiniteLossGuard(Callback):

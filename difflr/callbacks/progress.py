@@ -27,7 +27,8 @@ from lightning.pytorch.callbacks.progress import ProgressBar
 from tqdm import tqdm
 from typing_extensions import override
 
-from difflr.callbacks.recorder import Recorder, SmoothedLoss
+from difflr.callbacks.recorder import Recorder
+from difflr.callbacks.step_loss import StepLosses
 from difflr.utils.display import in_notebook, terminal_width
 
 __all__ = ["REFRESH_S", "LiveProgress", "ProgressTable", "format_time"]
@@ -300,17 +301,13 @@ class ProgressTable(Callback):
             self.output.show(rows=self.recorder.values)
 
 
-def _to_host(losses: list[torch.Tensor]) -> list[float]:
-    """Scalar losses from the device, in one transfer (one synchronisation)."""
-    return torch.stack(losses).float().tolist()
-
-
 class LiveProgress(ProgressBar):
     """Lightning's progress bar, difflr's way: the running epoch as a live line, under the table.
 
     The line shows the batches done of the epoch's total (a count for a loader without a
     length), the elapsed and estimated remaining time and the smoothed training loss
-    (`SmoothedLoss`, the curve the recorder keeps, so it ends on the table's ``train_loss``).
+    (read by `difflr.callbacks.step_loss.StepLosses`, as the recorder reads it, so it ends on
+    the table's ``train_loss``).
     It is refreshed at most every ``refresh_s`` seconds, plus at each epoch's start and end. A
     step costs a counter, a clock read and keeping a reference to the loss tensor: the losses
     are read from the device only at a refresh, all at once. A validation pass that lasts
@@ -360,14 +357,9 @@ class LiveProgress(ProgressBar):
         self._begin_run()
 
     def _begin_run(self) -> None:
-        self._ema = SmoothedLoss()
+        self._step_losses = StepLosses()  # read at each refresh
         self._loss: float | None = None
-        self._pending: list[torch.Tensor] = []  # losses since the last refresh, on device
-        self._step_ends: list[int] = []  # positions in _pending after which a step was taken
-        self._micro: list[float] = []  # losses of a step not taken yet (gradient accumulation)
-        self._stepped = False
         self._steps = 0
-        self._accumulate = 1  # Lightning hands over the loss divided by this
         self._by_steps = False
         self._first_step = 0
         self._max_steps: int | None = None
@@ -418,7 +410,6 @@ class LiveProgress(ProgressBar):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._own = None  # without a table, each fit gets its own display
         self._begin_run()
-        self._accumulate = trainer.accumulate_grad_batches
         self._by_steps = trainer.max_epochs == -1 and (trainer.max_steps or -1) > 0
         if self._by_steps:
             self._first_step = trainer.global_step
@@ -440,8 +431,9 @@ class LiveProgress(ProgressBar):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._stepped = True
         self._steps += 1
+        if self._enabled:
+            self._step_losses.step()
 
     @override
     def on_train_batch_end(
@@ -455,12 +447,7 @@ class LiveProgress(ProgressBar):
         if not self._enabled:
             return
         # Per step: no device read, no formatting; a refresh does those for all steps since.
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor) and loss.ndim == 0:
-            self._pending.append(loss.detach())
-        if self._stepped:
-            self._step_ends.append(len(self._pending))
-            self._stepped = False
+        self._step_losses.batch_end(outputs, trainer.accumulate_grad_batches)
         self._done = batch_idx + 1
         if self._clock() >= self._next_refresh:
             self._refresh()
@@ -558,18 +545,9 @@ class LiveProgress(ProgressBar):
     def _smoothed_loss(self) -> float | None:
         """Bring the losses since the last refresh to the host (one read) and smooth them per
         optimizer step, as the recorder does."""
-        if not self._pending:
-            return self._loss
-        values = [v * self._accumulate for v in _to_host(self._pending)]
-        ends, self._pending, self._step_ends = self._step_ends, [], []
-        start = 0
-        for end in ends:
-            self._micro.extend(values[start:end])
-            start = end
-            if self._micro:  # the mean of the step's micro-batches
-                self._loss = self._ema.update(sum(self._micro) / len(self._micro))
-                self._micro = []
-        self._micro.extend(values[start:])
+        self._step_losses.read()
+        if self._step_losses.ema.count:  # a step with a loss was read
+            self._loss = self._step_losses.last
         return self._loss
 
     @property

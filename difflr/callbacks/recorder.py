@@ -1,9 +1,10 @@
-"""Lightning callbacks: the per-step hyper-parameter scheduler and the recorder.
+"""The recorder: every optimizer step's LRs, momentums and smoothed loss, and every epoch's row.
 
-Both work on any ``Trainer`` whose (single) optimizer has one or more torch param groups per
+It works on any ``Trainer`` whose (single) optimizer has one or more torch param groups per
 layer group, each carrying the layer group's index under ``"layer_group"`` (as
-`difflr.optim.param_groups.build_param_groups` makes them). An optimizer without that key is treated as
-one layer group per param group, so the callbacks also drop into a hand-written module."""
+`difflr.optim.param_groups.build_param_groups` makes them). An optimizer without that key is
+treated as one layer group per param group, so the recorder also drops into a hand-written
+module. The loss of a step is read by `difflr.callbacks.step_loss.StepLosses`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from difflr.callbacks.scheduler import single_optimizer
+from difflr.callbacks.step_loss import SmoothedLoss, StepLosses
 from difflr.optim.param_groups import (
     layer_group_index,
     layer_group_names,
@@ -27,37 +30,12 @@ from difflr.optim.param_groups import (
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-from difflr.callbacks.scheduler import single_optimizer
 
-SMOOTH_BETA = 0.98
-
+__all__ = ["HYPER_POINTS_PER_FIT", "Recorder"]
 
 #: About this many LR/momentum points per fit reach the logger: enough to draw a one-cycle,
 #: at a bounded cost (a TensorBoard write of 12 scalars costs ~0.4 ms on CPU).
 HYPER_POINTS_PER_FIT = 200
-
-
-class SmoothedLoss:
-    """fastai's debiased exponential moving average of a loss.
-
-    ``avg = beta*avg + (1-beta)*loss``, reported as ``avg / (1 - beta**count)``. The recorder's
-    per-step curve and the LR finder's divergence stop both use it, so the stop fires on the
-    curve the plot shows.
-
-    Examples:
-        >>> ema = SmoothedLoss()
-        >>> ema.update(2.0), round(ema.update(1.0), 4)
-        (2.0, 1.4949)
-    """
-
-    def __init__(self, beta: float = SMOOTH_BETA, avg: float = 0.0, count: int = 0) -> None:
-        self.beta, self.avg, self.count = beta, avg, count
-
-    def update(self, loss: float) -> float:
-        """Add one loss; return the smoothed value."""
-        self.avg = self.beta * self.avg + (1 - self.beta) * float(loss)
-        self.count += 1
-        return self.avg / (1 - self.beta**self.count)
 
 
 class Recorder(Callback):
@@ -100,12 +78,9 @@ class Recorder(Callback):
         self._key: str | None = None
         self._begin_run()
 
-    def _begin_run(self) -> None:
-        self._pending: list[torch.Tensor] = []  # per-batch losses of this epoch, on device
-        self._pending_step: list[int] = []  # the optimizer step each of them belongs to
-        self._stepped = False
-        self._avg, self._count = 0.0, 0
-        self._last_loss = math.nan  # smoothed loss of the last step that had a loss
+    def _begin_run(self, losses: StepLosses | None = None) -> None:
+        # This run's step losses, read once per epoch (``losses``: a resumed run's, continued).
+        self._step_losses = StepLosses() if losses is None else losses
         self._log_every = 1
         self._epoch_start = time.perf_counter()
 
@@ -143,9 +118,7 @@ class Recorder(Callback):
             else trainer.log_every_n_steps
         )
         if resumed:  # keep the interrupted run's boundary and its smoothed-loss average
-            avg, count, last = self._avg, self._count, self._last_loss
-            self._begin_run()
-            self._avg, self._count, self._last_loss = avg, count, last
+            self._begin_run(StepLosses(self._step_losses.ema, self._step_losses.last))
             self._log_every = log_every
             return
         self.boundaries.append(len(self._lrs))
@@ -167,7 +140,7 @@ class Recorder(Callback):
         lrs, moms = read_hypers(optimizer, self._index, self._key)
         self._lrs.append(lrs)
         self._moms.append(moms)
-        self._stepped = True
+        self._step_losses.step()
         if self.log_hypers and trainer.global_step % self._log_every == 0:
             metrics = {f"lr/{n}": v for n, v in zip(self.names, lrs)}
             if not np.isnan(moms).all():
@@ -183,46 +156,21 @@ class Recorder(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor):
-            # Lightning hands over the loss divided by accumulate_grad_batches.
-            self._pending.append(loss.detach() * trainer.accumulate_grad_batches)
-            # The step this batch's gradient went into: the one just recorded if this batch
-            # triggered it, else the next one (gradient accumulation).
-            self._pending_step.append(len(self._lrs) - 1 if self._stepped else len(self._lrs))
-        self._stepped = False
+        self._step_losses.batch_end(outputs, trainer.accumulate_grad_batches)
 
     def _flush_losses(self) -> None:
-        """Turn the epoch's per-batch losses into smoothed per-step losses (one device sync).
-
-        A step none of whose batches returned a loss (a ``training_step`` that returned
-        ``None``: Lightning's way to skip a batch) gets NaN and leaves the average alone."""
-        pending, steps = self._pending, np.array(self._pending_step, dtype=int)
-        self._pending, self._pending_step = [], []
-        first_step = len(self._losses)
-        n_new = len(self._lrs) - first_step
-        if n_new <= 0:
-            return
-        batch_losses = torch.stack(pending).float().cpu().numpy() if pending else np.empty(0)
-        # Average the batch losses of each step (several with gradient accumulation).
-        owner = np.clip(steps - first_step, 0, n_new - 1)
-        counts = np.bincount(owner, minlength=n_new)
-        sums = np.bincount(owner, batch_losses, n_new)
-        ema = SmoothedLoss(avg=self._avg, count=self._count)
-        for total, count in zip(sums, counts):
-            if count:
-                self._last_loss = ema.update(total / count)
-                self._losses.append(self._last_loss)
-            else:
-                self._losses.append(math.nan)
-        self._avg, self._count = ema.avg, ema.count
+        """Turn the per-batch losses since the last flush into smoothed per-step losses (one
+        device read). A step none of whose batches returned a loss (a ``training_step`` that
+        returned ``None``: Lightning's way to skip a batch) gets NaN and leaves the average
+        alone."""
+        self._losses.extend(math.nan if v is None else v for v in self._step_losses.read())
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush_losses()
         row = {
             "epoch": float(self.epoch_offset + trainer.current_epoch),
-            "train_loss": self._last_loss,
+            "train_loss": self._step_losses.last,
         }
         for key, value in trainer.callback_metrics.items():
             if key.startswith("train"):
@@ -243,9 +191,6 @@ class Recorder(Callback):
         "trainable",
         "epoch_offset",
         "_epoch_steps",
-        "_avg",
-        "_count",
-        "_last_loss",
     )
 
     @override
@@ -255,7 +200,9 @@ class Recorder(Callback):
         state = {key: getattr(self, key) for key in self._STATE}
         state["_lrs"] = [row.tolist() for row in self._lrs]
         state["_moms"] = [row.tolist() for row in self._moms]
-        state["_avg"] = float(self._avg)
+        # The smoothed-loss average, so that a resumed run continues the same curve.
+        losses = self._step_losses
+        state.update(_avg=float(losses.ema.avg), _count=losses.ema.count, _last_loss=losses.last)
         return state
 
     @override
@@ -264,6 +211,8 @@ class Recorder(Callback):
             setattr(self, key, state_dict[key])
         self._lrs = [np.array(row) for row in self._lrs]
         self._moms = [np.array(row) for row in self._moms]
+        ema = SmoothedLoss(avg=state_dict["_avg"], count=state_dict["_count"])
+        self._step_losses = StepLosses(ema, state_dict["_last_loss"])
         self._resumed = True  # the next on_train_start continues this run, not a new one
 
     # ----------------------------------------------------------------------------- workers

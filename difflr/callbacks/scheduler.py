@@ -1,9 +1,11 @@
-"""Lightning callbacks: the per-step hyper-parameter scheduler and the recorder.
+"""The per-step hyper-parameter scheduler: every layer group's LR and momentum, set before each
+optimizer step from schedules of ``pct``.
 
-Both work on any ``Trainer`` whose (single) optimizer has one or more torch param groups per
+It works on any ``Trainer`` whose (single) optimizer has one or more torch param groups per
 layer group, each carrying the layer group's index under ``"layer_group"`` (as
-`difflr.optim.param_groups.build_param_groups` makes them). An optimizer without that key is treated as
-one layer group per param group, so the callbacks also drop into a hand-written module."""
+`difflr.optim.param_groups.build_param_groups` makes them). An optimizer without that key is
+treated as one layer group per param group, so the scheduler also drops into a hand-written
+module."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from difflr.policy.stages import Stage
 
 if TYPE_CHECKING:
     pass
+
+__all__ = ["ParamScheduler", "single_optimizer", "stage_scheduler"]
 
 
 class ParamScheduler(Callback):

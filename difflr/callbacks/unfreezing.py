@@ -1,20 +1,14 @@
-"""Stages: the one description of a training segment, and plans made of them.
+"""`GradualUnfreezing`: a stage plan run inside one ``trainer.fit`` of your own LightningModule.
 
-A `Stage` says everything one Trainer's worth of training needs: which layer groups are frozen,
-how many epochs, which schedule (one-cycle, flat-cosine or constant) with its hyper-parameters,
-and the weight decay. It is validated when it is made (and against the model before anything
-trains), builds its own `ParamScheduler`, and counts its own optimizer steps. Every fit method of
-the Learner is a short function that builds a list of stages (a *plan*): ``fit_one_cycle`` is one
-stage, ``fine_tune`` two, ``fit_stages`` any number. The same plan is run by
-``Learner.fit_stages`` (a fresh Trainer per stage, so a DDP wrapper sees exactly the params that
-train), previewed without training by `preview_plan`, and run inside a user's own ``Trainer`` by
-`GradualUnfreezing`."""
+The plan is the same list of `difflr.policy.stages.Stage` that ``Learner.fit_stages`` runs; each
+stage is entered by `difflr.optim.stage_entry.enter_stage` and scheduled by the same
+`difflr.callbacks.scheduler.ParamScheduler`, so both ways of running a plan train alike."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,28 +16,18 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from difflr.callbacks.scheduler import ParamScheduler
+from difflr.callbacks.scheduler import ParamScheduler, stage_scheduler
 from difflr.groups.freezing import apply_freeze, frozen_norms_eval
 from difflr.groups.layers import LayerGroup, Splitter
 from difflr.groups.splitters import split_model
-from difflr.optim.param_groups import (
-    GROUP_INDEX_KEY,
-    build_param_groups,
-    set_weight_decay,
-)
+from difflr.optim.param_groups import GROUP_INDEX_KEY, build_param_groups
+from difflr.optim.stage_entry import enter_stage
 from difflr.policy.freeze import frozen_pattern
-from difflr.policy.schedules import (
-    steps_per_epoch,
-)
-from difflr.utils.checks import (
-    check_moms,
-)
-
-if TYPE_CHECKING:
-    pass
-from difflr.callbacks.scheduler import stage_scheduler
-from difflr.policy.schedules import DEFAULT_MOMS
+from difflr.policy.schedules import DEFAULT_MOMS, steps_per_epoch
 from difflr.policy.stages import Stage, check_plan
+from difflr.utils.checks import check_moms, user_stacklevel
+
+__all__ = ["GradualUnfreezing"]
 
 
 class GradualUnfreezing(Callback):
@@ -126,7 +110,7 @@ class GradualUnfreezing(Callback):
             warnings.warn(
                 f"the plan has {plan_epochs} epochs but Trainer(max_epochs={trainer.max_epochs}) "
                 "stops before its end.",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         # Each stage's pattern; a stage with freeze_to=None keeps the one before it (None: the
         # module's own, untouched).
@@ -173,16 +157,21 @@ class GradualUnfreezing(Callback):
         if stage != self.stage:
             self.stage, self.stage_step = stage, 0
         optimizer = trainer.optimizers[0]
-        starts_stage = trainer.current_epoch == self.starts[self.stage] and self.stage > 0
-        if starts_stage and self._patterns[self.stage] != self._patterns[self.stage - 1]:
-            # A new pattern drops the momentum buffers, as Learner.freeze_to does. Decided by the
-            # plan alone, so a run resumed at this epoch does the same.
-            optimizer.state.clear()
         if self._applied != self.stage:
-            self._freeze(pl_module, self.stage)
-            if not self.train_bn:
-                frozen_norms_eval(pl_module)
-            set_weight_decay(optimizer, self.stages[self.stage].wd)
+            # At a stage's first epoch, a new pattern drops the momentum buffers, as
+            # Learner.freeze_to does: decided by the plan alone, so a run resumed at this epoch
+            # does the same. Resumed inside a stage, the checkpoint's state is the stage's own.
+            starts_stage = trainer.current_epoch == self.starts[self.stage] and self.stage > 0
+            pattern = self._patterns[self.stage]
+            enter_stage(
+                pl_module,
+                self.groups,
+                optimizer,
+                pattern,
+                previous=self._patterns[self.stage - 1] if starts_stage else pattern,
+                train_bn=self.train_bn,
+                wd=self.stages[self.stage].wd,
+            )
             self._applied = self.stage
         if self._scheduler is None or self._scheduler_stage != self.stage:
             # The stage's schedule, by the same ParamScheduler that Learner.fit_stages uses.

@@ -14,6 +14,8 @@ from torch import nn
 from difflr.groups.layers import NORM_TYPES, LayerGroup, norm_param_ids
 from difflr.utils.checks import user_stacklevel
 
+__all__ = ["apply_freeze", "frozen_norms_eval", "trainable_flags"]
+
 
 def apply_freeze(
     model: nn.Module, groups: Sequence[LayerGroup], frozen: Sequence[bool], train_bn: bool = True

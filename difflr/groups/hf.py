@@ -19,7 +19,7 @@ import sys
 
 from torch import nn
 
-__all__ = ["GROUP_NAMES", "is_transformers_model", "transformers_trunk"]
+__all__ = ["GROUP_NAMES", "holds_layers", "is_transformers_model", "transformers_trunk"]
 
 #: Names of the groups of a Hugging Face model: before the layers, each layer, after the layers.
 GROUP_NAMES = ("embeddings", "layer", "head")

@@ -1,16 +1,10 @@
-"""Layer groups ("splits"): how a model is cut into groups, and the optimizer param groups they become.
+"""Layer groups ("splits"): how a model is cut into groups.
 
 A *splitter* is a function ``splitter(model)`` that returns the model's layer groups in forward
 order (stem first, head last), either as a sequence or as a mapping ``{name: group}``. A group is
 an ``nn.Module`` or an iterable of ``nn.Parameter``. Every trainable parameter of the model must be
-in exactly one group.
-
-Each layer group becomes one or two torch param groups of the same optimizer: one for the
-parameters that take weight decay and, while ``wd_bn_bias=False``, one for the biases and the
-normalisation-layer parameters, which take none. Both carry the layer group's name and index, so
-one LR and one momentum per layer group drive them together. The helpers at the end of this
-module read and write those per-layer-group values on any optimizer built this way (and treat an
-optimizer without the index key as one layer group per param group)."""
+in exactly one group. `layer_groups` checks that and names each group; each becomes one or two
+optimizer param groups (`difflr.optim.param_groups`)."""
 
 from __future__ import annotations
 
@@ -22,6 +16,18 @@ from typing import Any, TypeAlias
 from torch import nn
 
 from difflr.utils.checks import user_stacklevel
+
+__all__ = [
+    "NORM_TYPES",
+    "Group",
+    "LayerGroup",
+    "Splitter",
+    "group_fingerprint",
+    "layer_groups",
+    "no_decay_param_ids",
+    "norm_param_ids",
+    "warn_single_group",
+]
 
 Group: TypeAlias = "nn.Module | Iterable[nn.Parameter]"
 

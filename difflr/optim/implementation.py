@@ -27,6 +27,7 @@ import torch
 
 from difflr.optim.param_groups import GROUP_INDEX_KEY
 from difflr.policy.lr import LRSpec, expand_lrs
+from difflr.utils.checks import user_stacklevel
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -249,7 +250,7 @@ class _KeepFastest:
                 f"{self.name}: torch's {refused[0]} implementation does not run on "
                 f"{refused[1]}; using {choice}, the fastest that does (the same updates, a "
                 "slower step).",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
 
     def _choose(self, placement: frozenset[Placement]) -> tuple[str, tuple[str, str] | None]:

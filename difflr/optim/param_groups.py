@@ -1,16 +1,11 @@
-"""Layer groups ("splits"): how a model is cut into groups, and the optimizer param groups they become.
-
-A *splitter* is a function ``splitter(model)`` that returns the model's layer groups in forward
-order (stem first, head last), either as a sequence or as a mapping ``{name: group}``. A group is
-an ``nn.Module`` or an iterable of ``nn.Parameter``. Every trainable parameter of the model must be
-in exactly one group.
+"""Optimizer param groups over layer groups, and each layer group's hyper-parameters on them.
 
 Each layer group becomes one or two torch param groups of the same optimizer: one for the
 parameters that take weight decay and, while ``wd_bn_bias=False``, one for the biases and the
-normalisation-layer parameters, which take none. Both carry the layer group's name and index, so
-one LR and one momentum per layer group drive them together. The helpers at the end of this
-module read and write those per-layer-group values on any optimizer built this way (and treat an
-optimizer without the index key as one layer group per param group)."""
+normalisation-layer parameters, which take none. Both carry the layer group's name and index
+(``"layer_group"``), so one LR and one momentum per layer group drive them together. The
+helpers read and write those per-layer-group values on any optimizer built this way (and treat
+an optimizer without the index key as one layer group per param group)."""
 
 from __future__ import annotations
 
@@ -22,6 +17,17 @@ import torch
 from torch import nn
 
 from difflr.groups.layers import LayerGroup, no_decay_param_ids
+
+__all__ = [
+    "GROUP_INDEX_KEY",
+    "build_param_groups",
+    "layer_group_index",
+    "layer_group_names",
+    "momentum_key",
+    "read_hypers",
+    "set_weight_decay",
+    "write_hypers",
+]
 
 #: Param-group key holding the layer group's index; torch ignores keys it does not know.
 GROUP_INDEX_KEY = "layer_group"

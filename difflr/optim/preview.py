@@ -1,14 +1,9 @@
-"""Stages: the one description of a training segment, and plans made of them.
+"""Previews: every optimizer step's LR and momentum of a plan, per layer group, without training.
 
-A `Stage` says everything one Trainer's worth of training needs: which layer groups are frozen,
-how many epochs, which schedule (one-cycle, flat-cosine or constant) with its hyper-parameters,
-and the weight decay. It is validated when it is made (and against the model before anything
-trains), builds its own `ParamScheduler`, and counts its own optimizer steps. Every fit method of
-the Learner is a short function that builds a list of stages (a *plan*): ``fit_one_cycle`` is one
-stage, ``fine_tune`` two, ``fit_stages`` any number. The same plan is run by
-``Learner.fit_stages`` (a fresh Trainer per stage, so a DDP wrapper sees exactly the params that
-train), previewed without training by `preview_plan`, and run inside a user's own ``Trainer`` by
-`GradualUnfreezing`."""
+`preview_plan` asks each `difflr.policy.stages.Stage` for the schedules that would train it
+(the ones `difflr.callbacks.scheduler.stage_scheduler` hands to the scheduler), so a preview and
+the training cannot disagree; `SchedulePreview.plot_sched` draws it as the recorder draws a
+finished fit."""
 
 from __future__ import annotations
 
@@ -32,6 +27,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 from difflr.policy.schedules import DEFAULT_MOMS, sample
 from difflr.policy.stages import Stage, check_plan
+
+__all__ = ["SchedulePreview", "preview_plan"]
 
 
 @dataclass

@@ -30,6 +30,14 @@ import numpy as np
 
 from difflr.utils.checks import check_int, check_number, is_number
 
+__all__ = [
+    "FLOAT32_MAX",
+    "LRSpec",
+    "LayerDecay",
+    "expand_lrs",
+    "layer_decay",
+]
+
 LRSpec: TypeAlias = "float | Sequence[float] | np.ndarray | slice | LayerDecay"
 
 

@@ -13,6 +13,24 @@ from typing import TypeAlias
 
 import numpy as np
 
+__all__ = [
+    "DEFAULT_MOMS",
+    "Schedule",
+    "Value",
+    "combine_scheds",
+    "exp_range",
+    "flat_cos_lr",
+    "one_cycle_lr",
+    "one_cycle_mom",
+    "sample",
+    "sched_const",
+    "sched_cos",
+    "sched_exp",
+    "sched_lin",
+    "steps_per_epoch",
+    "values_at",
+]
+
 Value: TypeAlias = "float | np.ndarray"
 Schedule: TypeAlias = "Callable[[float], Value]"
 

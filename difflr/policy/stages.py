@@ -3,7 +3,7 @@
 A `Stage` says everything one Trainer's worth of training needs: which layer groups are frozen,
 how many epochs, which schedule (one-cycle, flat-cosine or constant) with its hyper-parameters,
 and the weight decay. It is validated when it is made (and against the model before anything
-trains), builds its own `ParamScheduler`, and counts its own optimizer steps. Every fit method of
+trains), gives the schedules its `ParamScheduler` follows, and counts its own optimizer steps. Every fit method of
 the Learner is a short function that builds a list of stages (a *plan*): ``fit_one_cycle`` is one
 stage, ``fine_tune`` two, ``fit_stages`` any number. The same plan is run by
 ``Learner.fit_stages`` (a fresh Trainer per stage, so a DDP wrapper sees exactly the params that
@@ -12,9 +12,9 @@ train), previewed without training by `preview_plan`, and run inside a user's ow
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 
@@ -38,16 +38,48 @@ from difflr.utils.checks import (
     is_int,
 )
 
-if TYPE_CHECKING:
-    pass
-
+__all__ = ["ScheduleKind", "Stage", "check_plan", "fine_tune_stages"]
 
 #: The schedules a stage can follow: fastai's one-cycle (LR and momentum), flat-then-cosine LR,
-#: or a constant LR (the last two leave momentum as it is).
+#: or a constant LR (the last two leave momentum as it is). Each has its row in `_KINDS`.
 ScheduleKind: TypeAlias = Literal["one_cycle", "flat_cos", "constant"]
 
 
-_DEFAULT_PCT_START = {"one_cycle": 0.25, "flat_cos": 0.75, "constant": 0.25}
+@dataclass(frozen=True)
+class _Kind:
+    """What a kind of schedule makes of a stage: adding a kind is adding one of these to
+    `_KINDS` (and its name to `ScheduleKind`)."""
+
+    #: ``pct_start`` when the stage gives none.
+    pct_start: float
+    #: ``(peak LRs, stage) -> (pct -> LRs)``.
+    lr: Callable[[np.ndarray, Stage], Schedule]
+    #: ``(moms, stage) -> (pct -> momentum)``; ``None`` leaves momentum as it is.
+    mom: Callable[[Sequence[float], Stage], Schedule] | None
+    #: The stage's fields that shape the curve (the others are not recorded).
+    knobs: frozenset[str]
+    #: What messages call the peak LR.
+    lr_name: str = "lr"
+
+
+_KINDS: dict[str, _Kind] = {
+    "one_cycle": _Kind(
+        pct_start=0.25,
+        lr=lambda lrs, s: one_cycle_lr(lrs, s.pct_start, s.div, s.div_final),
+        mom=lambda moms, s: one_cycle_mom(moms, s.pct_start),
+        knobs=frozenset({"pct_start", "div", "div_final"}),
+        lr_name="lr_max",
+    ),
+    "flat_cos": _Kind(
+        pct_start=0.75,
+        lr=lambda lrs, s: flat_cos_lr(lrs, s.pct_start, s.div_final),
+        mom=None,
+        knobs=frozenset({"pct_start", "div_final"}),
+    ),
+    "constant": _Kind(
+        pct_start=0.25, lr=lambda lrs, s: sched_const(lrs), mom=None, knobs=frozenset()
+    ),
+}
 
 
 _MILESTONE_KEYS = {"freeze_to", "duration", "lrs"}
@@ -118,10 +150,8 @@ class Stage:
             )
             if self.freeze_to is not None:
                 object.__setattr__(self, "freeze_to", int(self.freeze_to))
-            check_choice(self.schedule, "schedule", ("one_cycle", "flat_cos", "constant"))
-            pct_start = (
-                _DEFAULT_PCT_START[self.schedule] if self.pct_start is None else self.pct_start
-            )
+            check_choice(self.schedule, "schedule", tuple(_KINDS))
+            pct_start = self._kind.pct_start if self.pct_start is None else self.pct_start
             object.__setattr__(self, "pct_start", check_pct(pct_start))
             check_positive(self.div, "div")
             check_positive(self.div_final, "div_final")
@@ -131,16 +161,17 @@ class Stage:
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{self.name}: {exc}" if self.name else str(exc)) from None
 
+    @property
+    def _kind(self) -> _Kind:
+        return _KINDS[self.schedule]
+
     # ------------------------------------------------------------------------------- the model
     def lrs(self, n_groups: int, default: LRSpec | None = None) -> list[float]:
         """The stage's peak LR per layer group (``default`` stands in for ``lr_max=None``)."""
         spec = default if self.lr_max is None else self.lr_max
         if spec is None:
             raise ValueError("this stage has no lr_max; pass one, or run it through a Learner.")
-        if self.name:
-            label = f"{self.name}['lrs']"
-        else:
-            label = "lr_max" if self.schedule == "one_cycle" else "lr"
+        label = f"{self.name}['lrs']" if self.name else self._kind.lr_name
         lrs = expand_lrs(spec, n_groups, name=label, allow_zero=True)
         if not any(lrs):
             raise ValueError(f"{label} is all zeros: nothing would train in this stage.")
@@ -167,16 +198,16 @@ class Stage:
     ) -> dict[str, Any]:
         """What defines the stage, as plain values with every default resolved (LRs per group,
         momentums): what a checkpoint records, so that a resume can be checked against it."""
-        one_cycle = self.schedule == "one_cycle"
+        knobs = self._kind.knobs
         return {
             "schedule": self.schedule,
             "freeze_to": self.freeze_to,
             "epochs": self.epochs,
             "lrs": self.lrs(n_groups, default_lr),
-            "pct_start": None if self.schedule == "constant" else self.pct_start,
-            "div": self.div if one_cycle else None,
-            "div_final": None if self.schedule == "constant" else self.div_final,
-            "moms": list(self.moms or default_moms) if one_cycle else None,
+            "pct_start": self.pct_start if "pct_start" in knobs else None,
+            "div": self.div if "div" in knobs else None,
+            "div_final": self.div_final if "div_final" in knobs else None,
+            "moms": None if self._kind.mom is None else list(self.moms or default_moms),
             "wd": self.wd,
         }
 
@@ -187,19 +218,13 @@ class Stage:
     # ------------------------------------------------------------------------------- schedules
     def lr_schedule(self, n_groups: int, default_lr: LRSpec | None = None) -> Schedule:
         """``pct -> one LR per layer group``."""
-        lrs = np.array(self.lrs(n_groups, default_lr))
-        if self.schedule == "one_cycle":
-            return one_cycle_lr(lrs, self.pct_start, self.div, self.div_final)
-        if self.schedule == "flat_cos":
-            return flat_cos_lr(lrs, self.pct_start, self.div_final)
-        return sched_const(lrs)
+        return self._kind.lr(np.array(self.lrs(n_groups, default_lr)), self)
 
     def mom_schedule(self, default: Sequence[float]) -> Schedule | None:
         """``pct -> momentum`` for a one-cycle (``self.moms`` or ``default``); ``None`` for the
         schedules that leave momentum as it is."""
-        if self.schedule != "one_cycle":
-            return None
-        return one_cycle_mom(self.moms or default, self.pct_start)
+        mom = self._kind.mom
+        return None if mom is None else mom(self.moms or default, self)
 
     # ------------------------------------------------------------------------------- plans
     @classmethod
@@ -274,7 +299,9 @@ class Stage:
             div = spec.get("div_factor", 25.0)
             moms = None
             if "base_momentum" in spec or "max_momentum" in spec:
-                base, top = spec.get("base_momentum", 0.85), spec.get("max_momentum", 0.95)
+                # torch's OneCycleLR defaults (max 0.95, base 0.85) are fastai's.
+                top, base = DEFAULT_MOMS[0], DEFAULT_MOMS[1]
+                base, top = spec.get("base_momentum", base), spec.get("max_momentum", top)
                 moms = (top, base, top)
             duration = spec["duration"]
             stages.append(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
-from difflr.utils.checks import check_int, check_number, check_positive
+from difflr.utils.checks import check_int, check_number, check_positive, user_stacklevel
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
@@ -39,6 +39,7 @@ __all__ = [
     "minimum",
     "slide",
     "steep",
+    "suggestion_funcs",
     "suggestion_name",
     "valley",
 ]
@@ -344,6 +345,38 @@ def _rebuild_suggested_lrs(names: tuple[str, ...], values: tuple[float, ...]) ->
     return _suggested_lrs_class(names)(*values)
 
 
+def suggestion_funcs(funcs: object) -> tuple[SuggestionFunc, ...]:
+    """``funcs`` as a tuple of suggestion functions: ``lr_find`` and `make_suggestions` check
+    their ``suggest_funcs`` here.
+
+    Args:
+        funcs: One suggestion function ``(lrs, losses) -> lr``, or a list or other iterable of
+            them (empty: none).
+
+    Raises:
+        TypeError: ``funcs`` is neither a function nor an iterable of them (a string, a
+            number), or one of its items is not callable.
+
+    Examples:
+        >>> [f.__name__ for f in suggestion_funcs(valley)], suggestion_funcs([])
+        (['valley'], ())
+    """
+    if callable(funcs):
+        return (funcs,)
+    if isinstance(funcs, (str, bytes)) or not isinstance(funcs, Iterable):
+        raise TypeError(
+            f"suggest_funcs must be a suggestion function (lrs, losses) -> lr or a list of them; "
+            f"got {funcs!r}."
+        )
+    func_tuple = tuple(funcs)
+    for func in func_tuple:
+        if not callable(func):
+            raise TypeError(
+                f"a suggestion function must be callable as func(lrs, losses); got {func!r}."
+            )
+    return func_tuple
+
+
 def suggestion_name(func: Callable[..., object], position: int = 0) -> str:
     """The field name of a suggestion function in `SuggestedLRs`.
 
@@ -409,16 +442,11 @@ def make_suggestions(
         >>> make_suggestions((minimum, steep), lrs, losses, skip_start=1, skip_end=1)
         (SuggestedLRs(minimum=0.01, steep=0.001), {'minimum': (0.01, 1.0), 'steep': (0.001, 1.6)})
     """
-    func_tuple = (funcs,) if callable(funcs) else tuple(funcs)
+    func_tuple = suggestion_funcs(funcs)
     if not func_tuple:
         raise ValueError(
             "suggest_funcs is empty; pass at least one suggestion function, e.g. (valley,)."
         )
-    for func in func_tuple:
-        if not callable(func):
-            raise TypeError(
-                f"a suggestion function must be callable as func(lrs, losses); got {func!r}."
-            )
     check_int(skip_start, "skip_start", 0, what="points")
     check_int(skip_end, "skip_end", 0, what="points")
 
@@ -438,7 +466,7 @@ def make_suggestions(
             f"lr_find recorded {len(lr_array)} points; {len(used_lrs)} remain with a finite loss "
             f"after dropping the first {skip_start} and the last {skip_end}, and a suggestion "
             "needs 2, so every suggestion is nan. Run more iterations (num_it) or lower end_lr.",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
         suggested = SuggestedLRs.from_dict(dict.fromkeys(names, math.nan))
         return suggested, {name: (math.nan, math.nan) for name in names}

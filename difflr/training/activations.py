@@ -1,20 +1,9 @@
-"""After a fit: the loss and metrics on a dataset, every item's prediction, one prediction.
+"""What the model's outputs mean after a fit: probabilities and each item's loss.
 
-What a fastai user types after ``fine_tune``; the Learner's methods of the same names delegate
-here, through the Learner's public seam to Lightning (``learn.runner``):
-
-- `validate`: Lightning's ``Trainer.validate`` on a fresh Trainer; the loss and every metric,
-  keyed by the names the epoch table shows. The recorder and the TensorBoard timeline are left
-  as they were.
-- `get_preds`: Lightning's ``Trainer.predict`` on a fresh Trainer, with a callback that keeps
-  each batch's outputs, targets, per-item losses (and inputs) on the CPU; returned in dataset
-  order, gathered once from every process under DDP, without the padding a distributed sampler
-  adds.
-- `predict`: one item or a batch, without a Trainer: eval mode, no gradient, the model's device.
-
-And the rules they share: the activation that turns outputs into probabilities
-(`activation_for`), each item's loss from any loss function (`per_item_loss`), a loader that
-visits every item once in order (`sequential_loader`), and class names (`find_vocab`)."""
+The activation that turns outputs into what a loss function compares with the targets
+(`activation_for`: softmax for cross-entropy, sigmoid for BCE with logits, ``exp`` for NLL),
+whether it gives one label per item or several, and each item's loss from any loss function
+(`per_item_loss`). `difflr.predictions` and `difflr.interpretation` read outputs through these."""
 
 from __future__ import annotations
 
@@ -31,6 +20,22 @@ from torch import nn
 
 from difflr.utils.checks import check_callable
 from difflr.utils.nested import n_items, take
+
+__all__ = [
+    "MULTI_LABEL_THRESHOLD",
+    "Activation",
+    "activate",
+    "activation_for",
+    "check_act",
+    "exp_of_log_probs",
+    "identity",
+    "is_multi_label",
+    "is_single_label",
+    "loss_func_of",
+    "per_item_loss",
+    "sigmoid",
+    "softmax_over_classes",
+]
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 

@@ -1,20 +1,9 @@
-"""After a fit: the loss and metrics on a dataset, every item's prediction, one prediction.
+"""Loaders and class names for the after-fit analysis.
 
-What a fastai user types after ``fine_tune``; the Learner's methods of the same names delegate
-here, through the Learner's public seam to Lightning (``learn.runner``):
-
-- `validate`: Lightning's ``Trainer.validate`` on a fresh Trainer; the loss and every metric,
-  keyed by the names the epoch table shows. The recorder and the TensorBoard timeline are left
-  as they were.
-- `get_preds`: Lightning's ``Trainer.predict`` on a fresh Trainer, with a callback that keeps
-  each batch's outputs, targets, per-item losses (and inputs) on the CPU; returned in dataset
-  order, gathered once from every process under DDP, without the padding a distributed sampler
-  adds.
-- `predict`: one item or a batch, without a Trainer: eval mode, no gradient, the model's device.
-
-And the rules they share: the activation that turns outputs into probabilities
-(`activation_for`), each item's loss from any loss function (`per_item_loss`), a loader that
-visits every item once in order (`sequential_loader`), and class names (`find_vocab`)."""
+A loader that visits every item once, in order (`sequential_loader`), the validation set
+wherever it comes from (a loader, a ``LightningDataModule`` or the module's own:
+`validation_source`, `validation_loader`), and the class names a dataset carries (`find_vocab`,
+checked by `check_vocab` and `check_vocab_fits`)."""
 
 from __future__ import annotations
 
@@ -27,6 +16,17 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
 from difflr.training.data import Data, check_loader
+
+__all__ = [
+    "check_vocab",
+    "check_vocab_fits",
+    "class_name",
+    "defines_hook",
+    "find_vocab",
+    "sequential_loader",
+    "validation_loader",
+    "validation_source",
+]
 
 # ----------------------------------------------------------------------------- loaders
 #: The DataLoader arguments a rebuilt loader keeps (those this torch has).

@@ -13,6 +13,8 @@ from typing_extensions import override
 
 from difflr.utils.files import os_error_behind
 
+__all__ = ["ContinuousLogger", "make_logger"]
+
 
 class ContinuousLogger(Logger):
     """Wrap any Lightning logger and shift the step (and epoch) of everything it logs.

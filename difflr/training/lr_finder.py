@@ -21,11 +21,18 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from difflr.callbacks.guards import EmptyEpochGuard
-from difflr.callbacks.recorder import Recorder, SmoothedLoss
+from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import ParamScheduler
+from difflr.callbacks.step_loss import StepLosses
 from difflr.policy.lr import LRSpec, expand_lrs
 from difflr.policy.schedules import exp_range
-from difflr.policy.suggestions import SuggestedLRs, SuggestionFunc, make_suggestions, valley
+from difflr.policy.suggestions import (
+    SuggestedLRs,
+    SuggestionFunc,
+    make_suggestions,
+    suggestion_funcs,
+    valley,
+)
 from difflr.training.distributed import decide_on_rank_zero
 from difflr.training.runner import Runner
 from difflr.utils.checks import check_choice, check_int
@@ -166,31 +173,23 @@ class _StopOnDivergence(Callback):
     def __init__(self, factor: float = 4.0) -> None:
         self.factor = factor
         self.best = math.inf
-        self.ema = SmoothedLoss()
-        self._step_losses: list[float] = []
-        self._stepped = False
+        self.step_losses = StepLosses()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self._stepped = True
+        self.step_losses.step()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            # Lightning hands over the loss divided by accumulate_grad_batches.
-            self._step_losses.append(float(loss) * trainer.accumulate_grad_batches)
-        if not self._stepped:
-            return  # the optimizer step of these micro-batches is still to come
-        self._stepped = False
-        if not self._step_losses:
-            return  # every batch of the step was skipped
-        smoothed = self.ema.update(sum(self._step_losses) / len(self._step_losses))
-        self._step_losses = []
-        stop = not math.isfinite(smoothed) or smoothed > self.factor * self.best
-        if trainer.world_size > 1:
-            stop = trainer.strategy.broadcast(stop, src=0)
-        if stop:
-            trainer.should_stop = True
-        self.best = min(self.best, smoothed)
+        self.step_losses.batch_end(outputs, trainer.accumulate_grad_batches)
+        # Normally one step per batch; none while micro-batches accumulate.
+        for smoothed in self.step_losses.read():
+            if smoothed is None:
+                continue  # every batch of the step was skipped
+            stop = not math.isfinite(smoothed) or smoothed > self.factor * self.best
+            if trainer.world_size > 1:
+                stop = trainer.strategy.broadcast(stop, src=0)
+            if stop:
+                trainer.should_stop = True
+            self.best = min(self.best, smoothed)
 
 
 def lr_find(
@@ -218,7 +217,7 @@ def lr_find(
         )
     num_it = check_int(num_it, "num_it", 2, what="sweep iterations")
     check_choice(snapshot, "snapshot", ("memory", "disk"))
-    funcs = _suggestion_funcs(suggest_funcs)
+    funcs = () if suggest_funcs is None else suggestion_funcs(suggest_funcs)
     if learn.runner.trainer_kwargs.get("limit_train_batches") in (0, 0.0):
         raise ValueError(
             "limit_train_batches=0 leaves the sweep no batch to train on; lr_find needs at least "
@@ -264,17 +263,3 @@ def lr_find(
 
         show(rec.plot_lr_find())
     return suggested
-
-
-def _suggestion_funcs(suggest_funcs: Any) -> tuple[SuggestionFunc, ...]:
-    if suggest_funcs is None:
-        return ()
-    if callable(suggest_funcs):
-        return (suggest_funcs,)
-    funcs = tuple(suggest_funcs) if isinstance(suggest_funcs, (list, tuple)) else (None,)
-    if not all(callable(func) for func in funcs):
-        raise TypeError(
-            f"suggest_funcs must be a suggestion function (lrs, losses) -> lr, a list of them, or "
-            f"None for none; got {suggest_funcs!r}."
-        )
-    return funcs

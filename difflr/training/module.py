@@ -23,6 +23,26 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from difflr.utils.checks import is_number, user_stacklevel
+
+__all__ = [
+    "TARGET_KEYS",
+    "Batch",
+    "LearnerModule",
+    "Metric",
+    "StepOutput",
+    "call_model",
+    "computes_own_loss",
+    "describe",
+    "forward_batch",
+    "is_stateful_metric",
+    "make_module",
+    "metric_name",
+    "output_loss",
+    "output_preds",
+    "unpack_batch",
+]
+
 Metric = Callable[[torch.Tensor, torch.Tensor], Any]
 
 
@@ -36,22 +56,6 @@ def metric_name(metric: Any, index: int) -> str:
 def is_stateful_metric(metric: Any) -> bool:
     """A torchmetrics-like object: ``update`` per batch, ``compute`` and ``reset`` per epoch."""
     return all(callable(getattr(metric, m, None)) for m in ("update", "compute", "reset"))
-
-
-def split_batch(batch: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """``(x, y)`` → ``((x,), (y,))``; ``(x1, x2, y)`` → ``((x1, x2), (y,))`` (the last item is the
-    target, as in fastai).
-
-    Raises:
-        TypeError: The batch is not a tuple or list of at least two items.
-    """
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return tuple(batch[:-1]), (batch[-1],)
-    raise TypeError(
-        f"a batch must be a tuple (inputs..., target) for a model with a loss_func; got "
-        f"{describe(batch)}. Make the dataset return (x, y) pairs, or pass a LightningModule "
-        "whose training_step reads this batch."
-    )
 
 
 #: The keys a dict batch may hold its target under, in order of preference: ``labels`` is what
@@ -72,6 +76,14 @@ class Batch(NamedTuple):
     kwargs: dict[str, Any]
     target: tuple[Any, ...]
 
+    @property
+    def inputs(self) -> Any:
+        """The inputs as one object: the only positional input, several as a tuple, or the
+        keyword inputs as a dict."""
+        if self.kwargs or not self.args:
+            return self.kwargs
+        return self.args[0] if len(self.args) == 1 else self.args
+
 
 class StepOutput(NamedTuple):
     """What one batch gives: the predictions (logits), the target and the loss.
@@ -90,23 +102,30 @@ class StepOutput(NamedTuple):
 
 
 def unpack_batch(batch: Any, need_target: bool = True) -> Batch:
-    """Take a batch apart into the model's inputs and the target.
+    """Take a batch apart into the model's inputs and the target: the one place that does.
+
+    Training, validation, prediction and the after-fit analysis all read batches here, so a
+    target that ``fit`` trains on is the target ``get_preds`` returns.
 
     Args:
-        batch: A tuple or list ``(inputs..., target)``, or a dict (or any mapping, such as
-            Hugging Face's ``BatchEncoding``) of keyword inputs with the target under
-            ``"labels"`` (or ``"label"``, ``"label_ids"``).
-        need_target: Raise when the batch has no target. A dict without one is otherwise
-            allowed (prediction, or a model that needs no labels for its loss); a tuple's last
-            item is always the target.
+        batch: A tuple or list ``(inputs..., target)`` (the last item is the target, as in
+            fastai), or a dict (or any mapping, such as Hugging Face's ``BatchEncoding``) of
+            keyword inputs with the target under ``"labels"`` (or ``"label"``,
+            ``"label_ids"``). Without ``need_target``, also inputs alone: a dict without a
+            target, a one-item tuple, a tensor or any other object.
+        need_target: Raise when the batch has no target (a loss function or metrics need it);
+            ``False`` for prediction, or a model that needs no labels for its own loss.
 
     Raises:
-        TypeError: A tuple of fewer than two items; a dict without a target when one is needed.
+        TypeError: The batch has no target where one is needed: a dict without one, or
+            anything but a tuple of two or more items.
 
     Examples:
         >>> import torch
         >>> unpack_batch({"input_ids": torch.ones(2, 3), "labels": torch.zeros(2)}).target
         (tensor([0., 0.]),)
+        >>> unpack_batch((torch.ones(2, 3),), need_target=False).target
+        ()
     """
     if isinstance(batch, Mapping):
         key = next((k for k in TARGET_KEYS if k in batch), None)
@@ -118,8 +137,15 @@ def unpack_batch(batch: Any, need_target: bool = True) -> Batch:
             )
         kwargs = {k: v for k, v in batch.items() if k != key}
         return Batch((), kwargs, () if key is None else (batch[key],))
-    inputs, target = split_batch(batch)
-    return Batch(inputs, {}, target)
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return Batch(tuple(batch[:-1]), {}, (batch[-1],))
+    if need_target:
+        raise TypeError(
+            f"a batch must be a tuple (inputs..., target) for a model with a loss_func; got "
+            f"{describe(batch)}. Make the dataset return (x, y) pairs, or pass a LightningModule "
+            "whose training_step reads this batch."
+        )
+    return Batch(tuple(batch) if isinstance(batch, (tuple, list)) else (batch,), {}, ())
 
 
 def call_model(model: Any, batch: Batch, with_labels: bool = False, raw: Any = None) -> Any:
@@ -210,19 +236,6 @@ def computes_own_loss(model: nn.Module) -> bool:
     except (TypeError, ValueError):
         return False
     return "labels" in parameters
-
-
-def split_inputs(batch: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """The inputs and the target of a batch that may come without a target (prediction).
-
-    A tuple of two or more items is read by `split_batch` (the last item is the target); a
-    one-item tuple, a tensor or any other object is inputs alone: ``((x,), ())``.
-    """
-    if not isinstance(batch, (tuple, list)):
-        return (batch,), ()
-    if len(batch) == 1:
-        return tuple(batch), ()
-    return split_batch(batch)
 
 
 def describe(obj: Any) -> str:
@@ -344,7 +357,7 @@ class LearnerModule(pl.LightningModule):
         preds, targets = torch.cat(self._preds), torch.cat(self._targets)
         for name, metric in zip(self.metric_names, self.metrics):
             value = metric.compute() if is_stateful_metric(metric) else metric(preds, targets)
-            if not _is_number(value):
+            if not is_number(value, tensor=True):
                 raise TypeError(
                     f"metric {name!r} returned {value!r} ({type(value).__name__}); a metric must "
                     "return a number (a float or a one-element tensor), e.g. accuracy(preds, "
@@ -359,11 +372,8 @@ class LearnerModule(pl.LightningModule):
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
-        # Dict batches (Hugging Face) as in training; a tuple may come without its target.
-        if isinstance(batch, Mapping):
-            parts = unpack_batch(batch, need_target=False)
-        else:
-            parts = Batch(split_inputs(batch)[0], {}, ())
+        # As in training; a batch may come without its target.
+        parts = unpack_batch(batch, need_target=False)
         return output_preds(call_model(self.model, parts, raw=batch))
 
     @override
@@ -396,7 +406,7 @@ def make_module(
             warnings.warn(
                 "loss_func and metrics are ignored for a LightningModule: its training_step and "
                 "validation_step compute and log them.",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         return model
     if not isinstance(model, nn.Module):
@@ -419,9 +429,3 @@ def make_module(
         if not callable(m) and not hasattr(m, "compute"):
             raise TypeError(f"metric {m!r} is not callable (preds, targets) -> number.")
     return LearnerModule(model, loss_func, metrics, optimizer)
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.numel() == 1 and not value.is_complex()
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

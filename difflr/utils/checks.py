@@ -16,14 +16,37 @@ from typing import Any
 import numpy as np
 import torch
 
+__all__ = [
+    "check_callable",
+    "check_choice",
+    "check_int",
+    "check_moms",
+    "check_number",
+    "check_pct",
+    "check_positive",
+    "check_wd",
+    "is_int",
+    "is_number",
+    "non_finite_names",
+    "user_stacklevel",
+]
+
 
 def is_int(value: Any) -> bool:
     """Whether ``value`` is an integer (numpy's included), and not a ``bool``."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def is_number(value: Any) -> bool:
-    """Whether ``value`` is a real number (numpy's included), and not a ``bool``."""
+def is_number(value: Any, *, tensor: bool = False) -> bool:
+    """Whether ``value`` is a real number (numpy's included), and not a ``bool``; with
+    ``tensor=True`` a real tensor of one element counts too (what a metric may return).
+
+    Examples:
+        >>> is_number(0.5), is_number(True), is_number(torch.tensor([0.5]), tensor=True)
+        (True, False, True)
+    """
+    if isinstance(value, torch.Tensor):
+        return tensor and value.numel() == 1 and not value.is_complex()
     return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, complex))
 
 

@@ -6,6 +6,8 @@ import os
 import sys
 from typing import Any
 
+__all__ = ["in_notebook", "kernel_shell", "terminal_width"]
+
 #: Set in a process forked from this one (``ddp_notebook``'s workers): ipykernel forwards a
 #: forked child's prints to the cell but drops its rich displays ("attempted to send message
 #: from fork"), so such a child writes plain text.

@@ -1,20 +1,8 @@
-"""After a fit: the loss and metrics on a dataset, every item's prediction, one prediction.
+"""Batch-like nested structures: a tensor, or tuples, lists and dicts of them.
 
-What a fastai user types after ``fine_tune``; the Learner's methods of the same names delegate
-here, through the Learner's public seam to Lightning (``learn.runner``):
-
-- `validate`: Lightning's ``Trainer.validate`` on a fresh Trainer; the loss and every metric,
-  keyed by the names the epoch table shows. The recorder and the TensorBoard timeline are left
-  as they were.
-- `get_preds`: Lightning's ``Trainer.predict`` on a fresh Trainer, with a callback that keeps
-  each batch's outputs, targets, per-item losses (and inputs) on the CPU; returned in dataset
-  order, gathered once from every process under DDP, without the padding a distributed sampler
-  adds.
-- `predict`: one item or a batch, without a Trainer: eval mode, no gradient, the model's device.
-
-And the rules they share: the activation that turns outputs into probabilities
-(`activation_for`), each item's loss from any loss function (`per_item_loss`), a loader that
-visits every item once in order (`sequential_loader`), and class names (`find_vocab`)."""
+Outputs, targets and inputs of any shape are moved to the CPU or a device, concatenated batch
+after batch, indexed and counted item by item here, for `difflr.predictions` and
+`difflr.interpretation` alike."""
 
 from __future__ import annotations
 
@@ -23,6 +11,15 @@ from typing import Any
 
 import numpy as np
 import torch
+
+__all__ = [
+    "concat",
+    "is_container_of_tensors",
+    "n_items",
+    "take",
+    "to_cpu",
+    "to_device",
+]
 
 
 # ----------------------------------------------------------------------------- nested outputs
