@@ -39,6 +39,7 @@ from difflr.training.loggers import make_logger
 from difflr.training.lr_finder import lr_find
 from difflr.training.module import make_module
 from difflr.training.runner import Runner
+from difflr.training.sharding import Sharding, is_sharded, load_sharded, save_sharded
 from difflr.utils.checks import check_moms, check_wd
 from difflr.utils.files import export_model, load_state, state_file, write_state
 
@@ -160,6 +161,7 @@ class Learner:
             trainer_kwargs=trainer_kwargs,
             owner=self._id,
             train_bn=self.train_bn,
+            sharding=Sharding(model, self.splits, splitter),
         )
         #: The Trainer of the last fit (``None`` before the first).
         self.trainer: pl.Trainer | None = None
@@ -502,7 +504,10 @@ class Learner:
         """
         file = state_file(self.path / "models", name)
         groups = group_fingerprint(self.model, self.splits)
-        return write_state(file, self.model, self._frozen, self.opt if with_opt else None, groups)
+        opt = self.opt if with_opt else None
+        if is_sharded(self.model):  # gathered from every rank: call it on every rank
+            return save_sharded(file, self.model, self._frozen, opt, groups)
+        return write_state(file, self.model, self._frozen, opt, groups)
 
     def load(self, name: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
         """Load what `save` wrote (a name under ``path/models``, or a ``pathlib.Path``): read
@@ -515,7 +520,9 @@ class Learner:
         """
         file = state_file(self.path / "models", name)
         groups = group_fingerprint(self.model, self.splits)
-        frozen = load_state(file, self.model, self.opt if with_opt else None, groups, strict)
+        opt = self.opt if with_opt else None
+        load = load_sharded if is_sharded(self.model) else load_state
+        frozen = load(file, self.model, opt, groups, strict)
         if frozen is not None and len(frozen) == self.n_groups:
             self._set_frozen(frozen)
         return self

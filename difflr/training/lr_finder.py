@@ -29,6 +29,7 @@ from difflr.policy.schedules import exp_range
 from difflr.policy.suggestions import SuggestedLRs, SuggestionFunc, make_suggestions, valley
 from difflr.training.distributed import decide_on_rank_zero
 from difflr.training.runner import Runner
+from difflr.training.sharding import reshard_optimizer_state, shard_like
 from difflr.utils.checks import check_choice, check_int
 from difflr.utils.files import safe_load
 
@@ -95,13 +96,21 @@ class _Snapshot:
             saved = safe_load(self.file, "lr_find snapshot")
             values, grads, opt_state = saved["values"], saved["grads"], saved["opt"]
             self.file.unlink(missing_ok=True)
+        # Under ModelParallelStrategy the sweep's Trainer may have sharded the model (its first
+        # Trainer does): the values then go, cut into shards, into the new parameters.
+        now = dict(module.named_parameters()) | {
+            f"buffer:{k}": v for k, v in module.named_buffers()
+        }
         with torch.no_grad():
             for key, tensor in self.tensors.items():
-                tensor.copy_(values[key])
+                target = now.get(key, tensor)
+                target.copy_(shard_like(values[key], target))
         for key, p in module.named_parameters():
             p.requires_grad_(self.flags[key])
-            p.grad = grads.get(key)
+            grad = grads.get(key)
+            p.grad = None if grad is None else shard_like(grad, p)
         optimizer.load_state_dict(opt_state)
+        reshard_optimizer_state(optimizer)
         for key, m in module.named_modules():
             m.training = self.modes[key]
         torch_rng, cuda_rng, np_rng, py_rng = self.rng

@@ -54,6 +54,12 @@ from difflr.training.distributed import (
 )
 from difflr.training.loggers import ContinuousLogger
 from difflr.training.module import LearnerModule
+from difflr.training.sharding import (
+    Sharding,
+    check_strategy,
+    fresh_strategy,
+    is_sharding_strategy,
+)
 from difflr.utils.checks import check_choice, check_int, is_int, user_stacklevel
 
 __all__ = ["Runner", "quiet_lightning"]
@@ -108,11 +114,13 @@ class Runner:
         trainer_kwargs: Passed to every Trainer; they mean what they mean in Lightning.
         owner: The Learner's id, which claims the checkpoint folder during a fit.
         train_bn: ``False`` keeps the norm layers of frozen groups in eval mode while training.
+        sharding: Shards the model under ``ModelParallelStrategy`` (`difflr.training.sharding`).
 
     Raises:
         TypeError: ``trainer_kwargs`` sets the length of training, the callbacks or the logger
             (the Learner's own arguments do that).
-        ValueError: ``checkpoint=True`` together with ``enable_checkpointing=False``.
+        ValueError: ``checkpoint=True`` together with ``enable_checkpointing=False``; a strategy
+            the Learner cannot drive (`difflr.training.sharding.check_strategy`).
     """
 
     def __init__(
@@ -131,8 +139,10 @@ class Runner:
         trainer_kwargs: Mapping[str, Any] | None = None,
         owner: str = "",
         train_bn: bool = True,
+        sharding: Sharding | None = None,
     ) -> None:
         trainer_kwargs = dict(trainer_kwargs or {})
+        check_strategy(trainer_kwargs)
         reserved = [k for k in RESERVED_TRAINER_ARGS if k in trainer_kwargs]
         if reserved:
             raise TypeError(
@@ -170,7 +180,9 @@ class Runner:
         self.trainer_kwargs = trainer_kwargs
         self.owner = owner
         self.train_bn = train_bn
+        self.sharding = sharding
         self._notified_optimizer = False
+        self._check_sharded_checkpoints()
 
     def trainer(
         self,
@@ -204,6 +216,10 @@ class Runner:
             kwargs["log_every_n_steps"] = max(1, min(50, n_batches))
         kwargs.update(self.trainer_kwargs)
         kwargs.update(overrides)
+        check_strategy(kwargs)
+        # A strategy instance is spent by the Trainer it is given: each Trainer gets a copy.
+        if "strategy" in kwargs:
+            kwargs["strategy"] = fresh_strategy(kwargs["strategy"])
         extra: list[pl.Callback] = [self.recorder]
         if not self.train_bn:
             extra.append(FrozenNormEval())
@@ -263,7 +279,13 @@ class Runner:
             else contextlib.nullcontext()
         )
         try:
-            with claim, quiet_lightning(), self._supersede_optimizer(), warnings.catch_warnings():
+            with (
+                claim,
+                quiet_lightning(),
+                self._supersede_optimizer(),
+                self._sharded(trainer),
+                warnings.catch_warnings(),
+            ):
                 # LearnerModule always defines validation_step; no valid_dl is not a mistake.
                 warnings.filterwarnings(
                     "ignore", ".*`validation_step` but have no `val_dataloader`"
@@ -452,7 +474,7 @@ class Runner:
     def _evaluating(self, trainer: pl.Trainer, what: str) -> Iterator[None]:
         handler = signal.getsignal(signal.SIGINT)
         try:
-            with quiet_lightning(), warnings.catch_warnings():
+            with quiet_lightning(), self._sharded(trainer), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)")
                 yield
         except SystemExit:
@@ -476,7 +498,8 @@ class Runner:
             )
         # Under a distributed strategy each process trains on its shard of the data.
         with quiet_lightning():
-            world_size = planned_world_size(self.trainer_kwargs)
+            strategy = {"strategy": fresh_strategy(self.trainer_kwargs.get("strategy", "auto"))}
+            world_size = planned_world_size({**self.trainer_kwargs, **strategy})
         n = batches_per_process(
             loader, world_size, self.trainer_kwargs.get("use_distributed_sampler", True)
         )
@@ -486,6 +509,35 @@ class Runner:
         elif isinstance(limit, float):
             n = int(n * limit)
         return steps_per_epoch(n, self.trainer_kwargs.get("accumulate_grad_batches", 1))
+
+    def _sharded(self, trainer: pl.Trainer) -> Any:
+        """Under ``ModelParallelStrategy``: the module's ``configure_model`` for this run shards the
+        model (or runs the module's own) and re-targets the optimizer (`Sharding.configuring`)."""
+        if self.sharding is None:
+            return contextlib.nullcontext()
+        return self.sharding.configuring(self.module, self.optimizer, trainer.strategy)
+
+    def _check_sharded_checkpoints(self) -> None:
+        """Refuse difflr's checkpoints in distributed-checkpoint folders (not supported yet).
+
+        Raises:
+            ValueError: ``ModelParallelStrategy(save_distributed_checkpoint=True)`` (its default)
+                while the Learner writes checkpoints.
+        """
+        strategy = self.trainer_kwargs.get("strategy")
+        # No public getter; the flag decides between a folder of shards and one file.
+        if (
+            self.checkpoint
+            and is_sharding_strategy(strategy)
+            and strategy._save_distributed_checkpoint
+        ):
+            raise ValueError(
+                "ModelParallelStrategy(save_distributed_checkpoint=True) (its default) writes "
+                "each checkpoint as a folder of shards, which difflr's last.ckpt (atomic, "
+                "checked on resume) does not support yet. Pass ModelParallelStrategy(..., "
+                "save_distributed_checkpoint=False) (the full state gathered on rank 0, "
+                "written atomically), or checkpoint=False."
+            )
 
     @contextmanager
     def _supersede_optimizer(self) -> Iterator[None]:
@@ -525,8 +577,11 @@ def _with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any]:
     )
     if any(isinstance(p, CheckpointIO) for p in plugins):
         return plugins
-    if strategy is None or (
-        isinstance(strategy, str) and strategy.startswith(("auto", "ddp", "single"))
+    if (
+        strategy is None
+        or (isinstance(strategy, str) and strategy.startswith(("auto", "ddp", "single")))
+        # One file gathered on rank 0, written through the CheckpointIO.
+        or (is_sharding_strategy(strategy) and not strategy._save_distributed_checkpoint)
     ):
         return [*plugins, AtomicCheckpointIO()]
     return plugins

@@ -1,0 +1,181 @@
+"""Fine-tune with ``ModelParallelStrategy`` (FSDP2) on 2 CPU processes (gloo) and save what each
+rank ends with; also the single-process reference on the same global batches.
+
+Run as ``python tests/sharded_script.py OUTDIR MODEL`` (``tests/test_sharding.py`` does, in a
+subprocess), with ``MODEL`` ``blocks`` (a plain ``nn.Module`` with repeated blocks) or ``llama``
+(a tiny LLaMA-like decoder from a ``transformers`` config, built here, nothing downloaded).
+Lightning's script launcher starts rank 1 by running this same command again with
+``LOCAL_RANK=1``. Each rank reads its own ``DistributedSampler(shuffle=False)`` shard; the
+reference (``python tests/sharded_script.py OUTDIR MODEL reference``, one process) reads batches
+that are the union of the two ranks' batches, so both runs see the same global batches. Each rank
+writes ``OUTDIR/rank{r}.pt`` (the reference ``OUTDIR/reference.pt``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+WORLD = 2
+N_ITEMS, BATCH = 64, 4  # per rank: 32 items, 8 batches of 4; the reference: 8 batches of 8
+FIRST_LR, SECOND_LR = slice(1e-3, 2e-2), slice(1e-4, 1e-2)
+
+
+def make_model(kind: str) -> Any:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=16,
+        )
+        return LlamaForCausalLM(config)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(16)
+            self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.mlp(self.norm(x))
+
+    return nn.Sequential(nn.Linear(6, 16), *[Block() for _ in range(3)], nn.Linear(16, 3))
+
+
+def make_dataset(kind: str) -> Any:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(1)
+    if kind == "llama":
+        ids = torch.randint(0, 32, (N_ITEMS, 8), generator=g)
+        return TensorDataset(ids, ids)  # (input_ids, labels): the model computes its loss
+    x = torch.randn(N_ITEMS, 6, generator=g)
+    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 1).long())
+
+
+class LlamaLoss:
+    """(input_ids, labels) batches for a causal LM: call it with labels=, take .loss."""
+
+
+def learner_args(kind: str) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    from difflr import Learner  # noqa: F401
+
+    def lm_loss(logits: Any, labels: Any) -> Any:
+        # The causal-LM loss, as the model computes it: predict token t+1 from tokens <= t.
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+    return {
+        "loss_func": lm_loss if kind == "llama" else F.cross_entropy,
+        "logger": False,
+        "enable_progress_bar": False,
+        "checkpoint": False,
+        "wd": 0.01,
+    }
+
+
+def shard_indices(rank: int) -> list[int]:
+    """What ``DistributedSampler(shuffle=False)`` gives ``rank`` of ``WORLD``."""
+    return list(range(rank, N_ITEMS, WORLD))
+
+
+def state(learn: Any) -> dict[str, Any]:
+    """The full model state (every rank gathers; sharded or not) and the full optimizer state."""
+    from difflr.training.sharding import full_state_dict, is_sharded
+
+    if is_sharded(learn.model):
+        full = full_state_dict(learn.model, learn.opt)
+        return {"model": full["model"], "opt": full["opt"].get("state", {})}
+    return {
+        "model": {k: v.detach().clone() for k, v in learn.model.state_dict().items()},
+        "opt": {
+            k: {n: t.clone() if hasattr(t, "clone") else t for n, t in s.items()}
+            for k, s in learn.opt.state_dict()["state"].items()
+        },
+    }
+
+
+def local(learn: Any) -> dict[str, Any]:
+    """What this rank holds: each parameter's local shard, its gradient, its optimizer state."""
+    from torch.distributed.tensor import DTensor
+
+    def own(t: Any) -> Any:
+        return t.to_local().clone() if isinstance(t, DTensor) else t.detach().clone()
+
+    params = dict(learn.model.named_parameters())
+    return {
+        "params": {n: own(p) for n, p in params.items()},
+        "dtensor": {n: isinstance(p, DTensor) for n, p in params.items()},
+        "grads": {n: None if p.grad is None else own(p.grad) for n, p in params.items()},
+        "opt_state": {
+            n: {k: own(v) if hasattr(v, "shape") else v for k, v in learn.opt.state[p].items()}
+            for n, p in params.items()
+            if p in learn.opt.state
+        },
+        "requires_grad": {n: p.requires_grad for n, p in params.items()},
+    }
+
+
+def main(out: Path, kind: str, reference: bool) -> None:
+    import torch
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from difflr import Learner
+
+    torch.set_num_threads(1)
+    ds = make_dataset(kind)
+    if reference:
+        # One process, batches of 2*BATCH: rank 0's batch b, then rank 1's batch b.
+        order = [
+            i
+            for b in range(N_ITEMS // WORLD // BATCH)
+            for r in range(WORLD)
+            for i in shard_indices(r)[b * BATCH : (b + 1) * BATCH]
+        ]
+        batches = [order[k : k + WORLD * BATCH] for k in range(0, N_ITEMS, WORLD * BATCH)]
+        train_dl = DataLoader(ds, batch_sampler=batches)
+        extra: dict[str, Any] = {"accelerator": "cpu", "devices": 1}
+        rank = 0
+    else:
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        sampler = DistributedSampler(ds, num_replicas=WORLD, rank=rank, shuffle=False)
+        train_dl = DataLoader(ds, batch_size=BATCH, sampler=sampler)
+        strategy = ModelParallelStrategy(
+            data_parallel_size=WORLD, tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
+        extra = {"accelerator": "cpu", "devices": WORLD, "strategy": strategy}
+    model = make_model(kind)
+    learn = Learner(model, (train_dl, None), **learner_args(kind), **extra)
+    results: dict[str, Any] = {"groups": [g.name for g in learn.splits]}
+    learn.freeze_to(2)
+    learn.fit_one_cycle(2, FIRST_LR)
+    results["first"] = state(learn)
+    results["first_local"] = local(learn)
+    results["lrs"] = learn.recorder.lrs
+    learn.unfreeze()
+    learn.fit_one_cycle(1, SECOND_LR)
+    results["second"] = state(learn)
+    results["second_local"] = local(learn)
+    results["blocks"] = learn.runner.sharding.blocks
+    if rank == 0:
+        torch.save(results, out / ("reference.pt" if reference else f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main(Path(sys.argv[1]), sys.argv[2], len(sys.argv) > 3 and sys.argv[3] == "reference")
