@@ -13,6 +13,7 @@ writes ``OUTDIR/rank{r}.pt`` (the reference ``OUTDIR/reference.pt``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -77,7 +78,9 @@ def learner_args(kind: str) -> dict[str, Any]:
 
     def lm_loss(logits: Any, labels: Any) -> Any:
         # The causal-LM loss, as the model computes it: predict token t+1 from tokens <= t.
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        )
 
     return {
         "loss_func": lm_loss if kind == "llama" else F.cross_entropy,
@@ -130,15 +133,29 @@ def local(learn: Any) -> dict[str, Any]:
     }
 
 
-def main(out: Path, kind: str, reference: bool) -> None:
+class Interrupt(Exception):
+    """Raised by `StopAtEpoch` on every rank: a fit cut short after a checkpoint was written."""
+
+
+def main(out: Path, reference: bool) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # two processes on a two-core machine
+    results = {kind: run(out / kind, kind, reference) for kind in ("blocks", "llama")}
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.save(results, out / ("reference.pt" if reference else f"rank{rank}.pt"))
+
+
+def run(out: Path, kind: str, reference: bool) -> dict[str, Any]:
+    import lightning.pytorch as pl
     import torch
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.utils.data import DataLoader, DistributedSampler
 
     from difflr import Learner
 
-    torch.set_num_threads(1)
     ds = make_dataset(kind)
+    valid_dl = DataLoader(ds, batch_size=2 * BATCH)
     if reference:
         # One process, batches of 2*BATCH: rank 0's batch b, then rank 1's batch b.
         order = [
@@ -150,7 +167,6 @@ def main(out: Path, kind: str, reference: bool) -> None:
         batches = [order[k : k + WORLD * BATCH] for k in range(0, N_ITEMS, WORLD * BATCH)]
         train_dl = DataLoader(ds, batch_sampler=batches)
         extra: dict[str, Any] = {"accelerator": "cpu", "devices": 1}
-        rank = 0
     else:
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         sampler = DistributedSampler(ds, num_replicas=WORLD, rank=rank, shuffle=False)
@@ -159,9 +175,14 @@ def main(out: Path, kind: str, reference: bool) -> None:
             data_parallel_size=WORLD, tensor_parallel_size=1, save_distributed_checkpoint=False
         )
         extra = {"accelerator": "cpu", "devices": WORLD, "strategy": strategy}
-    model = make_model(kind)
-    learn = Learner(model, (train_dl, None), **learner_args(kind), **extra)
+
+    def learner(**kwargs: Any) -> Any:
+        args = {**learner_args(kind), **extra, "path": out, **kwargs}
+        return Learner(make_model(kind), (train_dl, valid_dl), **args)
+
+    learn = learner()
     results: dict[str, Any] = {"groups": [g.name for g in learn.splits]}
+    # (a) slice LRs over frozen groups, then (b) a second fit that continues from the first.
     learn.freeze_to(2)
     learn.fit_one_cycle(2, FIRST_LR)
     results["first"] = state(learn)
@@ -172,10 +193,43 @@ def main(out: Path, kind: str, reference: bool) -> None:
     results["second"] = state(learn)
     results["second_local"] = local(learn)
     results["blocks"] = learn.runner.sharding.blocks
-    if rank == 0:
-        torch.save(results, out / ("reference.pt" if reference else f"rank{rank}.pt"))
+    results["validate"] = learn.validate()
+    results["preds"] = learn.get_preds()
+    if reference:
+        return results
+    # lr_find is a transaction: every rank's shard, optimizer state and RNG come back.
+    before, rng = local(learn), torch.get_rng_state()
+    results["suggestion"] = learn.lr_find(num_it=12, show_plot=False)
+    results["lr_find"] = (before, local(learn), bool(torch.equal(rng, torch.get_rng_state())))
+    # save gathers the full state (rank 0 writes it); load puts every rank's shard back.
+    learn.save("saved")
+    saved = local(learn)
+    learn.fit_one_cycle(1, SECOND_LR)
+    changed = local(learn)
+    learn.load("saved")
+    results["save_load"] = (saved, changed, local(learn), state(learn))
+    if kind != "blocks":
+        return results
+
+    # A fit cut short after its first epoch's checkpoint resumes where the whole fit ends.
+    class StopAtEpoch(pl.Callback):
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            if trainer.current_epoch == 1:
+                raise Interrupt
+
+    whole = learner(checkpoint=True, path=out / "whole")
+    whole.freeze_to(2)
+    whole.fit_one_cycle(2, FIRST_LR)
+    cut = learner(checkpoint=True, path=out / "cut", callbacks=[StopAtEpoch()])
+    cut.freeze_to(2)
+    with contextlib.suppress(Interrupt):
+        cut.fit_one_cycle(2, FIRST_LR)
+    cut.callbacks.clear()
+    cut.fit_one_cycle(2, FIRST_LR, ckpt_path="last")
+    results["resume"] = (local(whole), local(cut))
+    return results
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    main(Path(sys.argv[1]), sys.argv[2], len(sys.argv) > 3 and sys.argv[3] == "reference")
+    main(Path(sys.argv[1]), len(sys.argv) > 2 and sys.argv[2] == "reference")

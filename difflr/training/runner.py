@@ -59,6 +59,7 @@ from difflr.training.sharding import (
     check_strategy,
     fresh_strategy,
     is_sharding_strategy,
+    rank_zero_decides,
 )
 from difflr.utils.checks import check_choice, check_int, is_int, user_stacklevel
 
@@ -345,10 +346,15 @@ class Runner:
         """
         if ckpt_path is None:
             return None
-        path = resolve_checkpoint(self.path / "checkpoints", ckpt_path)
-        saved = read_fit_state(path)
-        stage, frozen = check_resume(saved, plan, learner=learner, last_run=last_run, path=path)
-        return Resume(path, stage, frozen, saved["run"], list(saved["offsets"]))
+
+        def decide() -> Resume:
+            path = resolve_checkpoint(self.path / "checkpoints", ckpt_path)
+            saved = read_fit_state(path)
+            stage, frozen = check_resume(saved, plan, learner=learner, last_run=last_run, path=path)
+            return Resume(path, stage, frozen, saved["run"], list(saved["offsets"]))
+
+        # Rank 0 wrote the checkpoint, with its own Learner's and fit's ids: it decides for all.
+        return rank_zero_decides(decide)
 
     def fit_stage(
         self,

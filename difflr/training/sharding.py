@@ -189,6 +189,20 @@ def shard_blocks(model: nn.Module, mesh: Any, splitter: Any = None) -> list[str]
     return paths
 
 
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP2 module of ``module`` back in its sharded state.
+
+    FSDP2 keeps the root's parameters gathered after a forward that no backward follows
+    (``validate``, ``get_preds``): the module then holds full, plain parameters in place of the
+    shards that the optimizer and the layer groups hold.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
 class Sharding:
     """The Learner's ``configure_model`` under ``ModelParallelStrategy``; see the module docstring.
 
@@ -230,6 +244,7 @@ class Sharding:
                 del module.configure_model
             else:
                 module.configure_model = own
+            reshard(module)
 
     def _hook(
         self, module: pl.LightningModule, optimizer: torch.optim.Optimizer, users: bool
@@ -323,7 +338,12 @@ def _by_index(
             ids.append(k)
             k += 1
         groups.append({**{key: v for key, v in saved.items() if key != "params"}, "params": ids})
-    state = {index[name]: value for name, value in osd["state"].items() if name in index}
+    # torch hands plain tensors (the step counts) back as they are: copies, not the live state.
+    state = {
+        index[name]: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+        for name, value in osd["state"].items()
+        if name in index
+    }
     return {"state": state, "param_groups": groups}
 
 
@@ -407,3 +427,32 @@ def _barrier() -> None:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def rank_zero_decides(decide: Callable[[], Any]) -> Any:
+    """``decide()`` on global rank 0, its result (or its error) sent to every rank of the live
+    process group; simply ``decide()`` without one.
+
+    For decisions taken before a Trainer exists that read what rank 0 alone wrote (a resume reads
+    the checkpoint rank 0 wrote, with the ids of rank 0's Learner and fit).
+
+    Raises:
+        Exception: Rank 0's error on rank 0; a ``RuntimeError`` with its message elsewhere.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = decide()
+        except Exception as exc:
+            error = exc
+    box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
+    dist.broadcast_object_list(box, src=0)
+    result, message = box[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 refused, so rank {dist.get_rank()} does too: {message}")
+    return result

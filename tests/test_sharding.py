@@ -1,0 +1,249 @@
+"""Sharded fine-tuning through Lightning's ``ModelParallelStrategy`` (FSDP2), on CPU.
+
+``tests/sharded_script.py`` runs once per session in a subprocess with 2 processes (gloo), on a
+plain ``nn.Module`` of repeated blocks and a tiny LLaMA-like decoder, and once in one process on
+the same global batches (the reference). The tests compare what each rank saved with the
+reference, and check the sharded parts that have no reference (``lr_find``'s exact restore,
+save/load, a resumed fit). The refusals and the strategy copy are checked in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from torch import nn
+
+from difflr.groups.blocks import BlockSplitter
+from difflr.training.sharding import check_strategy, rank_zero_decides, shard_blocks
+from tests import sharded_script
+from tests.helpers import ROOT, make_learner
+
+SCRIPT = Path(sharded_script.__file__).resolve()
+TIMEOUT = 400
+KINDS = ("blocks", "llama")
+#: Float tolerance of a 2-process FSDP2 run against one process (the order of the sums differs).
+TOLERANCE = 1e-6
+
+
+def _launch(out: Path, *extra: str) -> subprocess.Popen:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_"))
+        and k not in {"LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(out), *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a hung run is ended with both of its ranks
+    )
+
+
+def _wait(process: subprocess.Popen, what: str) -> None:
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"the {what} did not end within {TIMEOUT} s:\n{output[-6000:]}")
+    if process.returncode != 0:
+        pytest.fail(f"the {what} failed (exit {process.returncode}):\n{output[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("sharded")
+    sharded = _launch(out)
+    _wait(_launch(out, "reference"), "one-process reference run")
+    _wait(sharded, "2-process sharded run")
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return {"ranks": ranks, "reference": torch.load(out / "reference.pt", weights_only=False)}
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def _equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Bit-identical nested dicts of tensors (and plain values)."""
+    if a.keys() != b.keys():
+        return False
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, dict):
+            if not _equal(x, y):
+                return False
+        elif isinstance(x, torch.Tensor):
+            if not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fit", ["first", "second"])
+def test_a_sharded_fit_equals_one_process_on_the_same_global_batches(runs, kind, fit) -> None:
+    # first: fit_one_cycle(2, slice(lo, hi)) with the first two groups frozen; second: unfreeze()
+    # and fit_one_cycle(1, ...), continuing from the weights and optimizer state the first left.
+    sharded, one = runs["ranks"][0][kind][fit], runs["reference"][kind][fit]
+    assert _max_difference(sharded["model"], one["model"]) < TOLERANCE
+    assert sharded["opt"].keys() == one["opt"].keys()
+    for index, state in one["opt"].items():
+        assert _max_difference(sharded["opt"][index], state) < TOLERANCE
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_model_is_sharded_block_by_block_and_every_parameter_is_a_shard(runs, kind) -> None:
+    rank0 = runs["ranks"][0][kind]
+    expected = ["1", "2", "3"] if kind == "blocks" else ["model.layers.0", "model.layers.1"]
+    assert rank0["blocks"] == expected
+    assert all(rank0["first_local"]["dtensor"].values())
+    # Each rank holds its own half of a parameter of 32 rows.
+    name = "1.mlp.0.weight" if kind == "blocks" else "model.layers.0.mlp.gate_proj.weight"
+    halves = [runs["ranks"][r][kind]["first_local"]["params"][name] for r in (0, 1)]
+    assert [h.shape[0] for h in halves] == [16, 16]
+    assert not torch.equal(halves[0], halves[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_frozen_parameters_hold_no_optimizer_state_and_no_gradient(runs, kind) -> None:
+    for rank in runs["ranks"]:
+        local = rank[kind]["first_local"]
+        frozen = [n for n, trains in local["requires_grad"].items() if not trains]
+        assert frozen, "the first fit freezes two groups"
+        for name in frozen:
+            assert name not in local["opt_state"]
+            assert local["grads"][name] is None
+        for name in set(local["requires_grad"]) - set(frozen):
+            assert name in local["opt_state"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_recorded_lrs_keep_the_slice_of_one_process(runs, kind) -> None:
+    sharded, one = runs["ranks"][0][kind]["lrs"], runs["reference"][kind]["lrs"]
+    assert sharded.shape == one.shape
+    assert sharded == pytest.approx(one, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_validate_and_get_preds_equal_one_process(runs, kind) -> None:
+    for rank in runs["ranks"]:
+        assert rank[kind]["validate"]["valid_loss"] == pytest.approx(
+            runs["reference"][kind]["validate"]["valid_loss"], abs=TOLERANCE
+        )
+        preds, targets = rank[kind]["preds"]
+        one_preds, one_targets = runs["reference"][kind]["preds"]
+        assert preds.shape == one_preds.shape  # every item once, on every rank
+        assert (preds - one_preds).abs().max().item() < TOLERANCE
+        assert torch.equal(targets, one_targets)  # in dataset order
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lr_find_restores_every_ranks_shard_and_optimizer_state_exactly(runs, kind) -> None:
+    for rank in runs["ranks"]:
+        before, after, same_rng = rank[kind]["lr_find"]
+        assert _equal(before, after)
+        assert same_rng
+    assert runs["ranks"][0][kind]["suggestion"] == runs["ranks"][1][kind]["suggestion"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_puts_back_every_ranks_shard_from_the_gathered_save(runs, kind) -> None:
+    for rank in runs["ranks"]:
+        saved, changed, loaded, _ = rank[kind]["save_load"]
+        assert not _equal(saved["params"], changed["params"])  # the fit in between trained
+        assert _equal(saved["params"], loaded["params"])
+        assert _equal(saved["opt_state"], loaded["opt_state"])
+
+
+def test_a_resumed_sharded_fit_ends_bit_identical_to_the_whole_fit(runs) -> None:
+    # The cut fit stopped after its first epoch's last.ckpt (the full state gathered on rank 0).
+    for rank in runs["ranks"]:
+        whole, resumed = rank["blocks"]["resume"]
+        assert _equal(whole["params"], resumed["params"])
+        assert _equal(whole["opt_state"], resumed["opt_state"])
+
+
+# ------------------------------------------------------------------------------ in this process
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        lambda: DDPStrategy(),
+        lambda: ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False
+        ),
+    ],
+    ids=["DDPStrategy", "ModelParallelStrategy"],
+)
+def test_a_strategy_instance_survives_a_fresh_trainer_per_call(tmp_path, strategy) -> None:
+    # A Trainer attaches its accelerator to the instance; the next Trainer refused it with
+    # "accelerator set through both strategy class and accelerator flag".
+    given = strategy()
+    learn = make_learner(tmp_path, accelerator="cpu", devices=2, strategy=given)
+    first, second = learn.runner.trainer(), learn.runner.trainer()
+    assert type(first.strategy) is type(second.strategy) is type(given)
+    assert first.strategy is not second.strategy and first.strategy is not given
+    assert given.accelerator is None  # the user's instance is untouched
+    assert first.world_size == second.world_size == 2
+    learn.preview_one_cycle(1)  # the preview counts processes with a copy too
+    assert given.accelerator is None
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_cpu_offload"])
+def test_fsdp1_is_refused_and_points_to_model_parallel_strategy(tmp_path, strategy) -> None:
+    with pytest.raises(ValueError, match=r"FSDP1.*CUDA only.*ModelParallelStrategy"):
+        make_learner(tmp_path, accelerator="cpu", devices=2, strategy=strategy)
+
+
+def test_deepspeed_is_refused_with_the_reason(tmp_path) -> None:
+    with pytest.raises(ValueError, match="DeepSpeed builds and steps its own optimizer"):
+        make_learner(tmp_path, strategy="deepspeed_stage_2")
+
+
+@pytest.mark.parametrize("tp", [2, "auto"])
+def test_tensor_parallelism_is_refused(tp) -> None:
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=tp)
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size={tp!r}.*tensor_parallel_size=1"):
+        check_strategy({"strategy": strategy})
+
+
+def test_distributed_checkpoint_folders_are_refused_while_the_learner_checkpoints(tmp_path) -> None:
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    with pytest.raises(ValueError, match="save_distributed_checkpoint=False"):
+        make_learner(tmp_path, accelerator="cpu", devices=2, strategy=strategy, checkpoint=True)
+    learn = make_learner(
+        tmp_path, accelerator="cpu", devices=2, strategy=strategy, checkpoint=False
+    )
+    assert learn.runner.trainer().world_size == 2
+
+
+def test_a_model_without_repeated_blocks_cannot_be_sharded_and_the_error_names_the_splitter() -> (
+    None
+):
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"cannot shard Sequential.*BlockSplitter\(trunk="):
+        shard_blocks(mlp, mesh=None)
+    with pytest.raises(ValueError, match="trunk='nowhere'"):
+        shard_blocks(mlp, mesh=None, splitter=BlockSplitter(trunk="nowhere"))
+
+
+def test_rank_zero_decides_in_one_process_by_deciding() -> None:
+    assert rank_zero_decides(lambda: 7) == 7
+    with pytest.raises(KeyError):
+        rank_zero_decides(lambda: {}["missing"])
