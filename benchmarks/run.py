@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
-from benchmarks import bench_fit, bench_lr_find, bench_optim, bench_overhead, report
+from benchmarks import (
+    bench_fit,
+    bench_lr_find,
+    bench_optim,
+    bench_overhead,
+    bench_sharding,
+    report,
+)
 from benchmarks.common import ROOT, Config, machine_info, quiet
 
 PARTS = {
@@ -31,6 +38,7 @@ PARTS = {
     "lr_find": bench_lr_find.run,
     "optim": bench_optim.run,
     "overhead": bench_overhead.run,
+    "sharding": bench_sharding.run,
 }
 RESULTS = ROOT / "benchmarks" / "results"
 
