@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 WORLD = 2
+KINDS = ("blocks", "llama")
+UNEVEN = 65  # items read by get_preds in batches of 8: shards of 33 and 32 items
+NAN_AT = 2  # the batch of rank 1 whose loss is NaN in the NaN-guard run
 N_ITEMS, BATCH = 64, 4  # per rank: 32 items, 8 batches of 4; the reference: 8 batches of 8
 FIRST_LR, SECOND_LR = slice(1e-3, 2e-2), slice(1e-4, 1e-2)
 
@@ -61,14 +64,10 @@ def make_dataset(kind: str) -> Any:
 
     g = torch.Generator().manual_seed(1)
     if kind == "llama":
-        ids = torch.randint(0, 32, (N_ITEMS, 8), generator=g)
+        ids = torch.randint(0, 32, (N_ITEMS + 1, 8), generator=g)
         return TensorDataset(ids, ids)  # (input_ids, labels): the model computes its loss
-    x = torch.randn(N_ITEMS, 6, generator=g)
+    x = torch.randn(N_ITEMS + 1, 6, generator=g)  # the last item only for get_preds
     return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 1).long())
-
-
-class LlamaLoss:
-    """(input_ids, labels) batches for a causal LM: call it with labels=, take .loss."""
 
 
 def learner_args(kind: str) -> dict[str, Any]:
@@ -141,7 +140,9 @@ def main(out: Path, reference: bool) -> None:
     import torch
 
     torch.set_num_threads(1)  # two processes on a two-core machine
-    results = {kind: run(out / kind, kind, reference) for kind in ("blocks", "llama")}
+    root = out / ("reference" if reference else "sharded")
+    results: dict[str, Any] = {kind: run(root / kind, kind, reference) for kind in KINDS}
+    results["pid"] = os.getpid()
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(results, out / ("reference.pt" if reference else f"rank{rank}.pt"))
 
@@ -150,11 +151,12 @@ def run(out: Path, kind: str, reference: bool) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.strategies import ModelParallelStrategy
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
 
     from difflr import Learner
 
-    ds = make_dataset(kind)
+    full = make_dataset(kind)
+    ds = Subset(full, range(N_ITEMS))
     valid_dl = DataLoader(ds, batch_size=2 * BATCH)
     if reference:
         # One process, batches of 2*BATCH: rank 0's batch b, then rank 1's batch b.
@@ -180,7 +182,7 @@ def run(out: Path, kind: str, reference: bool) -> dict[str, Any]:
         args = {**learner_args(kind), **extra, "path": out, **kwargs}
         return Learner(make_model(kind), (train_dl, valid_dl), **args)
 
-    learn = learner()
+    learn = learner(logger=True)  # TensorBoard under out/lightning_logs, from rank 0
     results: dict[str, Any] = {"groups": [g.name for g in learn.splits]}
     # (a) slice LRs over frozen groups, then (b) a second fit that continues from the first.
     learn.freeze_to(2)
@@ -195,6 +197,8 @@ def run(out: Path, kind: str, reference: bool) -> dict[str, Any]:
     results["blocks"] = learn.runner.sharding.blocks
     results["validate"] = learn.validate()
     results["preds"] = learn.get_preds()
+    # 65 items: Lightning's prediction shards (33 and 32 items) would give rank 0 one batch more.
+    results["uneven_preds"] = learn.get_preds(DataLoader(Subset(full, range(UNEVEN)), batch_size=8))
     if reference:
         return results
     # lr_find is a transaction: every rank's shard, optimizer state and RNG come back.
@@ -210,6 +214,20 @@ def run(out: Path, kind: str, reference: bool) -> dict[str, Any]:
     results["save_load"] = (saved, changed, local(learn), state(learn))
     if kind != "blocks":
         return results
+
+    # The NaN guard: rank 1 alone meets a NaN loss; every rank stops at that step.
+    class PoisonRankOne(pl.Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, i: int) -> None:
+            if trainer.global_rank == 1 and i == NAN_AT:
+                batch[0][0, 0] = float("nan")
+
+    guarded = learner(callbacks=[PoisonRankOne()], path=out / "nan")
+    try:
+        guarded.fit_one_cycle(1, FIRST_LR)
+        results["nan_guard"] = None
+    except FloatingPointError as error:
+        results["nan_guard"] = (str(error), local(guarded))
+    results["nan_guard_steps"] = len(guarded.recorder.lrs)
 
     # A fit cut short after its first epoch's checkpoint resumes where the whole fit ends.
     class StopAtEpoch(pl.Callback):

@@ -28,7 +28,7 @@ from tests.helpers import ROOT, make_learner
 
 SCRIPT = Path(sharded_script.__file__).resolve()
 TIMEOUT = 400
-KINDS = ("blocks", "llama")
+KINDS = sharded_script.KINDS
 #: Float tolerance of a 2-process FSDP2 run against one process (the order of the sums differs).
 TOLERANCE = 1e-6
 
@@ -71,7 +71,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _wait(_launch(out, "reference"), "one-process reference run")
     _wait(sharded, "2-process sharded run")
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    return {"ranks": ranks, "reference": torch.load(out / "reference.pt", weights_only=False)}
+    reference = torch.load(out / "reference.pt", weights_only=False)
+    return {"ranks": ranks, "reference": reference, "out": out}
 
 
 def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -152,6 +153,51 @@ def test_validate_and_get_preds_equal_one_process(runs, kind) -> None:
         assert preds.shape == one_preds.shape  # every item once, on every rank
         assert (preds - one_preds).abs().max().item() < TOLERANCE
         assert torch.equal(targets, one_targets)  # in dataset order
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_get_preds_reads_shards_of_unequal_length_without_waiting_forever(runs, kind) -> None:
+    # 65 items in batches of 8: Lightning's prediction shards (33, 32 items) differ by a batch, and
+    # a sharded forward is a collective; difflr reads equal, padded shards and keeps each item once.
+    one_preds, one_targets = runs["reference"][kind]["uneven_preds"]
+    assert len(one_preds) == sharded_script.UNEVEN
+    for rank in runs["ranks"]:
+        preds, targets = rank[kind]["uneven_preds"]
+        assert preds.shape == one_preds.shape
+        assert (preds - one_preds).abs().max().item() < TOLERANCE
+        assert torch.equal(targets, one_targets)
+
+
+def test_the_nan_guard_stops_every_rank_at_the_step_one_rank_sees_a_nan(runs) -> None:
+    ranks = [rank["blocks"] for rank in runs["ranks"]]
+    assert all(rank["nan_guard"] is not None for rank in ranks), "every rank raised"
+    zero, one = (rank["nan_guard"][0] for rank in ranks)
+    at = f"at optimizer step {sharded_script.NAN_AT} "
+    assert zero.startswith("the training loss is not finite on another rank " + at)
+    assert one.startswith("the training loss is nan " + at)
+    for rank in ranks:
+        assert rank["nan_guard_steps"] == sharded_script.NAN_AT  # the steps before it, no more
+        weights = rank["nan_guard"][1]["params"].values()
+        assert all(bool(torch.isfinite(w).all()) for w in weights)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_only_rank_zero_writes_tensorboard_events_with_every_groups_lr(runs, kind) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = runs["out"] / "sharded" / kind / "lightning_logs"
+    assert [p.name for p in logs.iterdir()] == ["version_0"]
+    events = sorted(logs.glob("version_0/events.out.tfevents.*"))
+    assert len(events) == 3  # the Trainers that logged: 3 fits (lr_find and the rest do not)
+    assert {int(p.name.split(".")[-2]) for p in events} == {runs["ranks"][0]["pid"]}
+    tags = set()
+    for file in events:
+        accumulator = EventAccumulator(str(file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert "train_loss" in tags or "train_loss_step" in tags
+    for group in runs["ranks"][0][kind]["groups"]:
+        assert any(group in tag for tag in tags), (group, sorted(tags))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -71,9 +71,14 @@ class FiniteLossGuard(Callback):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        if not bool(torch.isfinite(loss).all()):
-            value = loss.detach().float().mean().item() * trainer.accumulate_grad_batches
-            self._stop(trainer, pl_module, f"the training loss is {value}")
+        finite = bool(torch.isfinite(loss).all())
+        if not _all_ranks(trainer, finite):
+            if finite:
+                what = "the training loss is not finite on another rank"
+            else:
+                value = loss.detach().float().mean().item() * trainer.accumulate_grad_batches
+                what = f"the training loss is {value}"
+            self._stop(trainer, pl_module, what)
 
     @override
     def on_before_optimizer_step(
@@ -84,8 +89,9 @@ class FiniteLossGuard(Callback):
         bad = non_finite_names(
             (name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None
         )
-        if bad:
-            self._stop(trainer, pl_module, f"the gradients of {', '.join(bad)} are not finite")
+        if not _all_ranks(trainer, not bad):
+            where = ", ".join(bad) if bad else "some parameters, on another rank,"
+            self._stop(trainer, pl_module, f"the gradients of {where} are not finite")
 
     def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
         if self._buffers:
@@ -112,6 +118,15 @@ class FiniteLossGuard(Callback):
             "LR (learn.lr_find() helps), check the data for NaN/inf, or clip gradients "
             "(gradient_clip_val=...)."
         )
+
+
+def _all_ranks(trainer: pl.Trainer, ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (one all-reduce under several processes): every rank
+    stops at the same step, since a rank that stopped alone would leave the others waiting in
+    the gradients' collectives."""
+    if trainer.world_size == 1:
+        return ok
+    return trainer.strategy.reduce_boolean_decision(ok, all=True)
 
 
 class FrozenNormEval(Callback):

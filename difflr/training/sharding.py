@@ -44,12 +44,15 @@ from difflr.utils.files import atomic_save, check_state_fits, read_state
 __all__ = [
     "Sharding",
     "check_strategy",
+    "equal_shards",
     "fresh_strategy",
     "full_state_dict",
     "is_sharded",
     "is_sharding_strategy",
     "load_full_state_dict",
     "load_sharded",
+    "rank_zero_decides",
+    "reshard",
     "reshard_optimizer_state",
     "save_sharded",
     "shard_like",
@@ -456,3 +459,31 @@ def rank_zero_decides(decide: Callable[[], Any]) -> Any:
     if message is not None:
         raise RuntimeError(f"rank 0 refused, so rank {dist.get_rank()} does too: {message}")
     return result
+
+
+def equal_shards(loader: Any, rank: int, world_size: int) -> Any:
+    """``loader`` (a sequential ``DataLoader``) rebuilt to read this rank's shard through a padding
+    ``DistributedSampler(shuffle=False)``: every rank reads the same number of batches.
+
+    A sharded forward is a collective (each block's parameters are gathered from every rank), so
+    a rank with one batch more than the others would wait for them forever. Lightning's
+    prediction sampler does not pad (its shards may differ by an item, hence by a batch); the
+    padded items come twice and `difflr.predictions` keeps each item once. Anything but a plain
+    ``DataLoader`` with a ``batch_size`` is returned as it is.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    if type(loader) is not DataLoader or loader.batch_size is None:
+        return loader
+    sampler = DistributedSampler(loader.dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
+    )
