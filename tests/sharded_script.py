@@ -142,6 +142,8 @@ def main(out: Path, reference: bool) -> None:
     torch.set_num_threads(1)  # two processes on a two-core machine
     root = out / ("reference" if reference else "sharded")
     results: dict[str, Any] = {kind: run(root / kind, kind, reference) for kind in KINDS}
+    for own in (False, True):  # a LightningModule: difflr shards it, or it shards itself
+        results[f"module_own={own}"] = run_module(root / f"module{int(own)}", own, reference)
     results["pid"] = os.getpid()
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(results, out / ("reference.pt" if reference else f"rank{rank}.pt"))
@@ -246,6 +248,64 @@ def run(out: Path, kind: str, reference: bool) -> dict[str, Any]:
     cut.fit_one_cycle(2, FIRST_LR, ckpt_path="last")
     results["resume"] = (local(whole), local(cut))
     return results
+
+
+def run_module(out: Path, own: bool, reference: bool) -> dict[str, Any]:
+    """A user's LightningModule around the blocks model: two fits, as `run`'s first two."""
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+    from difflr import Learner
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_model("blocks")
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+    class ShardsItself(Module):
+        sharded_by_itself = 0
+
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+
+            if self.device_mesh is None or isinstance(self.net, FSDPModule):
+                return  # one process, or sharded by the previous Trainer
+            mesh = self.device_mesh["data_parallel"]
+            for block in list(self.net)[1:4]:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+            type(self).sharded_by_itself += 1
+
+    ds = Subset(make_dataset("blocks"), range(N_ITEMS))
+    if reference:
+        extra: dict[str, Any] = {"accelerator": "cpu", "devices": 1}
+        loader = DataLoader(ds, batch_size=WORLD * BATCH)  # the same global batches as below
+    else:
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        sampler = DistributedSampler(ds, num_replicas=WORLD, rank=rank, shuffle=False)
+        loader = DataLoader(ds, batch_size=BATCH, sampler=sampler)
+        strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
+        extra = {"accelerator": "cpu", "devices": WORLD, "strategy": strategy}
+    module = ShardsItself() if own else Module()
+    learn = Learner(module, (loader, None), path=out, **{**learner_args("blocks"), **extra})
+    learn.freeze_to(2)
+    learn.fit_one_cycle(1, FIRST_LR)
+    first = state(learn)
+    learn.unfreeze()
+    learn.fit_one_cycle(1, SECOND_LR)
+    return {
+        "first": first,
+        "second": state(learn),
+        "local": local(learn),
+        "blocks": learn.runner.sharding.blocks,
+        "sharded_by_itself": getattr(type(module), "sharded_by_itself", None),
+    }
 
 
 if __name__ == "__main__":

@@ -293,3 +293,19 @@ def test_rank_zero_decides_in_one_process_by_deciding() -> None:
     assert rank_zero_decides(lambda: 7) == 7
     with pytest.raises(KeyError):
         rank_zero_decides(lambda: {}["missing"])
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["difflr-shards-it", "it-shards-itself"])
+def test_a_users_lightning_module_is_sharded_and_trains_as_in_one_process(runs, own) -> None:
+    # own=False: no configure_model, difflr shards the blocks and each child of the module;
+    # own=True: its configure_model shards (once: the next Trainer finds it sharded), difflr
+    # only re-targets the optimizer and the layer groups.
+    sharded, one = runs["ranks"][0][f"module_own={own}"], runs["reference"][f"module_own={own}"]
+    for fit in ("first", "second"):
+        assert _max_difference(sharded[fit]["model"], one[fit]["model"]) < TOLERANCE
+        assert sharded[fit]["opt"].keys() == one[fit]["opt"].keys()
+        for index, state in one[fit]["opt"].items():
+            assert _max_difference(sharded[fit]["opt"][index], state) < TOLERANCE
+    assert all(sharded["local"]["dtensor"].values())
+    assert sharded["blocks"] == ([] if own else ["net.1", "net.2", "net.3"])
+    assert sharded["sharded_by_itself"] == (1 if own else None)

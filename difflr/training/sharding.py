@@ -163,15 +163,16 @@ def _plain_name(name: str) -> str:
 
 
 def shard_blocks(model: nn.Module, mesh: Any, splitter: Any = None) -> list[str]:
-    """``fully_shard`` each block of ``model``'s trunk, then ``model`` itself; returns the
-    blocks' paths.
+    """``fully_shard`` each block of ``model``'s trunk, then ``model`` itself (each child holding
+    parameters, for a ``LightningModule``); returns the blocks' paths.
 
     The trunk is the one `difflr.groups.blocks.BlockSplitter` cuts along: ``splitter``'s own if it
     is a ``BlockSplitter``, else the Hugging Face model's layers, else the longest run of
     same-class blocks (torchvision's stages too).
 
     Raises:
-        ValueError: No trunk can be found (the message says which splitter to pass).
+        ValueError: No trunk can be found (the message says which splitter to pass); a
+            ``LightningModule`` holds parameters outside its children.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -188,8 +189,30 @@ def shard_blocks(model: nn.Module, mesh: Any, splitter: Any = None) -> list[str]
     paths = trunk.block_paths()
     for path in paths:
         fully_shard(model.get_submodule(path), mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    for root in _roots(model):
+        fully_shard(root, mesh=mesh)
     return paths
+
+
+def _roots(model: nn.Module) -> list[nn.Module]:
+    """The modules whose forward the training calls, to be sharded last: the model itself, or
+    for a ``LightningModule`` (whose ``training_step`` calls its parts, not its own ``forward``)
+    each child that holds parameters.
+
+    Raises:
+        ValueError: A ``LightningModule`` with parameters of its own (outside any child).
+    """
+    if not isinstance(model, pl.LightningModule):
+        return [model]
+    own = [name for name, _ in model.named_parameters(recurse=False)]
+    if own:
+        raise ValueError(
+            f"cannot shard {type(model).__name__}: it holds parameters of its own ({own[:3]}), "
+            "outside any child module, and its training_step need not call its forward, so "
+            "difflr cannot tell when to gather them. Move them into a child module, or shard "
+            "the model yourself in configure_model."
+        )
+    return [child for child in model.children() if next(child.parameters(), None) is not None]
 
 
 def reshard(module: nn.Module) -> None:
