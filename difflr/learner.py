@@ -39,7 +39,13 @@ from difflr.training.loggers import make_logger
 from difflr.training.lr_finder import lr_find
 from difflr.training.module import make_module
 from difflr.training.runner import Runner
-from difflr.training.sharding import Sharding, is_sharded, load_sharded, save_sharded
+from difflr.training.sharding import (
+    Sharding,
+    check_unsharded,
+    is_sharded,
+    load_sharded,
+    save_sharded,
+)
 from difflr.utils.checks import check_moms, check_wd
 from difflr.utils.files import export_model, load_state, state_file, write_state
 
@@ -491,6 +497,7 @@ class Learner:
             >>> learn.predict(x_valid[0])  # doctest: +SKIP
             ('seven', tensor(7), tensor([0.0010, ..., 0.0021]))
         """
+        check_unsharded(self.model, "predict(x)", "use get_preds(dl) on every rank")
         return predictions.predict(self.runner, x, vocab=self.vocab, is_batch=is_batch)
 
     # ----------------------------------------------------------------------------- persistence
@@ -531,6 +538,9 @@ class Learner:
         """Write the model (architecture and weights, in eval mode) for inference to
         ``path/fname``; read it back with ``torch.load(file, weights_only=False)`` — a pickle,
         so only from a source you trust."""
+        check_unsharded(
+            self.model, "export()", "save() the full state and load it into an unsharded model"
+        )
         return export_model(self.model, self.path / fname)
 
     # ----------------------------------------------------------------------------- inspection

@@ -155,7 +155,7 @@ def run(out: Path, kind: str, reference: bool) -> dict[str, Any]:
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-    from difflr import Learner
+    from difflr import Learner, layer_decay
 
     full = make_dataset(kind)
     ds = Subset(full, range(N_ITEMS))
@@ -201,6 +201,12 @@ def run(out: Path, kind: str, reference: bool) -> dict[str, Any]:
     results["preds"] = learn.get_preds()
     # 65 items: Lightning's prediction shards (33 and 32 items) would give rank 0 one batch more.
     results["uneven_preds"] = learn.get_preds(DataLoader(Subset(full, range(UNEVEN)), batch_size=8))
+    if kind == "llama":
+        # fine_tune (the head, then everything) and a layer_decay LR spec, from where it is.
+        learn.fine_tune(1, base_lr=1e-2)
+        results["fine_tune"] = state(learn)
+        learn.fit_one_cycle(1, layer_decay(1e-2, 0.5))
+        results["layer_decay"] = state(learn)
     if reference:
         return results
     # lr_find is a transaction: every rank's shard, optimizer state and RNG come back.
@@ -214,8 +220,23 @@ def run(out: Path, kind: str, reference: bool) -> dict[str, Any]:
     changed = local(learn)
     learn.load("saved")
     results["save_load"] = (saved, changed, local(learn), state(learn))
+    # What is refused on a sharded model, with the reason.
+    refusals = {}
+    for what, call in (("predict", lambda: learn.predict(ds[0][0])), ("export", learn.export)):
+        try:
+            call()
+            refusals[what] = None
+        except ValueError as error:
+            refusals[what] = str(error)
+    results["refusals"] = refusals
     if kind != "blocks":
         return results
+
+    # lr_find as the first call: the sweep's Trainer shards the model; the restore puts the
+    # initial weights back, into the shards.
+    first_call = learner()
+    first_call.lr_find(num_it=8, show_plot=False)
+    results["lr_find_first"] = (state(first_call)["model"], make_model(kind).state_dict())
 
     # The NaN guard: rank 1 alone meets a NaN loss; every rank stops at that step.
     class PoisonRankOne(pl.Callback):

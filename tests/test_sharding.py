@@ -109,6 +109,14 @@ def test_a_sharded_fit_equals_one_process_on_the_same_global_batches(runs, kind,
         assert _max_difference(sharded["opt"][index], state) < TOLERANCE
 
 
+@pytest.mark.parametrize("fit", ["fine_tune", "layer_decay"])
+def test_fine_tune_and_layer_decay_sharded_equal_one_process(runs, fit) -> None:
+    sharded, one = runs["ranks"][0]["llama"][fit], runs["reference"]["llama"][fit]
+    assert _max_difference(sharded["model"], one["model"]) < TOLERANCE
+    for index, state in one["opt"].items():
+        assert _max_difference(sharded["opt"][index], state) < TOLERANCE
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_model_is_sharded_block_by_block_and_every_parameter_is_a_shard(runs, kind) -> None:
     rank0 = runs["ranks"][0][kind]
@@ -188,7 +196,9 @@ def test_only_rank_zero_writes_tensorboard_events_with_every_groups_lr(runs, kin
     logs = runs["out"] / "sharded" / kind / "lightning_logs"
     assert [p.name for p in logs.iterdir()] == ["version_0"]
     events = sorted(logs.glob("version_0/events.out.tfevents.*"))
-    assert len(events) == 3  # the Trainers that logged: 3 fits (lr_find and the rest do not)
+    # One file per Trainer that logged: 3 fits, and the LLaMA's fine_tune (2) and layer_decay
+    # fit; lr_find, validate, get_preds do not log.
+    assert len(events) == 3 + 3 * (kind == "llama")
     assert {int(p.name.split(".")[-2]) for p in events} == {runs["ranks"][0]["pid"]}
     tags = set()
     for file in events:
@@ -207,6 +217,20 @@ def test_lr_find_restores_every_ranks_shard_and_optimizer_state_exactly(runs, ki
         assert _equal(before, after)
         assert same_rng
     assert runs["ranks"][0][kind]["suggestion"] == runs["ranks"][1][kind]["suggestion"]
+
+
+def test_lr_find_as_the_first_call_restores_the_initial_weights_into_the_shards(runs) -> None:
+    after, initial = runs["ranks"][0]["blocks"]["lr_find_first"]
+    assert _equal(after, initial)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_predict_and_export_are_refused_on_a_sharded_model(runs, kind) -> None:
+    for rank in runs["ranks"]:
+        refusals = rank[kind]["refusals"]
+        assert "predict(x) is not supported on a sharded model" in refusals["predict"]
+        assert "get_preds(dl) on every rank" in refusals["predict"]
+        assert "export() is not supported on a sharded model" in refusals["export"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -309,3 +333,24 @@ def test_a_users_lightning_module_is_sharded_and_trains_as_in_one_process(runs, 
     assert all(sharded["local"]["dtensor"].values())
     assert sharded["blocks"] == ([] if own else ["net.1", "net.2", "net.3"])
     assert sharded["sharded_by_itself"] == (1 if own else None)
+
+
+@pytest.mark.slow
+def test_the_sharded_example_runs_on_two_processes(tmp_path) -> None:
+    example = ROOT / "docs" / "examples" / "sharded_fine_tune.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    done = subprocess.run(
+        [sys.executable, str(example), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in done.stdout + done.stderr
+    assert "valid_loss" in done.stdout
+    saved = torch.load(tmp_path / "models" / "final.pth", weights_only=True)
+    # The full state, gathered: every parameter at its whole size.
+    assert saved["model"]["lm_head.weight"].shape == (256, 64)

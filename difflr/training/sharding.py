@@ -44,6 +44,7 @@ from difflr.utils.files import atomic_save, check_state_fits, read_state
 __all__ = [
     "Sharding",
     "check_strategy",
+    "check_unsharded",
     "equal_shards",
     "fresh_strategy",
     "full_state_dict",
@@ -143,6 +144,20 @@ def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def check_unsharded(model: nn.Module, what: str, instead: str) -> None:
+    """Refuse ``what`` on a sharded model.
+
+    Raises:
+        ValueError: ``model`` is sharded; the message says what to do ``instead``.
+    """
+    if is_sharded(model):
+        raise ValueError(
+            f"{what} is not supported on a sharded model (ModelParallelStrategy): each process "
+            f"holds only a shard of every parameter, and running the model is a collective of "
+            f"every process; {instead}."
+        )
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
