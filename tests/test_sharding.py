@@ -354,3 +354,21 @@ def test_the_sharded_example_runs_on_two_processes(tmp_path) -> None:
     saved = torch.load(tmp_path / "models" / "final.pth", weights_only=True)
     # The full state, gathered: every parameter at its whole size.
     assert saved["model"]["lm_head.weight"].shape == (256, 64)
+
+
+def test_the_sharded_save_is_the_file_a_one_process_learner_loads(runs, tmp_path) -> None:
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from difflr import Learner
+
+    file = runs["out"] / "sharded" / "blocks" / "models" / "saved.pth"
+    loader = DataLoader(sharded_script.make_dataset("blocks"), batch_size=8)
+    learn = Learner(
+        sharded_script.make_model("blocks"), (loader, None), F.cross_entropy, path=tmp_path,
+        logger=False, enable_progress_bar=False,
+    )  # fmt: skip
+    learn.load(file)  # checked against the model and its layer groups, optimizer state included
+    gathered = runs["ranks"][0]["blocks"]["save_load"][3]  # the sharded Learner after its load
+    assert _equal(learn.model.state_dict(), gathered["model"])
+    assert learn.opt.state_dict()["state"].keys() == gathered["opt"].keys()
