@@ -348,9 +348,7 @@ def test_a_model_without_a_trunk_says_how_to_name_one() -> None:
         BlockSplitter()(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
 
 
-@pytest.mark.parametrize(
-    "module", [difflr.groups.blocks, difflr.groups.hf], ids=lambda m: m.__name__
-)
+@pytest.mark.parametrize("module", [difflr.groups.blocks, difflr.groups.hf], ids=lambda m: m.__name__)
 def test_the_docstring_examples_run(module) -> None:
     results = doctest.testmod(module)
     assert results.attempted > 0 and results.failed == 0

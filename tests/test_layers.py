@@ -55,7 +55,9 @@ def test_an_upward_import_breaks_the_contracts(tmp_path: Path) -> None:
 
 def test_importing_transformers_breaks_the_contracts(tmp_path: Path) -> None:
     # Hugging Face support must not make `import difflr` need transformers, even lazily.
-    result = _lint_with(tmp_path, "groups/hf.py", "def _model_class():\n    import transformers\n")
+    result = _lint_with(
+        tmp_path, "groups/hf.py", "def _model_class():\n    import transformers\n"
+    )
     assert result.returncode != 0
     assert "difflr.groups.hf -> transformers" in result.stdout
     assert "3 kept, 1 broken" in result.stdout
