@@ -268,6 +268,20 @@ def run(out: Path, kind: str, reference: bool) -> dict[str, Any]:
     cut.callbacks.clear()
     cut.fit_one_cycle(2, FIRST_LR, ckpt_path="last")
     results["resume"] = (local(whole), local(cut))
+    # The same with distributed checkpoints: last.ckpt is a folder of shards, renamed into place.
+    folders = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
+    cut = learner(
+        checkpoint=True, path=out / "cut_folder", callbacks=[StopAtEpoch()], strategy=folders
+    )
+    cut.freeze_to(2)
+    with contextlib.suppress(Interrupt):
+        cut.fit_one_cycle(2, FIRST_LR)
+    folder = out / "cut_folder" / "checkpoints"
+    written = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    inside = sorted(p.name for p in (folder / "last.ckpt").iterdir()) if written else []
+    cut.callbacks.clear()
+    cut.fit_one_cycle(2, FIRST_LR, ckpt_path="last")
+    results["resume_folder"] = (local(whole), local(cut), written, inside)
     return results
 
 

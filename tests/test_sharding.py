@@ -22,7 +22,12 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from difflr.groups.blocks import BlockSplitter
-from difflr.training.sharding import check_strategy, rank_zero_decides, shard_blocks
+from difflr.training.sharding import (
+    atomic_folder_saves,
+    check_strategy,
+    rank_zero_decides,
+    shard_blocks,
+)
 from tests import sharded_script
 from tests.helpers import ROOT, make_learner
 
@@ -250,6 +255,17 @@ def test_a_resumed_sharded_fit_ends_bit_identical_to_the_whole_fit(runs) -> None
         assert _equal(whole["opt_state"], resumed["opt_state"])
 
 
+def test_a_fit_resumes_from_a_distributed_checkpoint_folder_renamed_into_place(runs) -> None:
+    # ModelParallelStrategy's default: each rank writes its shard into a folder written beside
+    # last.ckpt and renamed over it once every rank is done; the fit record is in its meta.pt.
+    for rank in runs["ranks"]:
+        whole, resumed, written, inside = rank["blocks"]["resume_folder"]
+        assert written == ["last.ckpt"]  # no half-written folder left beside it
+        assert "meta.pt" in inside and ".metadata" in inside
+        assert _equal(whole["params"], resumed["params"])
+        assert _equal(whole["opt_state"], resumed["opt_state"])
+
+
 # ------------------------------------------------------------------------------ in this process
 @pytest.mark.parametrize(
     "strategy",
@@ -291,16 +307,6 @@ def test_tensor_parallelism_is_refused(tp) -> None:
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=tp)
     with pytest.raises(ValueError, match=rf"tensor_parallel_size={tp!r}.*tensor_parallel_size=1"):
         check_strategy({"strategy": strategy})
-
-
-def test_distributed_checkpoint_folders_are_refused_while_the_learner_checkpoints(tmp_path) -> None:
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    with pytest.raises(ValueError, match="save_distributed_checkpoint=False"):
-        make_learner(tmp_path, accelerator="cpu", devices=2, strategy=strategy, checkpoint=True)
-    learn = make_learner(
-        tmp_path, accelerator="cpu", devices=2, strategy=strategy, checkpoint=False
-    )
-    assert learn.runner.trainer().world_size == 2
 
 
 def test_a_model_without_repeated_blocks_cannot_be_sharded_and_the_error_names_the_splitter() -> (
@@ -372,3 +378,29 @@ def test_the_sharded_save_is_the_file_a_one_process_learner_loads(runs, tmp_path
     gathered = runs["ranks"][0]["blocks"]["save_load"][3]  # the sharded Learner after its load
     assert _equal(learn.model.state_dict(), gathered["model"])
     assert learn.opt.state_dict()["state"].keys() == gathered["opt"].keys()
+
+
+def test_a_checkpoint_folder_is_written_beside_the_target_and_renamed_over_it(tmp_path) -> None:
+    target = tmp_path / "last.ckpt"
+    target.mkdir()
+    (target / "meta.pt").write_text("previous")
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    seen = []
+
+    def write(checkpoint: Any, path: Any, storage_options: Any = None) -> None:
+        # What Lightning's save does: a folder at the path it is given, with the shards.
+        seen.append((Path(path).parent, (target / "meta.pt").read_text()))
+        Path(path).mkdir()
+        (Path(path) / "meta.pt").write_text(checkpoint["epoch"])
+        if checkpoint["epoch"] == "dies":
+            raise OSError("disk full")
+
+    strategy.save_checkpoint = write  # stands for Lightning's own, on difflr's copy
+    atomic_folder_saves(strategy)
+    strategy.save_checkpoint({"epoch": "new"}, target)
+    assert seen == [(tmp_path, "previous")]  # written beside, the target untouched meanwhile
+    assert (target / "meta.pt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    with pytest.raises(OSError, match="disk full"):
+        strategy.save_checkpoint({"epoch": "dies"}, target)
+    assert (target / "meta.pt").read_text() == "new"  # a write that dies leaves the last one

@@ -56,6 +56,7 @@ from difflr.training.loggers import ContinuousLogger
 from difflr.training.module import LearnerModule
 from difflr.training.sharding import (
     Sharding,
+    atomic_folder_saves,
     check_strategy,
     fresh_strategy,
     is_sharding_strategy,
@@ -183,7 +184,6 @@ class Runner:
         self.train_bn = train_bn
         self.sharding = sharding
         self._notified_optimizer = False
-        self._check_sharded_checkpoints()
 
     def trainer(
         self,
@@ -220,7 +220,7 @@ class Runner:
         check_strategy(kwargs)
         # A strategy instance is spent by the Trainer it is given: each Trainer gets a copy.
         if "strategy" in kwargs:
-            kwargs["strategy"] = fresh_strategy(kwargs["strategy"])
+            kwargs["strategy"] = atomic_folder_saves(fresh_strategy(kwargs["strategy"]))
         extra: list[pl.Callback] = [self.recorder]
         if not self.train_bn:
             extra.append(FrozenNormEval())
@@ -522,28 +522,6 @@ class Runner:
         if self.sharding is None:
             return contextlib.nullcontext()
         return self.sharding.configuring(self.module, self.optimizer, trainer.strategy)
-
-    def _check_sharded_checkpoints(self) -> None:
-        """Refuse difflr's checkpoints in distributed-checkpoint folders (not supported yet).
-
-        Raises:
-            ValueError: ``ModelParallelStrategy(save_distributed_checkpoint=True)`` (its default)
-                while the Learner writes checkpoints.
-        """
-        strategy = self.trainer_kwargs.get("strategy")
-        # No public getter; the flag decides between a folder of shards and one file.
-        if (
-            self.checkpoint
-            and is_sharding_strategy(strategy)
-            and strategy._save_distributed_checkpoint
-        ):
-            raise ValueError(
-                "ModelParallelStrategy(save_distributed_checkpoint=True) (its default) writes "
-                "each checkpoint as a folder of shards, which difflr's last.ckpt (atomic, "
-                "checked on resume) does not support yet. Pass ModelParallelStrategy(..., "
-                "save_distributed_checkpoint=False) (the full state gathered on rank 0, "
-                "written atomically), or checkpoint=False."
-            )
 
     @contextmanager
     def _supersede_optimizer(self) -> Iterator[None]:

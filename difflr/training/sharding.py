@@ -21,11 +21,17 @@ the later Trainers find it sharded and leave it. What difflr adds lives here:
   ``lr_find``'s restore and the re-targeting use).
 - `full_state_dict`, `load_full_state_dict`: the whole model and optimizer state gathered (for
   ``save``) and scattered back (for ``load``), collectives that every rank calls.
+- `atomic_folder_saves`: a distributed checkpoint (a folder of shards) is written beside its
+  target and renamed over it once every rank has written.
+- `equal_shards`: ``get_preds`` reads padded shards, so every rank runs as many forwards.
+- `rank_zero_decides`: a resume is decided on rank 0, which wrote the checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
+import shutil
+import uuid
 from collections.abc import Callable, Iterator, Mapping, MutableSequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,15 +45,18 @@ from torch import nn
 
 from difflr.groups.blocks import BlockSplitter
 from difflr.groups.layers import LayerGroup
-from difflr.utils.files import atomic_save, check_state_fits, read_state
+from difflr.utils.files import TEMP_PREFIX, atomic_save, check_state_fits, read_state
 
 __all__ = [
+    "FOLDER_METADATA",
     "Sharding",
+    "atomic_folder_saves",
     "check_strategy",
     "check_unsharded",
     "equal_shards",
     "fresh_strategy",
     "full_state_dict",
+    "is_checkpoint_folder",
     "is_sharded",
     "is_sharding_strategy",
     "load_full_state_dict",
@@ -525,3 +534,53 @@ def equal_shards(loader: Any, rank: int, world_size: int) -> Any:
         worker_init_fn=loader.worker_init_fn,
         persistent_workers=loader.persistent_workers,
     )
+
+
+#: The file of a distributed-checkpoint folder that holds everything but the shards (Lightning's).
+FOLDER_METADATA = "meta.pt"
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """Whether ``path`` is a distributed-checkpoint folder as ``ModelParallelStrategy`` writes it
+    (``save_distributed_checkpoint=True``): the shards, and ``meta.pt`` with the rest."""
+    return path.is_dir() and (path / FOLDER_METADATA).is_file()
+
+
+def atomic_folder_saves(strategy: Any) -> Any:
+    """Make ``strategy`` (difflr's own copy for one Trainer) write each distributed checkpoint
+    folder beside its target and rename it over the target once every rank has written its
+    shard; any other strategy is returned as it is.
+
+    Until the rename the previous checkpoint stays where it was: a kill mid-write leaves it
+    readable (and a folder ``.difflr-partial-...`` beside it). The swap itself is two renames:
+    the previous folder becomes ``<name>.previous`` for the instant between them, then is removed.
+    An instance attribute on difflr's copy; the class and the user's instance are not touched.
+    """
+    if not (is_sharding_strategy(strategy) and strategy._save_distributed_checkpoint):
+        return strategy
+    save = strategy.save_checkpoint
+
+    def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None):
+        target = Path(strategy.broadcast(str(filepath)))
+        token = strategy.broadcast(uuid.uuid4().hex)
+        temp = target.with_name(f"{TEMP_PREFIX}{target.name}-{token}")
+        save(checkpoint, temp, storage_options)
+        strategy.barrier()  # every rank's shard is on disk
+        if strategy.global_rank == 0:
+            previous = target.with_name(f"{target.name}.previous")
+            _remove(previous)  # left by a kill between the two renames of an earlier save
+            if target.exists():
+                target.rename(previous)
+            temp.rename(target)
+            _remove(previous)
+        strategy.barrier()
+
+    strategy.save_checkpoint = save_checkpoint
+    return strategy
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
