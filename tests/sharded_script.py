@@ -343,6 +343,49 @@ def run_module(out: Path, own: bool, reference: bool) -> dict[str, Any]:
     }
 
 
+#: Epochs of the fit that rank 1 is killed in, and where: after KILL_EPOCH epochs' checkpoints.
+KILL_FIT_EPOCHS, KILL_EPOCH, KILL_BATCH = 3, 2, 3
+
+
+def kill_or_resume(out: Path, mode: str) -> None:
+    """``whole``: a fit of KILL_FIT_EPOCHS epochs; ``kill``: the same fit, whose rank 1 is killed
+    (SIGKILL) in epoch KILL_EPOCH; ``resume``: a fresh Learner in fresh processes that resumes it
+    from ``last.ckpt`` (a distributed-checkpoint folder). Each rank writes ``OUT/{mode}{r}.pt``."""
+    import signal
+
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+    from difflr import Learner
+
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    class KillRankOne(pl.Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, i: int) -> None:
+            if trainer.global_rank == 1 and trainer.current_epoch == KILL_EPOCH and i == KILL_BATCH:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    ds = Subset(make_dataset("blocks"), range(N_ITEMS))
+    sampler = DistributedSampler(ds, num_replicas=WORLD, rank=rank, shuffle=False)
+    strategy = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
+    learn = Learner(
+        make_model("blocks"), (DataLoader(ds, batch_size=BATCH, sampler=sampler), None),
+        **{**learner_args("blocks"), "checkpoint": True},
+        path=out / ("whole" if mode == "whole" else "killed"),
+        callbacks=[KillRankOne()] if mode == "kill" else [],
+        accelerator="cpu", devices=WORLD, strategy=strategy,
+    )  # fmt: skip
+    learn.freeze_to(2)
+    learn.fit_one_cycle(KILL_FIT_EPOCHS, FIRST_LR, ckpt_path="last" if mode == "resume" else None)
+    torch.save(local(learn), out / f"{mode}{rank}.pt")
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    main(Path(sys.argv[1]), len(sys.argv) > 2 and sys.argv[2] == "reference")
+    if len(sys.argv) > 2 and sys.argv[2] in ("whole", "kill", "resume"):
+        kill_or_resume(Path(sys.argv[1]), sys.argv[2])
+    else:
+        main(Path(sys.argv[1]), len(sys.argv) > 2 and sys.argv[2] == "reference")

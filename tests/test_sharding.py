@@ -404,3 +404,30 @@ def test_a_checkpoint_folder_is_written_beside_the_target_and_renamed_over_it(tm
     with pytest.raises(OSError, match="disk full"):
         strategy.save_checkpoint({"epoch": "dies"}, target)
     assert (target / "meta.pt").read_text() == "new"  # a write that dies leaves the last one
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_fit_leaves_a_readable_checkpoint_and_the_resume_is_bit_identical(
+    tmp_path,
+) -> None:
+    from difflr.training.checkpoints import read_fit_state
+
+    whole = _launch(tmp_path, "whole")
+    _wait(whole, "uninterrupted run")
+    killed = _launch(tmp_path, "kill")
+    try:
+        killed.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:  # rank 0 waiting for the dead rank: end it
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.communicate()
+    assert killed.returncode != 0, "rank 1 was killed: the run cannot end well"
+    assert not (tmp_path / "kill0.pt").exists()
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    record = read_fit_state(last)  # readable: the folder of the last finished epoch
+    assert record["epochs_done"] == sharded_script.KILL_EPOCH
+    _wait(_launch(tmp_path, "resume"), "resumed run")
+    for r in (0, 1):
+        expected = torch.load(tmp_path / f"whole{r}.pt", weights_only=False)
+        resumed = torch.load(tmp_path / f"resume{r}.pt", weights_only=False)
+        assert _equal(expected["params"], resumed["params"])
+        assert _equal(expected["opt_state"], resumed["opt_state"])
