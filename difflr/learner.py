@@ -92,7 +92,9 @@ class Learner:
         vocab: Class names, index ``i`` → ``vocab[i]``, for `predict` and
             ``ClassificationInterpretation``; ``None`` finds them in the data (see `vocab`).
         **trainer_kwargs: Passed to every ``Trainer`` (``accelerator``, ``devices``,
-            ``strategy``, ``precision``, ``accumulate_grad_batches``, ...).
+            ``strategy``, ``precision``, ``accumulate_grad_batches``, ...). A strategy instance
+            is copied for each Trainer; ``ModelParallelStrategy`` shards the model
+            (`difflr.training.sharding`; the docs' "Scaling up" page).
 
     Raises:
         TypeError: ``model``, ``data``, ``opt_func``, ``loss_func`` or ``splitter`` has the wrong
@@ -504,6 +506,9 @@ class Learner:
     def save(self, name: str | Path, with_opt: bool = True) -> Path:
         """Save the weights, the freeze pattern and the optimizer state to
         ``path/models/{name}.pth`` (or a ``pathlib.Path``), atomically (`difflr.utils.files`).
+
+        Under ``ModelParallelStrategy`` the state is gathered from every rank (call it on every
+        rank) and rank 0 writes the file an unsharded Learner writes.
 
         Raises:
             ValueError: ``name`` would leave ``path/models`` (a separator, ``..``).

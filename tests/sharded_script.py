@@ -222,7 +222,12 @@ def run(out: Path, kind: str, reference: bool) -> dict[str, Any]:
     results["save_load"] = (saved, changed, local(learn), state(learn))
     # What is refused on a sharded model, with the reason.
     refusals = {}
-    for what, call in (("predict", lambda: learn.predict(ds[0][0])), ("export", learn.export)):
+    calls = (
+        ("predict", lambda: learn.predict(ds[0][0])),
+        ("export", learn.export),
+        ("lr_find_disk", lambda: learn.lr_find(snapshot="disk", show_plot=False)),
+    )
+    for what, call in calls:
         try:
             call()
             refusals[what] = None

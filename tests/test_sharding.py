@@ -230,12 +230,13 @@ def test_lr_find_as_the_first_call_restores_the_initial_weights_into_the_shards(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_predict_and_export_are_refused_on_a_sharded_model(runs, kind) -> None:
+def test_predict_export_and_a_disk_snapshot_are_refused_on_a_sharded_model(runs, kind) -> None:
     for rank in runs["ranks"]:
         refusals = rank[kind]["refusals"]
         assert "predict(x) is not supported on a sharded model" in refusals["predict"]
         assert "get_preds(dl) on every rank" in refusals["predict"]
         assert "export() is not supported on a sharded model" in refusals["export"]
+        assert 'snapshot="memory"' in refusals["lr_find_disk"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

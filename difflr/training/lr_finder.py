@@ -29,7 +29,7 @@ from difflr.policy.schedules import exp_range
 from difflr.policy.suggestions import SuggestedLRs, SuggestionFunc, make_suggestions, valley
 from difflr.training.distributed import decide_on_rank_zero
 from difflr.training.runner import Runner
-from difflr.training.sharding import reshard_optimizer_state, shard_like
+from difflr.training.sharding import check_unsharded, reshard_optimizer_state, shard_like
 from difflr.utils.checks import check_choice, check_int
 from difflr.utils.files import safe_load
 
@@ -209,6 +209,12 @@ def lr_find(
         )
     num_it = check_int(num_it, "num_it", 2, what="sweep iterations")
     check_choice(snapshot, "snapshot", ("memory", "disk"))
+    if snapshot == "disk":
+        check_unsharded(
+            learn.module,
+            'lr_find(snapshot="disk")',
+            'use snapshot="memory" (each rank then holds a copy of its own shard only)',
+        )
     funcs = _suggestion_funcs(suggest_funcs)
     if learn.runner.trainer_kwargs.get("limit_train_batches") in (0, 0.0):
         raise ValueError(

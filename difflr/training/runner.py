@@ -555,7 +555,8 @@ class Runner:
 
 def _with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any]:
     """The user's plugins, plus difflr's `AtomicCheckpointIO` unless they bring a CheckpointIO of
-    their own or a strategy that saves its own way (FSDP, DeepSpeed, a strategy instance)."""
+    their own or a strategy that saves its own way (a strategy instance, but for a
+    ``ModelParallelStrategy`` that writes one file)."""
     plugins = (
         list(plugins) if isinstance(plugins, (list, tuple)) else [plugins] * (plugins is not None)
     )
@@ -564,7 +565,8 @@ def _with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any]:
     if (
         strategy is None
         or (isinstance(strategy, str) and strategy.startswith(("auto", "ddp", "single")))
-        # One file gathered on rank 0, written through the CheckpointIO.
+        # One file gathered on rank 0, written through the CheckpointIO (the flag has no public
+        # getter; a folder of shards is written by `atomic_folder_saves` instead).
         or (is_sharding_strategy(strategy) and not strategy._save_distributed_checkpoint)
     ):
         return [*plugins, AtomicCheckpointIO()]
