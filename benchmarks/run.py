@@ -29,6 +29,7 @@ from benchmarks import (
     bench_lr_find,
     bench_optim,
     bench_overhead,
+    bench_sharding,
     report,
 )
 from benchmarks.common import ROOT, Config, machine_info, quiet
@@ -39,6 +40,7 @@ PARTS = {
     "optim": bench_optim.run,
     "overhead": bench_overhead.run,
     "checkpoints": bench_checkpoints.run,
+    "sharding": bench_sharding.run,
 }
 RESULTS = ROOT / "benchmarks" / "results"
 

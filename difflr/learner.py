@@ -41,6 +41,13 @@ from difflr.training.loggers import make_logger
 from difflr.training.lr_finder import lr_find
 from difflr.training.module import make_module
 from difflr.training.runner import Runner
+from difflr.training.sharding import (
+    Sharding,
+    check_unsharded,
+    is_sharded,
+    load_sharded,
+    save_sharded,
+)
 from difflr.utils.checks import check_moms, check_wd
 from difflr.utils.files import export_model, load_state, state_file, write_state
 
@@ -89,7 +96,9 @@ class Learner:
         vocab: Class names, index ``i`` → ``vocab[i]``, for `predict` and
             ``ClassificationInterpretation``; ``None`` finds them in the data (see `vocab`).
         **trainer_kwargs: Passed to every ``Trainer`` (``accelerator``, ``devices``,
-            ``strategy``, ``precision``, ``accumulate_grad_batches``, ...).
+            ``strategy``, ``precision``, ``accumulate_grad_batches``, ...). A strategy instance
+            is copied for each Trainer; ``ModelParallelStrategy`` shards the model
+            (`difflr.training.sharding`; the docs' "Scaling up" page).
 
     Raises:
         TypeError: ``model``, ``data``, ``opt_func``, ``loss_func`` or ``splitter`` has the wrong
@@ -169,6 +178,7 @@ class Learner:
             trainer_kwargs=trainer_kwargs,
             owner=self._id,
             train_bn=self.train_bn,
+            sharding=Sharding(model, self.splits, splitter),
         )
         #: The Trainer of the last fit (``None`` before the first).
         self.trainer: pl.Trainer | None = None
@@ -522,6 +532,7 @@ class Learner:
             >>> learn.predict(x_valid[0])  # doctest: +SKIP
             ('seven', tensor(7), tensor([0.0010, ..., 0.0021]))
         """
+        check_unsharded(self.model, "predict(x)", "use get_preds(dl) on every rank")
         return predictions.predict(self.runner, x, vocab=self.vocab, is_batch=is_batch)
 
     # ----------------------------------------------------------------------------- persistence
@@ -529,13 +540,19 @@ class Learner:
         """Save the weights, the freeze pattern and the optimizer state to
         ``path/models/{name}.pth`` (or a ``pathlib.Path``), atomically (`difflr.utils.files`).
 
+        Under ``ModelParallelStrategy`` the state is gathered from every rank (call it on every
+        rank) and rank 0 writes the file an unsharded Learner writes.
+
         Raises:
             ValueError: ``name`` would leave ``path/models`` (a separator, ``..``).
             OSError: The write failed; the previous file is unchanged.
         """
         file = state_file(self.path / "models", name)
         groups = group_fingerprint(self.model, self.splits)
-        return write_state(file, self.model, self._frozen, self.opt if with_opt else None, groups)
+        opt = self.opt if with_opt else None
+        if is_sharded(self.model):  # gathered from every rank: call it on every rank
+            return save_sharded(file, self.model, self._frozen, opt, groups)
+        return write_state(file, self.model, self._frozen, opt, groups)
 
     def load(self, name: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
         """Load what `save` wrote (a name under ``path/models``, or a ``pathlib.Path``): read
@@ -548,7 +565,9 @@ class Learner:
         """
         file = state_file(self.path / "models", name)
         groups = group_fingerprint(self.model, self.splits)
-        frozen = load_state(file, self.model, self.opt if with_opt else None, groups, strict)
+        opt = self.opt if with_opt else None
+        load = load_sharded if is_sharded(self.model) else load_state
+        frozen = load(file, self.model, opt, groups, strict)
         if frozen is not None and len(frozen) == self.n_groups:
             self._enter_stage(frozen, previous=frozen)  # with the optimizer state just loaded
         return self
@@ -559,8 +578,12 @@ class Learner:
         with ``torch.load(file, weights_only=False)`` — a pickle, so only from a source you trust.
 
         Raises:
-            ValueError: ``fname`` would leave ``path`` (a separator, ``..``), as in `save`.
+            ValueError: ``fname`` would leave ``path`` (a separator, ``..``), as in `save`; the
+                model is sharded (save() the full state and load it into an unsharded model).
         """
+        check_unsharded(
+            self.model, "export()", "save() the full state and load it into an unsharded model"
+        )
         return export_model(self.model, state_file(self.path, fname, suffix=""))
 
     # ----------------------------------------------------------------------------- inspection

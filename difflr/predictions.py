@@ -55,6 +55,7 @@ from difflr.training.loaders import (
 )
 from difflr.training.module import unpack_batch
 from difflr.training.runner import Runner
+from difflr.training.sharding import equal_shards, is_sharding_strategy
 from difflr.utils.nested import concat, take, to_cpu, to_device
 
 __all__ = [
@@ -259,6 +260,8 @@ def collect_predictions(
         )
     collector = _Collector(loss_func, with_input)
     trainer = runner.trainer([*runner.callbacks, collector], standard=False, logger=False)
+    if is_sharding_strategy(trainer.strategy) and indexed(loader):
+        loader = equal_shards(loader, trainer.global_rank, trainer.world_size)
     if trainer.world_size > 1 and not indexed(loader):
         raise ValueError(
             f"get_preds under {trainer.world_size} processes needs a DataLoader over a map-style "

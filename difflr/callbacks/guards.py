@@ -78,9 +78,14 @@ class FiniteLossGuard(Callback):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        if not bool(torch.isfinite(loss).all()):
-            value = loss.detach().float().mean().item() * trainer.accumulate_grad_batches
-            self._stop(trainer, pl_module, f"the training loss is {value}")
+        finite = bool(torch.isfinite(loss).all())
+        if not _all_ranks(trainer, finite):
+            if finite:
+                what = "the training loss is not finite on another rank"
+            else:
+                value = loss.detach().float().mean().item() * trainer.accumulate_grad_batches
+                what = f"the training loss is {value}"
+            self._stop(trainer, pl_module, what)
 
     @override
     def on_before_optimizer_step(
@@ -91,16 +96,15 @@ class FiniteLossGuard(Callback):
         bad = non_finite_names(
             (name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None
         )
-        if not bad:
-            return
         scale = _loss_scale(trainer)
-        if scale is not None and scale >= 1.0:
-            # float16 mixed precision: the GradScaler skips this step (no update) and lowers its
-            # scale, a routine overflow. At a scale below 1 the gradients are not finite even
-            # unscaled: that is no overflow, and the scaler would skip every step from then on.
-            return
-        where = "" if scale is None else f" even at a loss scale of {scale:g}"
-        self._stop(trainer, pl_module, f"the gradients of {', '.join(bad)} are not finite{where}")
+        # float16 mixed precision: the GradScaler skips a step whose gradients overflow (no
+        # update) and lowers its scale, a routine overflow. At a scale below 1 the gradients are
+        # not finite even unscaled: that is no overflow, and the scaler would skip every step.
+        overflow = scale is not None and scale >= 1.0
+        if not _all_ranks(trainer, not bad or overflow):
+            where = ", ".join(bad) if bad else "some parameters, on another rank,"
+            at = "" if scale is None else f" even at a loss scale of {scale:g}"
+            self._stop(trainer, pl_module, f"the gradients of {where} are not finite{at}")
 
     def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:
         if self._buffers:
@@ -136,6 +140,15 @@ def _loss_scale(trainer: pl.Trainer) -> float | None:
     if scaler is None or not scaler.is_enabled():
         return None
     return float(scaler.get_scale())
+
+
+def _all_ranks(trainer: pl.Trainer, ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (one all-reduce under several processes): every rank
+    stops at the same step, since a rank that stopped alone would leave the others waiting in
+    the gradients' collectives."""
+    if trainer.world_size == 1:
+        return ok
+    return trainer.strategy.reduce_boolean_decision(ok, all=True)
 
 
 class FrozenNormEval(Callback):

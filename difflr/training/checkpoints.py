@@ -32,6 +32,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
+from difflr.training.sharding import FOLDER_METADATA, is_checkpoint_folder
 from difflr.utils.checks import is_int, non_finite_names
 from difflr.utils.files import (
     FolderLock,
@@ -403,7 +404,9 @@ def read_fit_state(path: Path) -> FitRecord:
         ValueError: The checkpoint was not written by a Learner fit, by an older difflr, or its
             record is malformed.
     """
-    checkpoint = safe_load(path, "checkpoint")
+    # A distributed checkpoint (a folder of shards) keeps everything else in its meta.pt.
+    file = path / FOLDER_METADATA if is_checkpoint_folder(path) else path
+    checkpoint = safe_load(file, "checkpoint")
     if not isinstance(checkpoint, dict):
         raise UnreadableFileError(
             f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, not "
@@ -529,10 +532,11 @@ def resolve_checkpoint(folder: Path, ckpt_path: str | Path) -> Path:
         FileNotFoundError: There is no such file.
     """
     path = folder / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not path.is_file():
+    if not (path.is_file() or is_checkpoint_folder(path)):
         raise FileNotFoundError(
             f"ckpt_path={str(ckpt_path)!r}: no checkpoint at {path}; pass the path of a .ckpt "
-            "file, or 'last' for the Learner's path/checkpoints/last.ckpt."
+            "file (or distributed-checkpoint folder), or 'last' for the Learner's "
+            "path/checkpoints/last.ckpt."
         )
     return path
 

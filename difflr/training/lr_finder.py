@@ -35,6 +35,7 @@ from difflr.policy.suggestions import (
 )
 from difflr.training.distributed import decide_on_rank_zero
 from difflr.training.runner import Runner
+from difflr.training.sharding import check_unsharded, reshard_optimizer_state, shard_like
 from difflr.utils.checks import check_choice, check_int
 from difflr.utils.files import (
     CHECKSUM_KEY,
@@ -122,12 +123,20 @@ class _Snapshot:
             finally:
                 self.handle = None
             values, grads, opt_state = saved["values"], saved["grads"], saved["opt"]
+        # Under ModelParallelStrategy the sweep's Trainer may have sharded the model (its first
+        # Trainer does): the values then go, cut into shards, into the new parameters.
+        now = dict(module.named_parameters()) | {
+            f"buffer:{k}": v for k, v in module.named_buffers()
+        }
         with torch.no_grad():
             for key, tensor in self.tensors.items():
-                tensor.copy_(values[key])
+                target = now.get(key, tensor)
+                target.copy_(shard_like(values[key], target))
         for key, p in module.named_parameters():
-            p.grad = grads.get(key)
+            grad = grads.get(key)
+            p.grad = None if grad is None else shard_like(grad, p)
         optimizer.load_state_dict(opt_state)
+        reshard_optimizer_state(optimizer)
 
 
 def _write_anonymous(content: dict[str, Any], folder: Path) -> Any:
@@ -217,6 +226,12 @@ def lr_find(
         )
     num_it = check_int(num_it, "num_it", 2, what="sweep iterations")
     check_choice(snapshot, "snapshot", ("memory", "disk"))
+    if snapshot == "disk":
+        check_unsharded(
+            learn.module,
+            'lr_find(snapshot="disk")',
+            'use snapshot="memory" (each rank then holds a copy of its own shard only)',
+        )
     funcs = () if suggest_funcs is None else suggestion_funcs(suggest_funcs)
     if learn.runner.trainer_kwargs.get("limit_train_batches") in (0, 0.0):
         raise ValueError(

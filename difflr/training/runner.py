@@ -53,6 +53,14 @@ from difflr.training.distributed import SyncBuffers, batches_per_process, planne
 from difflr.training.handback import hand_back, runs_in_workers, worker_errors
 from difflr.training.loggers import ContinuousLogger
 from difflr.training.module import LearnerModule
+from difflr.training.sharding import (
+    Sharding,
+    atomic_folder_saves,
+    check_strategy,
+    fresh_strategy,
+    is_sharding_strategy,
+    rank_zero_decides,
+)
 from difflr.utils.checks import check_choice, check_int, is_int, user_stacklevel
 
 __all__ = ["Runner", "quiet_lightning"]
@@ -107,11 +115,13 @@ class Runner:
         trainer_kwargs: Passed to every Trainer; they mean what they mean in Lightning.
         owner: The Learner's id, which claims the checkpoint folder during a fit.
         train_bn: ``False`` keeps the norm layers of frozen groups in eval mode while training.
+        sharding: Shards the model under ``ModelParallelStrategy`` (`difflr.training.sharding`).
 
     Raises:
         TypeError: ``trainer_kwargs`` sets the length of training, the callbacks or the logger
             (the Learner's own arguments do that).
-        ValueError: ``checkpoint=True`` together with ``enable_checkpointing=False``.
+        ValueError: ``checkpoint=True`` together with ``enable_checkpointing=False``; a strategy
+            the Learner cannot drive (`difflr.training.sharding.check_strategy`).
     """
 
     def __init__(
@@ -130,9 +140,11 @@ class Runner:
         trainer_kwargs: Mapping[str, Any] | None = None,
         owner: str = "",
         train_bn: bool = True,
+        sharding: Sharding | None = None,
     ) -> None:
         # numpy numbers mean what Python's do (Lightning asserts isinstance(..., int) in places).
         trainer_kwargs = {k: _plain_number(v) for k, v in (trainer_kwargs or {}).items()}
+        check_strategy(trainer_kwargs)
         reserved = [k for k in RESERVED_TRAINER_ARGS if k in trainer_kwargs]
         if reserved:
             raise TypeError(
@@ -170,6 +182,7 @@ class Runner:
         self.trainer_kwargs = trainer_kwargs
         self.owner = owner
         self.train_bn = train_bn
+        self.sharding = sharding
         self._notified_optimizer = False
 
     def trainer(
@@ -204,6 +217,10 @@ class Runner:
             kwargs["log_every_n_steps"] = max(1, min(50, n_batches))
         kwargs.update(self.trainer_kwargs)
         kwargs.update(overrides)
+        check_strategy(kwargs)
+        # A strategy instance is spent by the Trainer it is given: each Trainer gets a copy.
+        if "strategy" in kwargs:
+            kwargs["strategy"] = atomic_folder_saves(fresh_strategy(kwargs["strategy"]))
         extra: list[pl.Callback] = [self.recorder]
         if not self.train_bn:
             extra.append(FrozenNormEval())
@@ -286,6 +303,7 @@ class Runner:
                 ),
                 claim,
                 self._supersede_optimizer(),
+                self._sharded(trainer),
                 warnings.catch_warnings(),
                 worker_errors(trainer),
             ):
@@ -347,10 +365,15 @@ class Runner:
         """
         if ckpt_path is None:
             return None
-        path = resolve_checkpoint(self.path / "checkpoints", ckpt_path)
-        saved = read_fit_state(path)
-        stage, frozen = check_resume(saved, plan, learner=learner, last_run=last_run, path=path)
-        return Resume(path, stage, frozen, saved.run, list(saved.offsets))
+
+        def decide() -> Resume:
+            path = resolve_checkpoint(self.path / "checkpoints", ckpt_path)
+            saved = read_fit_state(path)
+            stage, frozen = check_resume(saved, plan, learner=learner, last_run=last_run, path=path)
+            return Resume(path, stage, frozen, saved.run, list(saved.offsets))
+
+        # Rank 0 wrote the checkpoint, with its own Learner's and fit's ids: it decides for all.
+        return rank_zero_decides(decide)
 
     def fit_stage(
         self,
@@ -505,6 +528,7 @@ class Runner:
                 restore_modes=True,
             ),
             worker_errors(trainer),
+            self._sharded(trainer),
         ):
             yield
 
@@ -521,7 +545,8 @@ class Runner:
             )
         # Under a distributed strategy each process trains on its shard of the data.
         with quiet_lightning():
-            world_size = planned_world_size(self.trainer_kwargs)
+            strategy = {"strategy": fresh_strategy(self.trainer_kwargs.get("strategy", "auto"))}
+            world_size = planned_world_size({**self.trainer_kwargs, **strategy})
         n = batches_per_process(
             loader, world_size, self.trainer_kwargs.get("use_distributed_sampler", True)
         )
@@ -531,6 +556,13 @@ class Runner:
         elif isinstance(limit, float):
             n = int(n * limit)
         return steps_per_epoch(n, self.trainer_kwargs.get("accumulate_grad_batches", 1))
+
+    def _sharded(self, trainer: pl.Trainer) -> Any:
+        """Under ``ModelParallelStrategy``: the module's ``configure_model`` for this run shards the
+        model (or runs the module's own) and re-targets the optimizer (`Sharding.configuring`)."""
+        if self.sharding is None:
+            return contextlib.nullcontext()
+        return self.sharding.configuring(self.module, self.optimizer, trainer.strategy)
 
     @contextmanager
     def _supersede_optimizer(self) -> Iterator[None]:
@@ -573,14 +605,19 @@ def _plain_number(value: Any) -> Any:
 
 def _with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any]:
     """The user's plugins, plus difflr's `AtomicCheckpointIO` unless they bring a CheckpointIO of
-    their own or a strategy that saves its own way (FSDP, DeepSpeed, a strategy instance)."""
+    their own or a strategy that saves its own way (a strategy instance, but for a
+    ``ModelParallelStrategy`` that writes one file)."""
     plugins = (
         list(plugins) if isinstance(plugins, (list, tuple)) else [plugins] * (plugins is not None)
     )
     if any(isinstance(p, CheckpointIO) for p in plugins):
         return plugins
-    if strategy is None or (
-        isinstance(strategy, str) and strategy.startswith(("auto", "ddp", "single"))
+    if (
+        strategy is None
+        or (isinstance(strategy, str) and strategy.startswith(("auto", "ddp", "single")))
+        # One file gathered on rank 0, written through the CheckpointIO (the flag has no public
+        # getter; a folder of shards is written by `atomic_folder_saves` instead).
+        or (is_sharding_strategy(strategy) and not strategy._save_distributed_checkpoint)
     ):
         return [*plugins, AtomicCheckpointIO()]
     return plugins

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 __all__ = [
     "check_callable",
@@ -187,9 +188,12 @@ def check_choice(value: Any, name: str, choices: Collection[Any]) -> Any:
 
 def non_finite_names(named_tensors: Iterable[tuple[str, Any]], limit: int = 5) -> list[str]:
     """The names of the floating-point tensors that hold a NaN or an infinity (at most
-    ``limit``), e.g. ``model.named_parameters()`` or a state dict's ``items()``."""
+    ``limit``), e.g. ``model.named_parameters()`` or a state dict's ``items()``; of a sharded
+    (``DTensor``) tensor, this process's shard only."""
     found = []
     for name, tensor in named_tensors:
+        # A sharded (DTensor) parameter: this rank's shard, without a collective per tensor.
+        tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         if (
             isinstance(tensor, torch.Tensor)
             and tensor.is_floating_point()
