@@ -21,6 +21,13 @@ from torch import nn
 from difflr import predictions
 from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import stage_scheduler
+from difflr.groups.adapters import (
+    check_lora_plus_ratio,
+    has_adapters,
+    lora_plus_scales,
+    merged_copy,
+    saved_part,
+)
 from difflr.groups.blocks import tied_parameters
 from difflr.groups.freezing import apply_freeze, trainable_flags
 from difflr.groups.layers import LayerGroup, Splitter, group_fingerprint, warn_single_group
@@ -84,6 +91,10 @@ class Learner:
             ``"grads"``: gradients too; ``False`` saves a host read of the loss per step.
         vocab: Class names, index ``i`` → ``vocab[i]``, for `predict` and
             ``ClassificationInterpretation``; ``None`` finds them in the data (see `vocab`).
+        lora_plus_ratio: LoRA+ for a ``peft`` LoRA model: every group's B matrices (and 1-D
+            adapter parameters, as in ``peft``) train at this multiple of the group's LR, through
+            every schedule and the LR finder (16 in the paper); ``None``: off. See
+            `difflr.groups.adapters`.
         **trainer_kwargs: Passed to every ``Trainer`` (``accelerator``, ``devices``,
             ``strategy``, ``precision``, ``accumulate_grad_batches``, ...).
 
@@ -127,8 +138,10 @@ class Learner:
         monitor: str | None = None,
         check_finite: bool | str = True,
         vocab: Sequence[Any] | None = None,
+        lora_plus_ratio: float | None = None,
         **trainer_kwargs: Any,
     ) -> None:
+        self.lora_plus_ratio = check_lora_plus_ratio(lora_plus_ratio)
         self.module = make_module(model, loss_func, metrics, lambda: self.opt)
         self.model = model
         data = Data.from_arg(data, has_own_loaders=isinstance(model, pl.LightningModule))
@@ -139,8 +152,11 @@ class Learner:
         self.train_bn = bool(train_bn)
         self.wd_bn_bias = bool(wd_bn_bias)
         self.moms = check_moms(moms)
+        scales = None
+        if self.lora_plus_ratio is not None:
+            scales = lora_plus_scales(model, self.splits, self.lora_plus_ratio)
         self.opt = make_optimizer(
-            opt_func, build_param_groups(model, self.splits, wd_bn_bias), lr, len(self.splits)
+            opt_func, build_param_groups(model, self.splits, wd_bn_bias, scales), lr, self.n_groups
         )
         set_weight_decay(self.opt, self.wd)
         self.path = Path(path)
@@ -495,6 +511,8 @@ class Learner:
     def save(self, name: str | Path, with_opt: bool = True) -> Path:
         """Save the weights, the freeze pattern and the optimizer state to
         ``path/models/{name}.pth`` (or a ``pathlib.Path``), atomically (`difflr.utils.files`).
+        Of a ``peft`` adapter model only the adapters (and ``modules_to_save``) are written, not
+        the frozen base weights.
 
         Raises:
             ValueError: ``name`` would leave ``path/models`` (a separator, ``..``).
@@ -502,7 +520,8 @@ class Learner:
         """
         file = state_file(self.path / "models", name)
         groups = group_fingerprint(self.model, self.splits)
-        return write_state(file, self.model, self._frozen, self.opt if with_opt else None, groups)
+        weights = saved_part(self.model, self.splits)
+        return write_state(file, weights, self._frozen, self.opt if with_opt else None, groups)
 
     def load(self, name: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
         """Load what `save` wrote (a name under ``path/models``, or a ``pathlib.Path``): read
@@ -515,16 +534,29 @@ class Learner:
         """
         file = state_file(self.path / "models", name)
         groups = group_fingerprint(self.model, self.splits)
-        frozen = load_state(file, self.model, self.opt if with_opt else None, groups, strict)
+        weights = saved_part(self.model, self.splits)
+        frozen = load_state(file, weights, self.opt if with_opt else None, groups, strict)
         if frozen is not None and len(frozen) == self.n_groups:
             self._set_frozen(frozen)
         return self
 
-    def export(self, fname: str = "export.pt") -> Path:
+    def export(self, fname: str = "export.pt", merge_adapters: bool | None = None) -> Path:
         """Write the model (architecture and weights, in eval mode) for inference to
         ``path/fname``; read it back with ``torch.load(file, weights_only=False)`` — a pickle,
-        so only from a source you trust."""
-        return export_model(self.model, self.path / fname)
+        so only from a source you trust.
+
+        Args:
+            fname: File name under ``path``.
+            merge_adapters: Write a ``peft`` adapter model with its adapters merged into the base
+                weights and without ``peft``'s wrappers (``merge_and_unload``, on a copy: the
+                Learner's model keeps its adapters); ``None``: merge when the model has
+                adapters; ``False``: write it as it is (loading it then needs ``peft``).
+
+        Raises:
+            ValueError: ``merge_adapters=True`` for a model without adapters.
+        """
+        merge = has_adapters(self.model) if merge_adapters is None else merge_adapters
+        return export_model(merged_copy(self.model) if merge else self.model, self.path / fname)
 
     # ----------------------------------------------------------------------------- inspection
     def summary(self) -> str:
@@ -549,13 +581,20 @@ def _summary(
     """`Learner.summary`'s table (outside the class: the facade stays small)."""
     lrs, _ = read_hypers(optimizer)
     rows = [("group", "params", "trainable", "lr", "modules")]
+    adapters = any(group.fixed for group in splits)  # the base weights of an adapter model
+    if adapters:
+        rows = [("group", "adapters", "base (frozen)", "trainable", "lr", "modules")]
     for group, is_frozen, lr in zip(splits, frozen, lrs):
         trainable = sum(p.numel() for p in group.params if p.requires_grad)
         state = (
             "no" if trainable == 0 else ("yes" if not is_frozen else f"norm only ({trainable:,})")
         )
         modules = describe_group(model, group)
-        rows.append((group.name, f"{group.n_params:,}", state, f"{lr:.2e}", modules))
+        counts = (f"{group.n_params:,}",)
+        if adapters:
+            base = sum(p.numel() for p in group.fixed)
+            counts = (f"{group.n_params - base:,}", f"{base:,}")
+        rows.append((group.name, *counts, state, f"{lr:.2e}", modules))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     owner = {id(p): g.name for g in splits for p in g.params}
