@@ -409,6 +409,20 @@ def test_merging_adapters_added_in_place_gives_the_same_outputs() -> None:
     assert has_adapters(model)
 
 
+def test_a_peft_model_inside_a_wrapper_is_merged_in_place_of_the_wrapper_child() -> None:
+    wrapper = nn.Sequential(lora_classifier())
+    merged = merged_copy(wrapper)
+    assert type(merged[0]) is transformers.LlamaForSequenceClassification
+    assert not has_adapters(merged) and has_adapters(wrapper)
+    ids = Tokens(4, 6).ids
+    wrapper.eval()
+    merged.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged[0](input_ids=ids).logits, wrapper[0](input_ids=ids).logits
+        )
+
+
 def test_export_with_merge_adapters_on_a_plain_model_is_refused(tmp_path) -> None:
     learn = learner(base_classifier(), tmp_path)
     with pytest.raises(ValueError, match="no peft adapters"):

@@ -309,9 +309,13 @@ def merged_copy(model: nn.Module) -> nn.Module:
     merged = copy.deepcopy(model)
     if _unloads(merged):
         return merged.merge_and_unload()  # type: ignore[operator]
+    unloaded: list[str] = []
     for path, module in list(merged.named_modules()):
+        if any(path.startswith(f"{done}.") for done in unloaded):
+            continue  # inside a PeftModel already unloaded (its tuner model unloads too)
         if path and _unloads(module):
             _replace(merged, path, module.merge_and_unload())  # type: ignore[operator]
+            unloaded.append(path)
     for path, layer in reversed(adapter_layers(merged)):  # children before their parents
         layer.merge()  # type: ignore[operator]
         _replace(merged, path, layer.get_base_layer())  # type: ignore[operator]
