@@ -204,6 +204,25 @@ def test_freezing_moves_only_adapters_and_unfreeze_is_peft_trainable_set(
     assert peft_trainable(model) == trainable
 
 
+def test_a_splitter_that_puts_base_weights_in_the_head_cannot_make_them_train(tmp_path) -> None:
+    model = lora_classifier()
+    trainable = peft_trainable(model)
+    inner = model.base_model.model
+    learn = learner(
+        model,
+        tmp_path,
+        splitter=lambda m: {
+            "body": inner.model.layers,
+            "head": [inner.model.embed_tokens, inner.model.norm, inner.score],
+        },
+    )
+    assert [g.name for g in learn.splits] == ["0.body", "1.head"]
+    learn.freeze()
+    assert peft_trainable(model) == {id(p) for p in inner.score.modules_to_save.parameters()}
+    learn.unfreeze()
+    assert peft_trainable(model) == trainable
+
+
 def test_the_optimizer_holds_adapters_only(tmp_path) -> None:
     model = lora_classifier()
     learn = learner(model, tmp_path)
