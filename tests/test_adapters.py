@@ -498,3 +498,42 @@ def test_lora_plus_without_peft_installed_says_which_extra(monkeypatch) -> None:
 def test_importing_difflr_does_not_import_peft() -> None:
     code = "import sys, difflr, difflr.learner; assert 'peft' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with the gloo backend",
+)
+def test_under_ddp_the_replicas_agree_and_the_base_weights_stay(tmp_path) -> None:
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    subprocess.run(
+        [sys.executable, str(root / "tests" / "adapters_ddp_script.py"), str(tmp_path)],
+        cwd=root,
+        env=env,
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for name in ranks[0]["end"]:
+        assert torch.equal(ranks[0]["end"][name], ranks[1]["end"][name]), name
+    end, start, trainable = ranks[0]["end"], ranks[0]["start"], set(ranks[0]["trainable"])
+    for name in start:
+        assert torch.equal(end[name], start[name]) == (name not in trainable), name
+    assert set(ranks[0]["with_state"]) == trainable
