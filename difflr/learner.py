@@ -21,6 +21,13 @@ from torch import nn
 from difflr import predictions
 from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import stage_scheduler
+from difflr.groups.adapters import (
+    check_lora_plus_ratio,
+    has_adapters,
+    lora_plus_scales,
+    merged_copy,
+    saved_part,
+)
 from difflr.groups.freezing import trainable_flags
 from difflr.groups.layers import LayerGroup, Splitter, group_fingerprint, warn_single_group
 from difflr.groups.splitters import split_model
@@ -95,6 +102,10 @@ class Learner:
             ``"grads"``: gradients too; ``False`` saves a host read of the loss per step.
         vocab: Class names, index ``i`` → ``vocab[i]``, for `predict` and
             ``ClassificationInterpretation``; ``None`` finds them in the data (see `vocab`).
+        lora_plus_ratio: LoRA+ for a ``peft`` LoRA model: every group's B matrices (and 1-D
+            adapter parameters, as in ``peft``) train at this multiple of the group's LR, through
+            every schedule and the LR finder (16 in the paper); ``None``: off. See
+            `difflr.groups.adapters`.
         **trainer_kwargs: Passed to every ``Trainer`` (``accelerator``, ``devices``,
             ``strategy``, ``precision``, ``accumulate_grad_batches``, ...). A strategy instance
             is copied for each Trainer; ``ModelParallelStrategy`` shards the model
@@ -140,8 +151,10 @@ class Learner:
         monitor: str | None = None,
         check_finite: bool | str = True,
         vocab: Sequence[Any] | None = None,
+        lora_plus_ratio: float | None = None,
         **trainer_kwargs: Any,
     ) -> None:
+        self.lora_plus_ratio = check_lora_plus_ratio(lora_plus_ratio)
         self.module = make_module(model, loss_func, metrics, lambda: self.opt)
         self.model = model
         data = Data.from_arg(data, has_own_loaders=isinstance(model, pl.LightningModule))
@@ -156,8 +169,11 @@ class Learner:
         self.train_bn = bool(train_bn)
         self.wd_bn_bias = bool(wd_bn_bias)
         self.moms = check_moms(moms)
+        scales = None
+        if self.lora_plus_ratio is not None:
+            scales = lora_plus_scales(model, self.splits, self.lora_plus_ratio)
         self.opt = make_optimizer(
-            opt_func, build_param_groups(model, self.splits, wd_bn_bias), lr, len(self.splits)
+            opt_func, build_param_groups(model, self.splits, wd_bn_bias, scales), lr, self.n_groups
         )
         set_weight_decay(self.opt, self.wd)
         self.path = Path(path)
@@ -539,6 +555,8 @@ class Learner:
     def save(self, name: str | Path, with_opt: bool = True) -> Path:
         """Save the weights, the freeze pattern and the optimizer state to
         ``path/models/{name}.pth`` (or a ``pathlib.Path``), atomically (`difflr.utils.files`).
+        Of a ``peft`` adapter model only the adapters (and ``modules_to_save``) are written, not
+        the frozen base weights.
 
         Under ``ModelParallelStrategy`` the state is gathered from every rank (call it on every
         rank) and rank 0 writes the file an unsharded Learner writes.
@@ -552,7 +570,8 @@ class Learner:
         opt = self.opt if with_opt else None
         if is_sharded(self.model):  # gathered from every rank: call it on every rank
             return save_sharded(file, self.model, self._frozen, opt, groups)
-        return write_state(file, self.model, self._frozen, opt, groups)
+        # An adapter model's file holds its adapters only (what trains), as peft saves them.
+        return write_state(file, saved_part(self.model, self.splits), self._frozen, opt, groups)
 
     def load(self, name: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
         """Load what `save` wrote (a name under ``path/models``, or a ``pathlib.Path``): read
@@ -566,25 +585,37 @@ class Learner:
         file = state_file(self.path / "models", name)
         groups = group_fingerprint(self.model, self.splits)
         opt = self.opt if with_opt else None
-        load = load_sharded if is_sharded(self.model) else load_state
-        frozen = load(file, self.model, opt, groups, strict)
+        if is_sharded(self.model):
+            frozen = load_sharded(file, self.model, opt, groups, strict)
+        else:
+            frozen = load_state(file, saved_part(self.model, self.splits), opt, groups, strict)
         if frozen is not None and len(frozen) == self.n_groups:
             self._enter_stage(frozen, previous=frozen)  # with the optimizer state just loaded
         return self
 
-    def export(self, fname: str | Path = "export.pt") -> Path:
+    def export(self, fname: str | Path = "export.pt", merge_adapters: bool | None = None) -> Path:
         """Write the model (architecture and weights, in eval mode) for inference to
         ``path/fname`` (a plain file name; a ``pathlib.Path`` to write elsewhere); read it back
         with ``torch.load(file, weights_only=False)`` — a pickle, so only from a source you trust.
 
+        Args:
+            fname: File name under ``path``.
+            merge_adapters: Write a ``peft`` adapter model with its adapters merged into the base
+                weights and without ``peft``'s wrappers (``merge_and_unload``, on a copy: the
+                Learner's model keeps its adapters); ``None``: merge when the model has
+                adapters; ``False``: write it as it is (loading it then needs ``peft``).
+
         Raises:
             ValueError: ``fname`` would leave ``path`` (a separator, ``..``), as in `save`; the
-                model is sharded (save() the full state and load it into an unsharded model).
+                model is sharded (save() the full state and load it into an unsharded model);
+                ``merge_adapters=True`` for a model without adapters.
         """
         check_unsharded(
             self.model, "export()", "save() the full state and load it into an unsharded model"
         )
-        return export_model(self.model, state_file(self.path, fname, suffix=""))
+        merge = has_adapters(self.model) if merge_adapters is None else merge_adapters
+        model = merged_copy(self.model) if merge else self.model
+        return export_model(model, state_file(self.path, fname, suffix=""))
 
     # ----------------------------------------------------------------------------- inspection
     def summary(self) -> str:

@@ -24,13 +24,15 @@ def apply_freeze(
 
     With ``train_bn=True`` normalisation-layer params stay trainable inside frozen groups (their
     statistics are specific to the new data); with ``train_bn=False`` they are frozen too, and
-    `frozen_norms_eval` keeps those layers in eval mode while training. Gradients of params that
-    become frozen are dropped so the optimizer skips them.
+    `frozen_norms_eval` keeps those layers in eval mode while training. A group's ``fixed``
+    parameters (the base weights of an adapter model) stay frozen in any pattern. Gradients of
+    params that become frozen are dropped so the optimizer skips them.
     """
     norm_ids = norm_param_ids(model) if train_bn else set()
     for group, is_frozen in zip(groups, frozen, strict=True):
+        fixed = {id(p) for p in group.fixed}  # base weights of an adapter model: never trained
         for p in group.params:
-            trainable = not is_frozen or id(p) in norm_ids
+            trainable = (not is_frozen or id(p) in norm_ids) and id(p) not in fixed
             p.requires_grad_(trainable)
             if not trainable:
                 p.grad = None

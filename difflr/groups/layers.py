@@ -57,15 +57,27 @@ class LayerGroup:
         name: Unique, readable name such as ``"0.stem"`` or ``"5.head"``; used as the optimizer
             param group's ``"name"`` and as the TensorBoard tag.
         params: The group's parameters (frozen ones included).
+        fixed: Those of ``params`` that never train, whatever the freeze pattern: the base
+            weights an adapter method (LoRA, ``peft``) froze (`difflr.groups.adapters`). Freezing
+            leaves them frozen and the optimizer does not hold them; empty for other models.
     """
 
     name: str
     params: tuple[nn.Parameter, ...]
+    fixed: tuple[nn.Parameter, ...] = ()
 
     @property
     def n_params(self) -> int:
         """Number of scalar values in the group."""
         return sum(p.numel() for p in self.params)
+
+    @property
+    def tunable(self) -> tuple[nn.Parameter, ...]:
+        """The parameters that may train (``params`` less ``fixed``)."""
+        if not self.fixed:
+            return self.params
+        fixed = {id(p) for p in self.fixed}
+        return tuple(p for p in self.params if id(p) not in fixed)
 
 
 def norm_param_ids(model: nn.Module) -> set[int]:

@@ -31,6 +31,7 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2
 
+from difflr.groups.adapters import mark_fixed
 from difflr.groups.blocks import BlockSplitter, chunks, cut_along_trunk, find_trunk, trunk_at
 from difflr.groups.hf import GROUP_NAMES as TRANSFORMERS_NAMES
 from difflr.groups.hf import is_transformers_model, transformers_trunk
@@ -478,7 +479,9 @@ def split_model(model: nn.Module, splitter: Splitter | None = None) -> list[Laye
 
     Returns:
         The layer groups, stem first, head last. Sequence groups are named ``"{i}.{class}"``;
-        mapping groups ``"{i}.{key}"``.
+        mapping groups ``"{i}.{key}"``. For a model with ``peft`` adapters (LoRA, ...) each
+        group's base weights, which the adapter method froze, are its ``fixed`` parameters: they
+        never train (`difflr.groups.adapters`).
 
     Raises:
         ValueError: A trainable parameter is in no group or in several; a group is empty.
@@ -509,7 +512,7 @@ def split_model(model: nn.Module, splitter: Splitter | None = None) -> list[Laye
         raise TypeError(
             f"splitter must be a function model -> list of groups, got {type(splitter).__name__}."
         )
-    return layer_groups(model, splitter(model))
+    return mark_fixed(model, layer_groups(model, splitter(model)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from difflr.optim.param_groups import GROUP_INDEX_KEY
+from difflr.optim.param_groups import GROUP_INDEX_KEY, LR_SCALE_KEY
 from difflr.policy.lr import LRSpec, expand_lrs
 from difflr.utils.checks import user_stacklevel
 
@@ -498,7 +498,7 @@ def make_optimizer(
         )
     lrs = expand_lrs(lr, n_groups, name="lr")
     for pg in param_groups:
-        pg["lr"] = lrs[pg[GROUP_INDEX_KEY]]
+        pg["lr"] = lrs[pg[GROUP_INDEX_KEY]] * pg.get(LR_SCALE_KEY, 1.0)
     try:
         opt = opt_func(param_groups, lr=lrs[-1])
     except TypeError as exc:

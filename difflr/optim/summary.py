@@ -28,13 +28,20 @@ def summary_table(
     the LR ``lrs`` under ``lr_label``, the modules it holds), a line per tied parameter saying
     which group trains it, and the optimizer with the implementation its step runs."""
     rows = [("group", "params", "trainable", lr_label, "modules")]
+    adapters = any(group.fixed for group in splits)  # the base weights of an adapter model
+    if adapters:
+        rows = [("group", "adapters", "base (frozen)", "trainable", lr_label, "modules")]
     for group, is_frozen, lr in zip(splits, frozen, lrs):
         trainable = sum(p.numel() for p in group.params if p.requires_grad)
         state = (
             "no" if trainable == 0 else ("yes" if not is_frozen else f"norm only ({trainable:,})")
         )
         modules = describe_group(model, group)
-        rows.append((group.name, f"{group.n_params:,}", state, f"{lr:.2e}", modules))
+        counts: tuple[str, ...] = (f"{group.n_params:,}",)
+        if adapters:
+            base = sum(p.numel() for p in group.fixed)
+            counts = (f"{group.n_params - base:,}", f"{base:,}")
+        rows.append((group.name, *counts, state, f"{lr:.2e}", modules))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     owner = {id(p): g.name for g in splits for p in g.params}
