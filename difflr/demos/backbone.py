@@ -66,7 +66,8 @@ from torchvision.models.resnet import BasicBlock
 from difflr.demos.digits import AugmentedImages, evaluate, to_input
 from difflr.demos.glyphs import GlyphConfig, freetype_version, glyph_classes, render_glyphs
 from difflr.utils.checks import check_int, check_positive, user_stacklevel
-from difflr.utils.files import atomic_save, one_builder, safe_load
+from difflr.utils.files import atomic_save, safe_load
+from difflr.utils.locks import one_builder
 
 #: Environment variable naming the cache folder (overrides ``$XDG_CACHE_HOME/difflr``).
 CACHE_ENV = "DIFFLR_CACHE_DIR"

@@ -35,12 +35,12 @@ from typing_extensions import override
 from difflr.training.sharding import FOLDER_METADATA, is_checkpoint_folder
 from difflr.utils.checks import is_int, non_finite_names
 from difflr.utils.files import (
-    FolderLock,
     UnreadableFileError,
     atomic_save,
     remove_stale_temps,
     safe_load,
 )
+from difflr.utils.locks import FolderLock
 from difflr.utils.rng import RngState, loader_generators
 
 __all__ = [
@@ -548,7 +548,7 @@ def resolve_checkpoint(folder: Path, ckpt_path: str | Path) -> Path:
 
 class FolderClaim:
     """While a fit writes checkpoints into ``folder``, it holds ``folder/.claim`` (an ``flock``,
-    `difflr.utils.files.FolderLock`, naming its Learner and process).
+    `difflr.utils.locks.FolderLock`, naming its Learner and process).
 
     A second Learner that starts a fit on the same folder at the same time (in another process,
     or in this one) is refused instead of overwriting the first one's ``last.ckpt``. The system

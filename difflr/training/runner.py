@@ -13,10 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import signal
-import sys
 import tempfile
-import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,7 +26,6 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from difflr.callbacks.guards import EmptyEpochGuard, FiniteLossGuard, FrozenNormEval
 from difflr.callbacks.progress import LiveProgress, ProgressTable
@@ -61,6 +57,7 @@ from difflr.training.sharding import (
     is_sharding_strategy,
     rank_zero_decides,
 )
+from difflr.training.signals import StopPredictingOnSigterm, interruptible
 from difflr.utils.checks import check_choice, check_int, is_int, user_stacklevel
 
 __all__ = ["Runner", "quiet_lightning"]
@@ -245,7 +242,7 @@ class Runner:
             kwargs.get("plugins"), kwargs.get("strategy")
         )
         # SyncBuffers: every DDP rank ends the fit with rank 0's BatchNorm statistics.
-        kwargs["callbacks"] = [SyncBuffers(), _StopPredictingOnSigterm(), *callbacks, *extra]
+        kwargs["callbacks"] = [SyncBuffers(), StopPredictingOnSigterm(), *callbacks, *extra]
         with quiet_lightning():
             trainer = pl.Trainer(**kwargs)
         # ddp_notebook/ddp_fork: the workers hand back everything the Learner keeps.
@@ -289,7 +286,7 @@ class Runner:
         )
         try:
             with (
-                _interruptible(
+                interruptible(
                     trainer,
                     self.module,
                     interrupted=lambda: (
@@ -301,6 +298,7 @@ class Runner:
                     ),
                     terminated=f"training stopped; {where}",
                 ),
+                quiet_lightning(),
                 claim,
                 self._supersede_optimizer(),
                 self._sharded(trainer),
@@ -520,7 +518,7 @@ class Runner:
     @contextmanager
     def _evaluating(self, trainer: pl.Trainer, what: str) -> Iterator[None]:
         with (
-            _interruptible(
+            interruptible(
                 trainer,
                 self.module,
                 interrupted=lambda: f"{what} interrupted; the model is unchanged.",
@@ -529,6 +527,7 @@ class Runner:
             ),
             worker_errors(trainer),
             self._sharded(trainer),
+            quiet_lightning(),
         ):
             yield
 
@@ -621,70 +620,3 @@ def _with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any]:
     ):
         return [*plugins, AtomicCheckpointIO()]
     return plugins
-
-
-@contextmanager
-def _interruptible(
-    trainer: pl.Trainer,
-    module: torch.nn.Module,
-    *,
-    interrupted: Any,
-    terminated: str,
-    restore_modes: bool = False,
-) -> Iterator[None]:
-    """Run a Trainer call (fit, validate, predict) with quiet logs and the signals meaning what
-    they mean: Ctrl-C raises ``KeyboardInterrupt`` (Lightning raises ``SystemExit``), SIGTERM ends
-    the process with status 143 and a message on stderr (a ``KeyboardInterrupt`` could be caught
-    by a script that then goes on).
-
-    Args:
-        trainer: The Trainer that runs.
-        module: Its module; with ``restore_modes``, every submodule's train/eval mode is put back
-            when the call is interrupted or fails (an evaluation promises an unchanged model).
-        interrupted: Returns the ``KeyboardInterrupt``'s message.
-        terminated: What the SIGTERM message says after ``"difflr: SIGTERM received, "``.
-    """
-    handler = signal.getsignal(signal.SIGINT)
-    modes = {name: m.training for name, m in module.named_modules()} if restore_modes else {}
-    sigterm = False
-    try:
-        with quiet_lightning(), warnings.catch_warnings():
-            # Raised inside Lightning itself on recent torch; nothing a user can act on.
-            warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)")
-            yield
-        sigterm = trainer.received_sigterm  # predict does not stop at SIGTERM by itself
-    except SIGTERMException:
-        sigterm = True
-    except SystemExit:
-        # Lightning turns Ctrl-C into SystemExit (it would end a notebook's kernel or a script's
-        # later cleanup); give the user back the KeyboardInterrupt they raised.
-        _put_back_modes(module, modes)
-        if trainer.interrupted:
-            raise KeyboardInterrupt(interrupted()) from None
-        raise
-    except BaseException:
-        _put_back_modes(module, modes)
-        raise
-    finally:
-        # Lightning ignores SIGINT while it shuts down after an interrupt; restore it.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, handler)
-    if sigterm:
-        _put_back_modes(module, modes)
-        print(f"difflr: SIGTERM received, {terminated}.", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGTERM)
-
-
-def _put_back_modes(module: torch.nn.Module, modes: Mapping[str, bool]) -> None:
-    for name, submodule in module.named_modules():
-        if name in modes:
-            submodule.training = modes[name]
-
-
-class _StopPredictingOnSigterm(pl.Callback):
-    """Stop a prediction pass after the running batch at SIGTERM (Lightning's prediction loop
-    notes the signal but runs on); `_interruptible` then ends the process."""
-
-    def on_predict_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        if trainer.received_sigterm:
-            raise SIGTERMException
