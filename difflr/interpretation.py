@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from typing_extensions import Self
 
-from difflr.plotting import new_figure
+from difflr.plotting import new_figure, shown
 from difflr.predictions import collect_predictions, indexed, read_loader
 from difflr.training.activations import Activation, activate, check_act
 from difflr.training.loaders import check_vocab_fits
@@ -324,7 +324,7 @@ class ClassificationInterpretation(Interpretation):
                     color = "white" if value > threshold else "black"
                     ax.text(j, i, text, ha="center", va="center", color=color)
         fig.colorbar(image, ax=ax, shrink=0.8)
-        return fig
+        return shown(fig)
 
     def _header(self) -> str:
         return "prediction / actual / loss / probability"
@@ -412,7 +412,7 @@ def _image_grid(images: list[np.ndarray], captions: list[str], header: str) -> F
     for ax in axes:
         ax.axis("off")
     fig.suptitle(header)
-    return fig
+    return shown(fig)
 
 
 def _bar_figure(losses: np.ndarray, captions: list[str], header: str) -> Figure:
@@ -424,4 +424,4 @@ def _bar_figure(losses: np.ndarray, captions: list[str], header: str) -> Figure:
     ax.invert_yaxis()  # the first (largest) on top
     ax.set_xlabel("loss")
     ax.set_title(header)
-    return fig
+    return shown(fig)

@@ -9,6 +9,7 @@ Jupyter's inline backend at the end of a cell). Display one with `show`, or save
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from io import BytesIO
@@ -23,14 +24,14 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from numpy.typing import ArrayLike
 
-__all__ = ["new_figure", "plot_loss", "plot_lr_find", "plot_sched", "show"]
+__all__ = ["new_figure", "plot_loss", "plot_lr_find", "plot_sched", "show", "shown"]
 
 _SUBPLOT_SIZE = (6.0, 4.0)  # inches, per axes
 
 
 def new_figure(figsize: tuple[float, float]) -> Figure:
-    """A matplotlib ``Figure`` made without pyplot, with a constrained layout; returned from a
-    Jupyter cell it is shown once, inline. Every difflr figure starts here.
+    """A matplotlib ``Figure`` made without pyplot, with a constrained layout, that a Jupyter
+    kernel shows once (see `shown`). Every difflr figure starts here.
 
     Args:
         figsize: Width and height in inches.
@@ -39,27 +40,44 @@ def new_figure(figsize: tuple[float, float]) -> Figure:
         >>> new_figure((4.0, 3.0)).get_size_inches().tolist()
         [4.0, 3.0]
     """
+    return _figure_class()(figsize=figsize, layout="constrained")
+
+
+@functools.cache
+def _figure_class() -> type[Figure]:
+    """`Figure` that a Jupyter cell shows once: where `shown` displayed it, not again as the
+    cell's value (matplotlib is imported only when a figure is made)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, layout="constrained")
-    _teach_kernel_figures(fig)
+    class ShownOnceFigure(Figure):
+        shown_in: int | None = None  # the kernel's execution count when it was shown
+
+        def _ipython_display_(self) -> None:
+            shell = kernel_shell()
+            if shell is not None and self.shown_in != getattr(shell, "execution_count", None):
+                _display(self, shell)
+
+    return ShownOnceFigure
+
+
+def shown(fig: Figure) -> Figure:
+    """Show ``fig`` inline now when running in a Jupyter kernel (once: returned as the cell's
+    value it is not shown again), and return it; in a script or a terminal do nothing but
+    return it (save it with ``fig.savefig(path)``). Every difflr plotting call ends here, so a
+    plot appears where it is called, as in fastai, also when it is not the cell's last line.
+    """
+    shell = kernel_shell()
+    if shell is not None:
+        count = getattr(shell, "execution_count", None)
+        if count is None or getattr(fig, "shown_in", None) != count:
+            _display(fig, shell)
+            fig.shown_in = count
     return fig
 
 
 def _axes_row(n_axes: int) -> tuple[Figure, list[Any]]:
     fig = new_figure((_SUBPLOT_SIZE[0] * n_axes, _SUBPLOT_SIZE[1]))
     return fig, list(fig.subplots(1, n_axes, squeeze=False)[0])
-
-
-def _teach_kernel_figures(fig: Figure) -> None:
-    """In a Jupyter kernel, make a returned Figure render as an image (once, as the cell's
-    result) even when pyplot's inline backend has not registered its formatter yet."""
-    shell = kernel_shell()
-    if shell is None or _kernel_renders_figures(shell, fig):
-        return
-    formatter = shell.display_formatter.formatters.get("image/png")
-    if formatter is not None and hasattr(formatter, "for_type"):
-        formatter.for_type(type(fig), _png_bytes)
 
 
 def _png_bytes(fig: Figure) -> bytes:
@@ -171,7 +189,7 @@ def plot_sched(
     for ax in axes:
         for step in boundaries:
             ax.axvline(step, color="grey", linestyle="--", linewidth=1)
-    return fig
+    return shown(fig)
 
 
 def _trainable_mask(
@@ -246,7 +264,7 @@ def plot_loss(
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.legend(loc="best")
-    return fig
+    return shown(fig)
 
 
 def plot_lr_find(
@@ -313,11 +331,12 @@ def plot_lr_find(
         )
     if marked:
         ax.legend(loc="best")
-    return fig
+    return shown(fig)
 
 
 def show(fig: Figure) -> None:
-    """Display ``fig`` inline once when running in a Jupyter (IPython) kernel; else do nothing.
+    """Display ``fig`` inline when running in a Jupyter (IPython) kernel, once per cell (a plot
+    difflr made has shown itself already); else do nothing.
 
     In a plain script or a terminal IPython this returns at once (it never opens a window or
     blocks): save the figure with ``fig.savefig(path)`` there. IPython need not be installed.
@@ -325,28 +344,34 @@ def show(fig: Figure) -> None:
     Args:
         fig: The figure to display.
     """
-    shell = kernel_shell()
-    if shell is None:
-        return
+    shown(fig)
+
+
+def _display(fig: Figure, shell: Any) -> None:
     from IPython.display import Image, display
 
-    if _kernel_renders_figures(shell, fig):
-        display(fig)  # honours the user's inline settings (format, dpi)
-    else:
-        # The inline backend registers its figure formatter only once pyplot is imported.
+    # Through the kernel's own figure formatters when pyplot's inline backend has registered
+    # them (the user's format and dpi); they are looked up on matplotlib's Figure class, since
+    # this figure's own display hook is what called here.
+    formatters = getattr(getattr(shell, "display_formatter", None), "formatters", None) or {}
+    data = {}
+    for mime, formatter in formatters.items():
+        if mime == "text/plain" or not getattr(formatter, "enabled", True):
+            continue
+        try:
+            render = formatter.lookup_by_type(_base_figure_class())
+        except (KeyError, AttributeError):
+            continue
+        output = render(fig)
+        if output is not None:
+            data[mime] = output
+    if data:
+        display({"text/plain": repr(fig), **data}, raw=True)
+    else:  # the inline backend registers its formatters only once pyplot is imported
         display(Image(data=_png_bytes(fig), format="png"))
 
 
-def _kernel_renders_figures(shell: Any, fig: Figure) -> bool:
-    formatters = getattr(getattr(shell, "display_formatter", None), "formatters", None) or {}
-    for mime, formatter in formatters.items():
-        if mime == "text/plain":
-            continue
-        if not getattr(formatter, "enabled", True):
-            continue
-        try:
-            formatter.lookup(fig)
-        except (KeyError, AttributeError):
-            continue
-        return True
-    return False
+def _base_figure_class() -> type[Figure]:
+    from matplotlib.figure import Figure
+
+    return Figure

@@ -18,6 +18,8 @@ from difflr.plotting import plot_loss, plot_lr_find, plot_sched, show
 
 matplotlib.use("Agg")  # pyplot picks its backend lazily, so this still applies
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 
 def legend_texts(ax: Any) -> list[str]:
     return [text.get_text() for text in ax.get_legend().get_texts()]
@@ -205,7 +207,7 @@ class DisplaySpy:
     def __init__(self) -> None:
         self.displayed: list[Any] = []
         self.module = types.ModuleType("IPython.display")
-        self.module.display = self.displayed.append
+        self.module.display = lambda obj, **options: self.displayed.append(obj)
         self.module.Image = types.SimpleNamespace  # Image(data=..., format=...) keeps its args
 
 
@@ -213,6 +215,7 @@ def install_fake_ipython(monkeypatch: pytest.MonkeyPatch, shell: Any) -> Display
     spy = DisplaySpy()
     ipython = types.ModuleType("IPython")
     ipython.get_ipython = lambda: shell
+    ipython.version_info = (8, 24, 0)  # matplotlib reads it when it draws under IPython
     ipython.display = spy.module
     monkeypatch.setitem(sys.modules, "IPython", ipython)
     monkeypatch.setitem(sys.modules, "IPython.display", spy.module)
@@ -246,19 +249,22 @@ def test_show_in_a_kernel_with_a_figure_formatter_displays_the_figure_once(
     class PngFormatter:
         enabled = True
 
-        def lookup(self, obj: object) -> object:
-            if isinstance(obj, Figure):
-                return repr
-            raise KeyError(type(obj))
+        def lookup_by_type(self, kind: type) -> object:
+            if issubclass(kind, Figure):
+                return lambda fig: b"png of " + repr(fig).encode()
+            raise KeyError(kind)
 
     formatters = {"text/plain": PngFormatter(), "image/png": PngFormatter()}
     shell = types.SimpleNamespace(
         kernel=object(), display_formatter=types.SimpleNamespace(formatters=formatters)
     )
+    fig = small_figure()  # made before the kernel: not shown yet
     spy = install_fake_ipython(monkeypatch, shell)
-    fig = small_figure()
     show(fig)
-    assert spy.displayed == [fig]
+    # The kernel's own formatter renders it (the user's format and dpi), once.
+    assert spy.displayed == [
+        {"text/plain": repr(fig), "image/png": b"png of " + repr(fig).encode()}
+    ]
 
 
 def test_show_in_a_kernel_without_a_figure_formatter_displays_a_png_once(
@@ -267,15 +273,16 @@ def test_show_in_a_kernel_without_a_figure_formatter_displays_a_png_once(
     class NoFigureFormatter:
         enabled = True
 
-        def lookup(self, obj: object) -> object:
-            raise KeyError(type(obj))
+        def lookup_by_type(self, kind: type) -> object:
+            raise KeyError(kind)
 
     formatters = {"image/png": NoFigureFormatter()}
     shell = types.SimpleNamespace(
         kernel=object(), display_formatter=types.SimpleNamespace(formatters=formatters)
     )
+    fig = small_figure()
     spy = install_fake_ipython(monkeypatch, shell)
-    show(small_figure())
+    show(fig)
     (image,) = spy.displayed
     assert image.format == "png"
     assert image.data.startswith(b"\x89PNG")
@@ -326,3 +333,43 @@ def test_plot_sched_draws_a_frozen_group_with_an_lr_dotted() -> None:
     np.testing.assert_allclose(dotted[0].get_ydata(), [1e-4] * 3)
     stem = next(line for line in fig.axes[0].get_lines() if line.get_label() == "stem")
     assert np.isnan(stem.get_ydata()).all()
+
+
+PLOT_CELLS = [
+    # (cell, figures it shows)
+    ("learn.recorder.plot_loss(); learn.recorder.plot_sched()", 2),  # neither is the value
+    ("learn.recorder.plot_sched()", 1),  # the cell's value: shown where called, not again
+    ("fig = learn.recorder.plot_sched()", 1),
+    ("fig", 1),  # a later cell asks for it again
+    ("import matplotlib.pyplot as plt\nlearn.recorder.plot_sched()", 1),  # inline backend on
+    ("print(learn.summary())\nlearn.recorder.plot_sched()\nprint('after')", 1),
+    ("learn.preview_one_cycle(2).plot_sched()", 1),
+]
+
+
+def test_in_a_kernel_every_plot_shows_where_it_is_called_exactly_once(tmp_path, monkeypatch):
+    nbclient = pytest.importorskip("nbclient", reason="nbclient runs kernels ([dev] extra)")
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("ipykernel")
+    setup = (
+        "import torch.nn.functional as F\n"
+        "from difflr import Learner\n"
+        "from tests.helpers import make_loaders, make_model, three_groups\n"
+        "learn = Learner(make_model(), make_loaders(64, 8), loss_func=F.cross_entropy,\n"
+        "                splitter=three_groups, logger=False, checkpoint=False,\n"
+        "                enable_progress_bar=False)\n"
+        "learn.fit_one_cycle(1)\n"
+    )
+    cells = [setup] + [cell for cell, _ in PLOT_CELLS]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    nbclient.NotebookClient(
+        notebook,
+        kernel_name="python3",
+        timeout=300,
+        resources={"metadata": {"path": str(tmp_path)}},
+    ).execute()
+    for cell, (source, expected) in zip(notebook.cells[1:], PLOT_CELLS):
+        images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+        assert len(images) == expected, source
+        assert all(o["output_type"] == "display_data" for o in images), source

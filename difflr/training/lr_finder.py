@@ -274,7 +274,5 @@ def lr_find(
     suggested, points = decide_on_rank_zero(trainer, suggest)
     rec.lr_find_points = points
     if show_plot and trainer.is_global_zero:
-        from difflr.plotting import show
-
-        show(rec.plot_lr_find())
+        rec.plot_lr_find()  # shown inline in a notebook
     return suggested
