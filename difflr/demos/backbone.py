@@ -61,7 +61,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models.resnet import BasicBlock
 
-from difflr.demos.digits import AugmentedImages, evaluate, to_input
+from difflr.demos.digits import PIXEL_MEAN, PIXEL_STD, AugmentedImages, evaluate, to_input
 from difflr.demos.glyphs import GlyphConfig, freetype_version, glyph_classes, render_glyphs
 from difflr.utils.checks import check_int, check_positive, user_stacklevel
 from difflr.utils.files import atomic_save, one_builder, safe_load
@@ -122,11 +122,16 @@ class PretrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def key(self) -> str:
-        """Hex digest of the settings, the library version and the FreeType version: files of
-        different keys never stand in for each other."""
+        """Hex digest of the settings, the library version, the FreeType version and the input
+        normalisation: files of different keys never stand in for each other."""
         from difflr import __version__
 
-        material = {"config": self.as_dict(), "difflr": __version__, "freetype": freetype_version()}
+        material = {
+            "config": self.as_dict(),
+            "difflr": __version__,
+            "freetype": freetype_version(),
+            "normalisation": [PIXEL_MEAN, PIXEL_STD],  # the input the network was trained on
+        }
         digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
         return digest[:16]
 
