@@ -292,7 +292,7 @@ def test_choose_takes_the_best_mean_and_the_smallest_budget_that_suffices() -> N
             name: grid
             for name in ("scratch", "frozen", "full", "fine_tune", "discriminative", "stage_plan")
         },
-        "budget": {"1": [0.80], "3": [0.896], "10": [0.90]},  # x10 adds under 0.005
+        "budget": {"1": [0.80], "3": [0.896], "10": [0.905]},  # x10 adds under 0.01
     }
     chosen = choose(selection)
     assert chosen["full"] == {"lr": 0.003}
