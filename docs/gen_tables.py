@@ -41,7 +41,7 @@ def tables(results: dict[str, Any], letters: dict[str, Any] | None) -> dict[str,
     from difflr.demos import report
 
     blocks = {"main": report.main_table(results), "machine": report.machine_note(results)}
-    if "lr_sweep" in results:
+    if "lr_sweep" in results or "selection" in results:
         blocks["lr_sweep"] = report.lr_sweep_table(results)
     if "selection" in results:
         blocks["selection"] = report.selection_table(results)

@@ -128,13 +128,13 @@ CHOSEN: dict[str, dict[str, float]] = {
     "knn_pixels": {},
     "logreg_pixels": {"c": 0.1},
     "linear_probe": {"c": 0.1},
-    "scratch": {"lr": 1e-2},
-    "scratch_long": {"lr": 1e-2, "budget": 10},
-    "frozen": {"lr": 3e-3},
-    "full": {"lr": 3e-3},
-    "fine_tune": {"lr": 3e-3},
-    "discriminative": {"lr": 3e-3},
-    "stage_plan": {"lr": 1e-2},
+    "scratch": {"lr": 0.01},
+    "scratch_long": {"lr": 0.01, "budget": 3},
+    "frozen": {"lr": 0.001},
+    "full": {"lr": 0.001},
+    "fine_tune": {"lr": 0.003},
+    "discriminative": {"lr": 0.001},
+    "stage_plan": {"lr": 0.003},
 }
 #: ``--source``: the pretraining. The tutorials' (`TUTORIAL_PRETRAIN`: 300 images of each of 52
 #: glyph classes, 3 epochs, about a minute on 2 quiet cores; one cache file serves both) rather

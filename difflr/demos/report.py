@@ -17,6 +17,7 @@ __all__ = [
     "plot_accuracy",
     "plot_lr_sweep",
     "selection_table",
+    "sweep_of",
 ]
 
 #: How each method is named in the tables and figures.
@@ -33,6 +34,38 @@ LABELS = {
     "stage_plan": "six-stage plan (gradual unfreezing)",
 }
 _SHIFT_ORDER = ("rotated", "noisy")
+_SWEEP_RECIPES = ("full", "fine_tune", "discriminative")
+
+
+def sweep_of(results: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The LR sweep and where it was measured: ``--lr-sweep``'s on the evaluation draws, else the
+    same recipes' LR grid on the selection draws (``--select`` tries the same five LRs)."""
+    if "lr_sweep" in results:
+        return results["lr_sweep"], "evaluation"
+    from difflr.demos.protocol import paired_interval
+
+    lr_grid = results["selection"]["lr"]
+    recipes = {}
+    for name in _SWEEP_RECIPES:
+        recipes[name] = {}
+        for lr, scores in sorted(lr_grid[name].items(), key=lambda item: float(item[0])):
+            mean = sum(scores) / len(scores)
+            var = sum((a - mean) ** 2 for a in scores) / max(len(scores) - 1, 1)
+            recipes[name][lr] = {
+                "accuracies": scores,
+                "accuracy": mean,
+                "accuracy_std": math.sqrt(var),
+            }
+    full = recipes["full"]
+    vs_full = {
+        name: {
+            lr: paired_interval(points[lr]["accuracies"], full[lr]["accuracies"]) for lr in points
+        }
+        for name, points in recipes.items()
+        if name != "full"
+    }
+    lrs = [float(lr) for lr in recipes["full"]]
+    return {"lrs": lrs, "recipes": recipes, "vs_full": vs_full}, "selection"
 
 
 def _ci(interval: dict[str, float | None]) -> str:
@@ -116,8 +149,8 @@ def main_table(results: dict[str, Any]) -> str:
 def lr_sweep_table(results: dict[str, Any]) -> str:
     """The LR sweep in Markdown: each recipe's mean accuracy at each LR, then the paired
     difference of ``fine_tune`` and the discriminative recipe to full fine-tuning at that LR."""
-    sweep = results["lr_sweep"]
-    lrs = [str(lr) for lr in sweep["lrs"]]
+    sweep, _ = sweep_of(results)
+    lrs = list(sweep["recipes"]["full"])
     head = "| recipe | " + " | ".join(f"lr {float(lr):g}" for lr in lrs) + " |"
     lines = [head, "| --- |" + " --- |" * len(lrs)]
     for name, points in sweep["recipes"].items():
@@ -231,7 +264,7 @@ def plot_lr_sweep(results: dict[str, Any]) -> Any:
     draws)."""
     import matplotlib.pyplot as plt
 
-    sweep = results["lr_sweep"]
+    sweep, pool = sweep_of(results)
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     for name, points in sweep["recipes"].items():
         lrs = [float(lr) for lr in points]
@@ -247,7 +280,7 @@ def plot_lr_sweep(results: dict[str, Any]) -> Any:
     axis.set_xlabel("peak LR (the discriminative recipe: the head's; the stem's is 10x lower)")
     axis.set_ylabel("test accuracy")
     n = len(next(iter(next(iter(sweep["recipes"].values())).values()))["accuracies"])
-    axis.set_title(f"Accuracy against the LR ({n} draws of the evaluation pool)")
+    axis.set_title(f"Accuracy against the LR ({n} draws of the {pool} pool)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
