@@ -52,7 +52,10 @@ def demo_figures() -> dict:
     from difflr.demos.report import plot_accuracy, plot_lr_sweep
 
     results = json.loads(RESULTS.read_text())
-    return {"demo_accuracy": plot_accuracy(results), "demo_lr_sweep": plot_lr_sweep(results)}
+    figures = {"demo_lr_sweep": plot_lr_sweep(results)}
+    if "runs" in results:  # the evaluation is committed
+        figures["demo_accuracy"] = plot_accuracy(results)
+    return figures
 
 
 def main() -> None:

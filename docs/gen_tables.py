@@ -40,7 +40,14 @@ def tables(results: dict[str, Any], letters: dict[str, Any] | None) -> dict[str,
     """Every generated block, by name."""
     from difflr.demos import report
 
-    blocks = {"main": report.main_table(results), "machine": report.machine_note(results)}
+    if "runs" in results:
+        blocks = {"main": report.main_table(results), "machine": report.machine_note(results)}
+    else:  # a selection whose evaluation has not been committed yet
+        missing = (
+            "(The evaluation on the 10 draws of the evaluation pool is not in the committed "
+            "results yet: `python -m difflr.demo` measures it.)"
+        )
+        blocks = {"main": missing, "machine": report.machine_note(results)}
     if "lr_sweep" in results or "selection" in results:
         blocks["lr_sweep"] = report.lr_sweep_table(results)
     if "selection" in results:
@@ -57,12 +64,12 @@ def fill(text: str, blocks: dict[str, str], names: tuple[str, ...]) -> str:
     """``text`` with the block between each ``<!-- table:NAME -->`` pair replaced."""
     for name in names:
         pattern = re.compile(
-            rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", flags=re.DOTALL
+            rf"(<!-- table:{name} -->\n)(?:.*?\n)?(<!-- /table:{name} -->)", flags=re.DOTALL
         )
         if not pattern.search(text):
             raise ValueError(f"no <!-- table:{name} --> ... <!-- /table:{name} --> markers")
         block = blocks[name]
-        text = pattern.sub(lambda m, block=block: m.group(1) + block + m.group(2), text)
+        text = pattern.sub(lambda m, block=block: m.group(1) + block + "\n" + m.group(2), text)
     return text
 
 

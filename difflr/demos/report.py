@@ -210,16 +210,21 @@ def machine_note(results: dict[str, Any]) -> str:
     seconds = results["seconds"]
     phases = ", ".join(
         f"{name.replace('_', ' ')} {seconds[name] / 60:.1f} min"
-        for name in ("pretraining", "selection", "evaluation", "lr_sweep")
+        for name in ("selection", "evaluation", "lr_sweep")
         if name in seconds
     )
-    built = "loaded from the cache" if results["pretraining"]["loaded_from_cache"] else "built"
+    build = results["pretraining"]["build_seconds"]
+    loads = f"{machine['load_at_start'][0]:.1f} at the start"
+    if "selection_load_at_start" in machine:
+        loads = f"{machine['selection_load_at_start'][0]:.1f} at the selection's start, " + loads
+    if "load_at_end" in machine:
+        loads += f" and {machine['load_at_end'][0]:.1f} at the end"
     return (
         f"Measured on {machine['cpu']} ({machine['cores']} cores, torch {machine['torch']}, "
-        f"{machine['threads']} thread) under a load average of "
-        f"{machine['load_at_start'][0]:.1f} at the start and {machine['load_at_end'][0]:.1f} at "
-        f"the end (other jobs shared the cores, so the times are slower than on a quiet "
-        f"machine): {seconds['total'] / 60:.1f} min in all ({phases}; the backbone {built})."
+        f"{machine['threads']} thread per process) under a load average of {loads}: other jobs "
+        f"shared the 2 cores and these processes ran at `nice -n 10`, so every time here is "
+        f"several times a quiet machine's. Wall time: {phases}; the pretraining, built once and "
+        f"cached, took {(build['render'] + build['train']) / 60:.1f} min."
     )
 
 
