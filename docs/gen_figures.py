@@ -1,11 +1,14 @@
 """Draw the figures of the docs with difflr's own schedule and plotting code.
 
-Run from the repository root after changing a schedule or a plot: ``python docs/gen_figures.py``.
-It writes ``docs/img/one_cycle.png`` and ``docs/img/fine_tune.png``; commit them.
+Run from the repository root after changing a schedule or a plot, or committing new results of
+the main job: ``python docs/gen_figures.py``. It writes ``docs/img/one_cycle.png`` and
+``docs/img/fine_tune.png``, and from ``docs/results/demo.json`` ``docs/img/demo_accuracy.png`` and
+``docs/img/demo_lr_sweep.png``; commit them.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,6 +21,7 @@ from difflr.plotting import plot_sched
 from difflr.policy.schedules import one_cycle_lr, one_cycle_mom
 
 IMG = Path(__file__).resolve().parent / "img"
+RESULTS = Path(__file__).resolve().parent / "results" / "demo.json"
 NAMES = ["0.stem", "1.body", "2.head"]
 
 
@@ -43,9 +47,21 @@ def fine_tune_figure():
     return learn.preview_fine_tune(4).plot_sched()
 
 
+def demo_figures() -> dict:
+    """The main job's figures, drawn from its committed results by the demo's own plotting."""
+    from difflr.demos.report import plot_accuracy, plot_lr_sweep
+
+    results = json.loads(RESULTS.read_text())
+    figures = {"demo_lr_sweep": plot_lr_sweep(results)}
+    if "runs" in results:  # the evaluation is committed
+        figures["demo_accuracy"] = plot_accuracy(results)
+    return figures
+
+
 def main() -> None:
     IMG.mkdir(exist_ok=True)
-    for name, figure in (("one_cycle", one_cycle_figure()), ("fine_tune", fine_tune_figure())):
+    figures = {"one_cycle": one_cycle_figure(), "fine_tune": fine_tune_figure(), **demo_figures()}
+    for name, figure in figures.items():
         # No "Software" metadata, so the file only changes when the picture does.
         figure.savefig(IMG / f"{name}.png", dpi=80, metadata={"Software": None})
         print(f"wrote {IMG / name}.png")

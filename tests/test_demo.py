@@ -1,8 +1,11 @@
-"""Tests for difflr.demos.ablation: a quick run end to end, its data split, table, figure and flags."""
+"""Tests for the main job (difflr.demos.ablation, protocol, baselines, recipes, report): a quick
+run end to end with the selection and the LR sweep, the protocol's disjointness (in the quick run
+and in the committed results), the statistics in closed form, the tables, figures and flags."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,21 +15,32 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from difflr import Stage
 from difflr.demos.ablation import (
-    MILESTONES,
+    CHOSEN,
+    LR_SWEEP,
     RUN_NAMES,
-    SWEEP_SHOTS,
     DemoError,
-    Digits,
-    draw_shots,
-    format_table,
+    choose,
     main,
+    make_tasks,
     parse_args,
-    plot_accuracy,
 )
-from difflr.demos.digits import uci_digits
+from difflr.demos.baselines import baseline_accuracies
+from difflr.demos.digits import to_input, uci_digits
+from difflr.demos.protocol import (
+    SHIFTS,
+    draw_from_pool,
+    paired_interval,
+    shifted_inputs,
+    split_pools,
+)
+from difflr.demos.recipes import MILESTONES, RECIPE_NAMES
+from difflr.demos.report import format_table, plot_accuracy, plot_lr_sweep, sweep_of
 
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "docs" / "results" / "demo.json"
 FIGURES = [
-    "accuracy_vs_shots",
+    "accuracy",
+    "lr_sweep",
     "discriminative_lr_find",
     "discriminative_head_sched",
     "discriminative_unfrozen_sched",
@@ -38,27 +52,91 @@ GROUPS = ["0.stem", "1.layer1", "2.layer2", "3.layer3", "4.layer4", "5.head"]
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("demo")
-    results = main(["--quick", "--out", str(out), "--cache-dir", str(out / "cache")])
-    return results, out
+    argv = ["--quick", "--select", "--lr-sweep", "--out", str(out), "--cache-dir", str(out / "c")]
+    return main(argv), out
 
 
-def test_quick_run_writes_results_json_with_every_run(quick_run: tuple[dict, Path]) -> None:
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    return json.loads(COMMITTED.read_text())
+
+
+def _assert_protocol_holds(results: dict, labels: torch.Tensor) -> None:
+    """The pools split every image in two; every selection draw lies in the selection pool and
+    every evaluation draw in the evaluation pool, so no evaluation image took part in a choice."""
+    protocol = results["protocol"]
+    selection, evaluation = set(protocol["selection"]), set(protocol["evaluation"])
+    assert not selection & evaluation
+    assert selection | evaluation == set(range(len(labels)))
+    pools = split_pools(labels)  # the split is fixed: today's code gives the recorded indices
+    assert protocol["selection"] == pools.selection.tolist()
+    assert protocol["evaluation"] == pools.evaluation.tolist()
+    shots = results["settings"]["shots"]
+    for key, pool in (("selection_draws", selection), ("evaluation_draws", evaluation)):
+        for train in protocol.get(key, []):
+            assert set(train) <= pool, key
+            assert np.bincount(labels[train].numpy()).tolist() == [shots] * 10, key
+    if "runs" in results:
+        assert len(protocol["evaluation_draws"]) == results["settings"]["draws"]
+
+
+# --------------------------------------------------------------------------------------------
+# A quick run end to end
+# --------------------------------------------------------------------------------------------
+
+
+def test_quick_run_writes_results_json_with_every_method(quick_run: tuple[dict, Path]) -> None:
     results, out = quick_run
     written = json.loads((out / "results.json").read_text())
     assert list(written["runs"]) == list(RUN_NAMES)
-    assert "scratch" in written["runs"]
-    assert list(written["by_shots"]) == ["5"]
     for name, run in written["runs"].items():
         assert len(run["accuracies"]) == 1, name
         assert all(0 <= a <= 1 for a in run["accuracies"]), name
         assert run["accuracy"] == pytest.approx(np.mean(run["accuracies"]))
         assert run["accuracy"] == pytest.approx(results["runs"][name]["accuracy"])
-        assert run["seconds"] > 0 and run["call"]
-        assert run["epochs"] == written["settings"]["epochs"] == 6, name  # the same budget
-    assert written["settings"]["shots"] == [5]
+        assert set(run["shifted"]) == set(SHIFTS), name
+        assert run["vs_full"]["mean"] == pytest.approx(
+            run["accuracy"] - written["runs"]["full"]["accuracy"]
+        )
+        assert run["vs_best_baseline"]["low"] is None  # one draw: no interval
+    for name in RECIPE_NAMES:
+        run = written["runs"][name]
+        assert run["seconds"] > 0 and run["call"], name
+    assert written["runs"]["scratch_long"]["steps"] > written["runs"]["scratch"]["steps"]
+    assert written["best_baseline"] in (
+        "knn_pixels",
+        "logreg_pixels",
+        "linear_probe",
+        "scratch",
+        "scratch_long",
+    )
     assert written["pretraining"]["loaded_from_cache"] is False
-    assert Path(written["pretraining"]["path"]).is_file()
-    assert Path(written["pretraining"]["path"]).parent == out / "cache"
+    assert Path(written["pretraining"]["path"]).parent == out / "c"
+    assert written["machine"]["cores"] >= 1 and len(written["machine"]["load_at_start"]) == 3
+
+
+def test_quick_run_selects_on_the_selection_pool_only(quick_run: tuple[dict, Path]) -> None:
+    results, _ = quick_run
+    _, labels = uci_digits()
+    _assert_protocol_holds(results, labels)
+    selection = results["selection"]
+    assert selection["chosen"] == choose(selection)
+    chosen = {k: v for k, v in results["hyper_parameters"].items() if k != "chosen_by"}
+    assert chosen == selection["chosen"]
+    for name in RECIPE_NAMES:
+        assert results["runs"][name]["lr"] == chosen[name]["lr"], name
+
+
+def test_quick_run_sweeps_the_lr_on_the_same_draws(quick_run: tuple[dict, Path]) -> None:
+    results, _ = quick_run
+    sweep = results["lr_sweep"]
+    assert set(sweep["recipes"]) == {"full", "fine_tune", "discriminative"}
+    full = results["runs"]["full"]
+    # The table's run is the sweep's point at the same LR (same draw, same seed).
+    assert sweep["recipes"]["full"][str(full["lr"])]["accuracies"] == full["accuracies"]
+    for name, points in sweep["recipes"].items():
+        assert [float(lr) for lr in points] == sweep["lrs"], name
+    assert set(sweep["vs_full"]) == {"fine_tune", "discriminative"}
 
 
 def test_quick_run_writes_every_figure_as_a_png(quick_run: tuple[dict, Path]) -> None:
@@ -67,17 +145,6 @@ def test_quick_run_writes_every_figure_as_a_png(quick_run: tuple[dict, Path]) ->
         path = out / "figures" / f"{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert sorted(results["figures"]) == sorted(str(out / "figures" / f"{n}.png") for n in FIGURES)
-
-
-def test_accuracy_figure_draws_each_run_at_its_mean(quick_run: tuple[dict, Path]) -> None:
-    results, _ = quick_run
-    figure = plot_accuracy(results)
-    bars = figure.axes[0].containers  # one errorbar (line, caps, bars) per run
-    assert [bar.get_label() for bar in bars] == list(RUN_NAMES)
-    for bar in bars:
-        line = bar.lines[0]
-        assert list(line.get_xdata()) == [5]
-        assert line.get_ydata()[0] == pytest.approx(results["runs"][bar.get_label()]["accuracy"])
 
 
 def test_quick_run_logs_every_group_of_the_first_draw(quick_run: tuple[dict, Path]) -> None:
@@ -97,46 +164,207 @@ def test_quick_run_learns_better_than_chance(quick_run: tuple[dict, Path]) -> No
     assert max(run["accuracy"] for run in results["runs"].values()) > 0.2
 
 
-def test_table_lists_every_run_with_its_accuracy_and_gain(quick_run: tuple[dict, Path]) -> None:
+def test_table_lists_every_method_with_its_accuracy_and_differences(
+    quick_run: tuple[dict, Path],
+) -> None:
     results, _ = quick_run
     table = format_table(results)
-    scratch = results["runs"]["scratch"]["accuracy"]
     for name, run in results["runs"].items():
         line = next(line for line in table.splitlines() if line.startswith(f"{name} "))
         assert f"{run['accuracy']:.3f} ± {run['accuracy_std']:.3f}" in line
-        if name != "scratch":
-            assert f"{run['accuracy'] - scratch:+.3f}" in line
+        if name != "full":
+            assert f"{run['vs_full']['mean']:+.3f}" in line
 
 
-def test_draws_hold_shots_per_class_and_the_rest_is_the_test_set() -> None:
+def test_accuracy_figure_draws_each_method_at_its_means(quick_run: tuple[dict, Path]) -> None:
+    results, _ = quick_run
+    figure = plot_accuracy(results)
+    clean, rotated, noisy = figure.axes[0].containers
+    names = list(results["runs"])
+    np.testing.assert_allclose(
+        np.asarray(clean.lines[0].get_xdata(), float),
+        [results["runs"][n]["accuracy"] for n in names],
+    )
+    np.testing.assert_allclose(
+        np.asarray(noisy.lines[0].get_xdata(), float),
+        [results["runs"][n]["shifted_accuracy"]["noisy"] for n in names],
+    )
+    assert [c.get_label() for c in (clean, rotated, noisy)] == ["clean", "rotated", "noisy"]
+
+
+def test_lr_sweep_figure_draws_each_recipe_at_its_means(quick_run: tuple[dict, Path]) -> None:
+    results, _ = quick_run
+    figure = plot_lr_sweep(results)
+    sweep = results["lr_sweep"]["recipes"]
+    assert len(figure.axes[0].containers) == len(sweep)
+    for container, points in zip(figure.axes[0].containers, sweep.values()):
+        line = container.lines[0]
+        np.testing.assert_allclose(
+            np.asarray(line.get_xdata(), float), [float(lr) for lr in points]
+        )
+        np.testing.assert_allclose(
+            np.asarray(line.get_ydata(), float), [p["accuracy"] for p in points.values()]
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol and the statistics
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_pools_split_every_class_a_third_to_selection() -> None:
+    _, labels = uci_digits()
+    pools = split_pools(labels)
+    assert len(pools.selection) + len(pools.evaluation) == 1797
+    assert not set(pools.selection.tolist()) & set(pools.evaluation.tolist())
+    per_class = np.bincount(labels[pools.selection].numpy())
+    np.testing.assert_array_equal(per_class, np.round(np.bincount(labels.numpy()) / 3))
+    assert torch.equal(split_pools(labels).selection, pools.selection)  # fixed
+
+
+def test_a_draw_trains_and_tests_inside_its_pool() -> None:
+    _, labels = uci_digits()
+    pools = split_pools(labels)
+    draw = draw_from_pool(labels, pools.evaluation, 3, torch.Generator().manual_seed(0))
+    assert np.bincount(labels[draw.train].numpy()).tolist() == [3] * 10
+    assert sorted(draw.train.tolist() + draw.test.tolist()) == pools.evaluation.tolist()
+    with pytest.raises(ValueError, match=r"class \d has \d+ images, not more than shots=200"):
+        draw_from_pool(labels, pools.selection, 200, torch.Generator().manual_seed(0))
+
+
+def test_too_many_shots_is_a_demo_error() -> None:
     levels, labels = uci_digits()
-    digits = Digits(levels, labels)
-    train, test = draw_shots(digits, 3, torch.Generator().manual_seed(0))
-    assert np.bincount(train.labels.numpy()).tolist() == [3] * 10
-    assert len(train) + len(test) == len(digits) == 1797
-    rows = {tuple(row.tolist()) for row in digits.levels.flatten(1)}
-    train_rows = {tuple(row.tolist()) for row in train.levels.flatten(1)}
-    test_rows = {tuple(row.tolist()) for row in test.levels.flatten(1)}
-    # UCI holds a few identical images; those aside, train and test share none.
-    duplicates = len(digits) - len(rows)
-    assert len(train_rows & test_rows) <= duplicates
-    again, _ = draw_shots(digits, 3, torch.Generator().manual_seed(0))
-    assert torch.equal(again.levels, train.levels)
-    with pytest.raises(DemoError, match=r"--shots 500 is too many: class \d has \d+ images"):
-        draw_shots(digits, 500, torch.Generator().manual_seed(0))
+    settings = parse_args(["--shots", "100", "--quick"])
+    with pytest.raises(DemoError, match=r"--shots 100 is too many: class \d has \d+ images"):
+        make_tasks(levels, labels, split_pools(labels).selection, 1, settings, 0, False)
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences() -> None:
+    a = [0.9, 0.8, 0.95, 0.85, 0.9, 0.7, 0.9, 0.88, 0.92, 0.81]
+    b = [0.8, 0.8, 0.90, 0.80, 0.8, 0.7, 0.85, 0.8, 0.90, 0.80]
+    diff = np.subtract(a, b)
+    half = 2.262157 * diff.std(ddof=1) / math.sqrt(10)  # t(0.975, 9 degrees of freedom)
+    interval = paired_interval(a, b)
+    assert interval["n"] == 10
+    assert interval["mean"] == pytest.approx(diff.mean())
+    assert interval["low"] == pytest.approx(diff.mean() - half, rel=1e-5)
+    assert interval["high"] == pytest.approx(diff.mean() + half, rel=1e-5)
+    assert math.isnan(paired_interval([1.0], [0.5])["low"])
+    with pytest.raises(ValueError, match="one value per draw"):
+        paired_interval([1.0, 2.0], [1.0])
+
+
+def test_shifted_test_sets_are_fixed_by_the_seed_and_differ_from_the_clean() -> None:
+    levels, _ = uci_digits()
+    levels = levels[:50]
+    clean = to_input(levels)
+    for kind in SHIFTS:
+        shifted = shifted_inputs(levels, kind, seed=3)
+        assert shifted.shape == clean.shape
+        assert torch.equal(shifted, shifted_inputs(levels, kind, seed=3)), kind
+        assert not torch.equal(shifted, shifted_inputs(levels, kind, seed=4)), kind
+        assert float((shifted - clean).abs().mean()) > 0.1, kind
+    # Noise stays within the grey levels: the input never leaves to_input's range for 0..16.
+    assert (
+        float(shifted_inputs(levels, "noisy").max())
+        <= float(to_input(torch.full((1, 8, 8), 16)).max()) + 1e-6
+    )
+    with pytest.raises(ValueError, match="unknown shift 'blur'"):
+        shifted_inputs(levels, "blur")
+
+
+def test_baselines_recall_their_own_training_images() -> None:
+    levels, labels = uci_digits()
+    inputs = to_input(levels[:60])
+    own = {"train": (inputs, labels[:60])}
+    assert baseline_accuracies("knn_pixels", inputs, labels[:60], own) == {"train": 1.0}
+    assert baseline_accuracies("logreg_pixels", inputs, labels[:60], own, c=100.0) == {"train": 1.0}
+    with pytest.raises(ValueError, match="needs its C"):
+        baseline_accuracies("logreg_pixels", inputs, labels[:60], own)
+    with pytest.raises(ValueError, match="unknown baseline 'svm'"):
+        baseline_accuracies("svm", inputs, labels[:60], own)
+
+
+def test_choose_takes_the_best_mean_and_the_smallest_budget_that_suffices() -> None:
+    grid = {"0.001": [0.5, 0.6], "0.003": [0.8, 0.8], "0.01": [0.8, 0.8]}  # a tie: the smaller
+    selection = {
+        "c": {"logreg_pixels": {"0.1": [0.7], "1.0": [0.9]}, "linear_probe": {"1.0": [0.5]}},
+        "lr": {
+            name: grid
+            for name in ("scratch", "frozen", "full", "fine_tune", "discriminative", "stage_plan")
+        },
+        "budget": {"1": [0.80], "3": [0.896], "10": [0.905]},  # x10 adds under 0.01
+    }
+    chosen = choose(selection)
+    assert chosen["full"] == {"lr": 0.003}
+    assert chosen["logreg_pixels"] == {"c": 1.0}
+    assert chosen["scratch_long"] == {"lr": 0.003, "budget": 3}
+    selection["budget"]["10"] = [0.95]
+    assert choose(selection)["scratch_long"]["budget"] == 10
+    assert list(chosen) == list(RUN_NAMES)
+
+
+# --------------------------------------------------------------------------------------------
+# The committed results
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_committed_results_never_chose_on_an_evaluation_image(committed: dict) -> None:
+    _, labels = uci_digits()
+    _assert_protocol_holds(committed, labels)
+    assert "selection" in committed and committed["settings"]["draws"] >= 10
+    assert committed["settings"]["quick"] is False
+
+
+def test_the_default_hyper_parameters_are_the_committed_selection(committed: dict) -> None:
+    assert choose(committed["selection"]) == committed["selection"]["chosen"] == CHOSEN
+    used = {k: v for k, v in committed["hyper_parameters"].items() if k != "chosen_by"}
+    assert used == CHOSEN
+    for name in RECIPE_NAMES if "runs" in committed else ():
+        assert committed["runs"][name]["lr"] == CHOSEN[name]["lr"], name
+
+
+def test_the_committed_results_hold_intervals_sweep_and_shifts(committed: dict) -> None:
+    sweep, _ = sweep_of(committed)
+    assert [float(lr) for lr in sweep["recipes"]["full"]] == list(LR_SWEEP)
+    if "runs" not in committed:
+        pytest.skip("the committed results hold the selection only; the evaluation is to come")
+    runs = committed["runs"]
+    best = committed["best_baseline"]
+    for name, run in runs.items():
+        diff = np.subtract(run["accuracies"], runs[best]["accuracies"])
+        assert run["vs_best_baseline"]["mean"] == pytest.approx(diff.mean()), name
+        assert run["vs_best_baseline"]["low"] <= diff.mean() <= run["vs_best_baseline"]["high"]
+        assert set(run["shifted"]) == set(SHIFTS), name
+    assert best == max(
+        ("knn_pixels", "logreg_pixels", "linear_probe", "scratch", "scratch_long"),
+        key=lambda n: runs[n]["accuracy"],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------------------------
 
 
 def test_flags_have_the_documented_defaults_and_are_validated() -> None:
     full = parse_args([])
-    assert (full.shots, full.draws, full.epochs, full.source) == ((5,), 5, 6, "glyphs")
+    assert (full.shots, full.draws, full.epochs, full.source) == (5, 10, 6, "glyphs")
+    assert (full.select, full.lr_sweep, full.selection_draws, full.workers) == (False, False, 3, 1)
     assert full.out == Path("difflr_demo") and full.cache_dir is None and not full.rebuild
-    assert full.pretrain_config.glyphs.per_class == 1000
-    assert parse_args(["--sweep"]).shots == SWEEP_SHOTS == (1, 5, 10, 20)
-    assert parse_args(["--source", "letters"]).pretrain_config.glyphs.chars.isalpha()
+    assert full.pretrain_config.glyphs.per_class == 300
+    letters = parse_args(["--source", "letters"]).pretrain_config
+    assert letters.glyphs.chars.isalpha() and letters.epochs == full.pretrain_config.epochs
     quick = parse_args(["--quick"])
     assert quick.draws == 1 and quick.pretrain_config.epochs == 1
     assert (full.threads, parse_args(["--threads", "0"]).threads) == (1, None)
-    for bad in (["--shots", "0"], ["--draws", "0"], ["--threads", "-1"], ["--source", "x"]):
+    for bad in (
+        ["--shots", "0"],
+        ["--draws", "0"],
+        ["--workers", "0"],
+        ["--threads", "-1"],
+        ["--source", "x"],
+    ):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
@@ -151,15 +379,10 @@ def test_milestones_are_the_original_plan() -> None:
 
 
 @pytest.mark.slow
-def test_the_main_job_meets_its_targets(tmp_path: Path) -> None:
-    """The issue's targets at the defaults: the best fine-tuning recipe beats scratch by at
-    least 10 points at 5 shots, and by more than twice its std."""
-    results = main(["--out", str(tmp_path)])
-    runs = results["runs"]
-    assert all(len(run["accuracies"]) == 5 for run in runs.values())
-    best = max(
-        (run for name, run in runs.items() if name != "scratch"), key=lambda r: r["accuracy"]
-    )
-    gain = best["accuracy"] - runs["scratch"]["accuracy"]
-    assert gain >= 0.10
-    assert gain > 2 * max(best["accuracy_std"], runs["scratch"]["accuracy_std"])
+def test_worker_processes_give_the_same_numbers(tmp_path: Path) -> None:
+    argv = ["--quick", "--cache-dir", str(tmp_path / "c")]
+    one = main([*argv, "--out", str(tmp_path / "one")])
+    two = main([*argv, "--out", str(tmp_path / "two"), "--workers", "2"])
+    for name in RUN_NAMES:
+        assert one["runs"][name]["accuracies"] == two["runs"][name]["accuracies"], name
+        assert one["runs"][name]["shifted"] == two["runs"][name]["shifted"], name

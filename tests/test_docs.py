@@ -91,6 +91,37 @@ def test_the_fine_tune_figure_marks_the_second_fit():
     assert (ROOT / "docs" / "img" / "one_cycle.png").is_file()
 
 
+def test_the_demo_tables_are_generated_from_the_committed_results():
+    """The README's and the docs' tables of the main job are what docs/gen_tables.py writes from
+    docs/results/demo.json: a number typed by hand, or results committed without regenerating
+    the tables, fails here."""
+    gen_tables = _load(ROOT / "docs" / "gen_tables.py", "gen_tables")
+    results = json.loads(gen_tables.RESULTS.read_text())
+    for path, text in gen_tables.generated().items():
+        assert path.read_text(encoding="utf-8") == text, (
+            f"{path.name}'s tables are not docs/results/demo.json's; run python docs/gen_tables.py"
+        )
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    if "runs" in results:
+        full = results["runs"]["full"]
+        assert f"{full['accuracy']:.3f} ± {full['accuracy_std']:.3f}" in readme
+
+
+def test_the_demo_figures_are_drawn_from_the_committed_results():
+    gen_figures = _load_gen_figures()
+    results = json.loads((ROOT / "docs" / "results" / "demo.json").read_text())
+    sweep = gen_figures.demo_figures()["demo_lr_sweep"]
+    from difflr.demos.report import sweep_of
+
+    full = sweep_of(results)[0]["recipes"]["full"]
+    line = sweep.axes[0].containers[0].lines[0]
+    np.testing.assert_allclose(
+        np.asarray(line.get_ydata(), float), [p["accuracy"] for p in full.values()]
+    )
+    for name in gen_figures.demo_figures():
+        assert (ROOT / "docs" / "img" / f"{name}.png").is_file(), name
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     """The site built by `mkdocs build --strict`, once for this module.

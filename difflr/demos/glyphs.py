@@ -33,11 +33,11 @@ Examples:
     Fine-tune the pretrained backbone on five labelled digits per class::
 
         from difflr import accuracy, vision_learner
-        from difflr.pretraining import digit_loaders, pretrained_backbone
+        from difflr.demos import digit_loaders, pretrained_backbone
         model = pretrained_backbone()          # loads the cache, or pretrains (a few minutes)
         data = digit_loaders(shots=5)          # 50 labelled digits; the other 1,747 validate
         learn = vision_learner(model, data, n_out=10, metrics=accuracy)  # a fresh 10-class head
-        learn.fit_one_cycle(6, 2e-3)"""
+        learn.fit_one_cycle(6, 1e-3)"""
 
 from __future__ import annotations
 
