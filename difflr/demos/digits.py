@@ -1,33 +1,10 @@
-"""A pretrained backbone for the UCI handwritten digits, learned offline from rendered font glyphs.
+"""The target: the UCI handwritten digits (they ship with scikit-learn) as a few-shot task.
 
-Real users fine-tune ImageNet weights; without a network we build the pretraining source
-ourselves. Letters and printed digits are rendered from the TrueType fonts that ship with
-matplotlib (DejaVu Sans/Serif/Mono with their bold and oblique styles, STIX General, Computer
-Modern: 22 fonts), distorted at random (rotation, shear, aspect, elastic warp, stroke width) and
-brought into the target's domain exactly as the UCI digits were made: a 32x32 bitmap,
-size-normalised to fill the box, cut into 4x4 blocks whose on-pixels are counted, giving 8x8
-images with 17 grey levels (0..16). A slim ResNet (ResNet-18's layout, a quarter of its widths)
-learns to tell the glyphs apart; that network, its head replaced, is the backbone the demo and
-the tutorials fine-tune on the handwritten digits.
-
-The pretraining runs once per configuration and is cached in a file under the user's cache
-folder, keyed by the configuration, the library version and the FreeType version (which draws
-the glyphs). Later calls load it in well under a second.
-
-Public API:
-
-- `pretrained_backbone` — the cached pretrained model (built, with progress, when missing).
-- `PretrainConfig`, `GlyphConfig` — what defines a pretraining (frozen dataclasses);
-  `TUTORIAL_PRETRAIN`, a smaller one the tutorials build in about a minute.
-- `digit_loaders` — the target as a few-shot task: loaders of ``shots`` labelled handwritten
-  digits per class (augmented) and of all the others; `draw_shots`, `repeating_loader` and
-  `AugmentedImages`, its parts; `evaluate`, the accuracy on prepared inputs.
-- `render_glyphs` — the source images, deterministic from the config's seed.
-- `uci_digits`, `to_input`, `random_affine` — the target data in the same domain, the one
-  transform from 8x8 grey levels to network input, and the augmentation used for training.
-- `slim_resnet`, `SlimResNet` — the backbone (a ``torchvision.models.ResNet``, so
-  ``vision_learner``, ``replace_head`` and ``resnet_splitter`` work on it: six layer groups).
-- `pretrain`, `cache_file`, `default_cache_dir`, `load_pretrained`, `PretrainingCacheError`.
+- `uci_digits`, `to_input` — the 1,797 images as 8x8 grey levels (0..16) and the one transform to
+  network input (normalised with the pretraining glyphs' statistics, `PIXEL_MEAN`/`PIXEL_STD`).
+- `random_affine`, `AugmentedImages` — the augmentation used for training.
+- `draw_shots`, `digit_loaders`, `repeating_loader` — ``shots`` labelled digits per class and the
+  loaders over them and over the others; `evaluate`, the accuracy on prepared inputs.
 
 Examples:
     Fine-tune the pretrained backbone on five labelled digits per class::
