@@ -21,7 +21,11 @@ from difflr.utils.checks import non_finite_names
 if TYPE_CHECKING:
     pass
 
-__all__ = ["FiniteLossGuard", "FrozenNormEval"]
+__all__ = [
+    "EmptyEpochGuard",
+    "FiniteLossGuard",
+    "FrozenNormEval",
+]
 
 
 class FiniteLossGuard(Callback):

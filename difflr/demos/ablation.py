@@ -87,15 +87,33 @@ from difflr.demos.recipes import (
 from difflr.demos.report import format_table, plot_accuracy, plot_lr_sweep
 
 __all__ = [
+    "BATCHES_PER_EPOCH",
+    "BATCH_SIZE",
     "BUDGETS",
+    "BUDGET_TOLERANCE",
     "CHOSEN",
     "LR_GRIDS",
     "LR_SWEEP",
+    "NOT_FINE_TUNING",
+    "QUICK_PRETRAIN",
     "RUN_NAMES",
+    "SOURCES",
+    "SWEEP_RECIPES",
     "DemoError",
+    "Settings",
     "choose",
+    "cli",
+    "default_choice",
+    "evaluate_methods",
+    "lr_sweep",
+    "machine",
     "main",
+    "make_tasks",
     "parse_args",
+    "score_baseline",
+    "select",
+    "summarise",
+    "write_results",
 ]
 
 #: Every method of the table, baselines first; ``results.json`` uses these names.

@@ -69,6 +69,21 @@ from difflr.utils.checks import check_int, check_positive, user_stacklevel
 from difflr.utils.files import atomic_save, safe_load
 from difflr.utils.locks import one_builder
 
+__all__ = [
+    "CACHE_ENV",
+    "TUTORIAL_PRETRAIN",
+    "PretrainConfig",
+    "PretrainingCacheError",
+    "SlimResNet",
+    "cache_file",
+    "default_cache_dir",
+    "load_pretrained",
+    "pretrain",
+    "pretrained_backbone",
+    "slim_resnet",
+]
+
+
 #: Environment variable naming the cache folder (overrides ``$XDG_CACHE_HOME/difflr``).
 CACHE_ENV = "DIFFLR_CACHE_DIR"
 

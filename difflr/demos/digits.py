@@ -29,6 +29,23 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from difflr.utils.checks import check_int
 
+__all__ = [
+    "DIGIT_AUGMENT",
+    "INPUT_SIZE",
+    "MAX_LEVEL",
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "AugmentedImages",
+    "digit_loaders",
+    "draw_shots",
+    "evaluate",
+    "random_affine",
+    "repeating_loader",
+    "to_input",
+    "uci_digits",
+]
+
+
 #: Side of the network's input in pixels: the 8x8 images upsampled bilinearly. 16 keeps every
 #: UCI pixel's information at a quarter of the compute of the usual 32.
 INPUT_SIZE = 16

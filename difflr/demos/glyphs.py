@@ -23,6 +23,15 @@ import torch.nn.functional as F
 
 from difflr.utils.checks import check_int
 
+__all__ = [
+    "FONTS",
+    "GlyphConfig",
+    "freetype_version",
+    "glyph_classes",
+    "render_glyphs",
+]
+
+
 #: The text fonts of matplotlib's ``mpl-data/fonts/ttf`` (file stems). Left out: the symbol and
 #: size-variant fonts (STIXNonUni*, STIXSiz*, cmex10, cmsy10 map letters to symbols) and the
 #: Display fonts (no letters).

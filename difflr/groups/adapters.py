@@ -49,6 +49,7 @@ __all__ = [
     "lora_plus_scales",
     "mark_fixed",
     "merged_copy",
+    "saved_part",
     "tunable_param_ids",
 ]
 

@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
 from difflr.training.sharding import FOLDER_METADATA, is_checkpoint_folder
-from difflr.utils.checks import is_int, non_finite_names
+from difflr.utils.checks import is_int, non_finite_names, user_stacklevel
 from difflr.utils.files import (
     UnreadableFileError,
     atomic_save,
@@ -148,7 +148,7 @@ class LearnerCheckpoint(ModelCheckpoint):
                 + (f" ({', '.join(bad)})" if bad else " on another rank")
                 + f" after epoch {trainer.current_epoch}; the file keeps the last finite state. "
                 "Lower the LR, check the data, or keep check_finite on.",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         return finite
 
@@ -490,7 +490,7 @@ def check_resume(
             f"{stage} done) into this one, which has not fitted yet: right for a Learner "
             "re-created after a crash. If the other Learner is still in use, give each its own "
             "path=.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     return stage, list(state.frozen)
 

@@ -44,8 +44,9 @@ import numpy as np
 import torch
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
+
+from difflr.utils.nested import to_cpu
 
 __all__ = [
     "Handback",
@@ -149,7 +150,7 @@ class Handback:
                 trainer.fit_loop.state_dict() if trainer.state.fn == TrainerFn.FITTING else None
             ),
         }
-        state = apply_to_collection(state, torch.Tensor, lambda t: t.detach().cpu())
+        state = to_cpu(state)
         buffer = io.BytesIO()
         torch.save(state, buffer)
         return buffer.getvalue()

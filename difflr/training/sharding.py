@@ -65,6 +65,7 @@ __all__ = [
     "reshard",
     "reshard_optimizer_state",
     "save_sharded",
+    "shard_blocks",
     "shard_like",
 ]
 

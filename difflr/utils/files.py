@@ -41,6 +41,7 @@ __all__ = [
     "export_model",
     "load_state",
     "one_builder",
+    "os_error_behind",
     "read_state",
     "remove_stale_temps",
     "safe_load",
