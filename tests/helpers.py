@@ -70,6 +70,21 @@ def make_learner(
     )
 
 
+def make_trainer(**kwargs: Any):
+    """A quiet Lightning ``Trainer`` of your own (no logger, checkpoints, bar or summary), for
+    difflr's callbacks outside a Learner; ``kwargs`` win."""
+    import lightning.pytorch as pl
+
+    options = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        **kwargs,
+    }
+    return pl.Trainer(**options)
+
+
 def run_script(code: str, *args: Any, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run ``code`` (dedented) in a fresh Python process from the repository root."""
     return subprocess.run(

@@ -18,7 +18,7 @@ from difflr import GradualUnfreezing, Recorder, Stage
 from difflr.callbacks.progress import LiveProgress
 from difflr.callbacks.recorder import HYPER_POINTS_PER_FIT
 from difflr.callbacks.step_loss import SmoothedLoss
-from tests.helpers import make_learner, make_loaders, make_model, three_groups
+from tests.helpers import make_learner, make_loaders, make_model, make_trainer, three_groups
 
 
 class SkipsEveryThirdBatch(pl.LightningModule):
@@ -41,14 +41,7 @@ class SkipsEveryThirdBatch(pl.LightningModule):
 @pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
 def test_a_skipped_step_is_left_out_of_the_smoothed_loss_not_counted_as_zero(tmp_path):
     recorder = Recorder(log_hypers=False)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-    )
+    trainer = make_trainer(max_epochs=1, callbacks=[recorder])
     module = SkipsEveryThirdBatch()
     train = make_loaders()[0]
     trainer.fit(module, train)
@@ -137,14 +130,7 @@ def test_the_unfreezing_callback_keeps_frozen_norm_statistics_without_train_bn(t
     bn = module.net[1]
     before = bn.running_mean.clone()
     plan = [Stage(-1, 1, 1e-3), Stage(-2, 1, 1e-3)]  # the stem stays frozen throughout
-    trainer = pl.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[GradualUnfreezing(plan, train_bn=False)],
-    )
+    trainer = make_trainer(max_epochs=2, callbacks=[GradualUnfreezing(plan, train_bn=False)])
     trainer.fit(module, make_loaders()[0])
     assert torch.equal(bn.running_mean, before)
 
@@ -189,14 +175,7 @@ def _smoothed(batch_losses: list[float]) -> list[float]:
 
 def test_a_user_module_whose_loss_has_shape_1_is_recorded_in_a_plain_trainer():
     module, recorder = OneElementLoss(), Recorder(log_hypers=False)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-    )
+    trainer = make_trainer(max_epochs=2, callbacks=[recorder])
     trainer.fit(module, make_loaders()[0])
     expected = _smoothed(module.batch_losses)
     assert len(expected) == len(recorder.lrs) == 12
