@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 
 __all__ = ["new_figure", "plot_loss", "plot_lr_find", "plot_sched", "show", "shown"]
 
-_SUBPLOT_SIZE = (6.0, 4.0)  # inches, per axes
+#: Inches per panel: as wide as a docs page's text column or a notebook cell (700 pixels at
+#: matplotlib's 100 dpi), so neither shrinks the figure and its 10-point text stays readable;
+#: panels are stacked, one under the other.
+_PANEL_SIZE = (7.0, 3.2)
 
 
 def new_figure(figsize: tuple[float, float]) -> Figure:
@@ -76,8 +79,8 @@ def shown(fig: Figure) -> Figure:
 
 
 def _axes_row(n_axes: int) -> tuple[Figure, list[Any]]:
-    fig = new_figure((_SUBPLOT_SIZE[0] * n_axes, _SUBPLOT_SIZE[1]))
-    return fig, list(fig.subplots(1, n_axes, squeeze=False)[0])
+    fig = new_figure((_PANEL_SIZE[0], _PANEL_SIZE[1] * n_axes))
+    return fig, list(fig.subplots(n_axes, 1, squeeze=False)[:, 0])
 
 
 def _png_bytes(fig: Figure) -> bytes:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import doctest
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -272,3 +273,36 @@ def test_a_loss_of_shape_one_trains_and_is_recorded_as_a_number(tmp_path):
     assert learn.recorder.losses.shape == (len(learn.recorder.lrs),)
     assert np.isfinite(learn.recorder.losses).all()
     assert np.isfinite(learn.recorder.values[-1]["train_loss"])
+
+
+def _wrong_metric(preds):  # one argument: metrics get (preds, targets)
+    return 0.0
+
+
+def test_a_metric_that_cannot_take_preds_and_targets_is_refused_before_training(tmp_path):
+    with pytest.raises(
+        TypeError, match=r"metric '_wrong_metric' has the signature _wrong_metric\(preds\)"
+    ):
+        make_learner(tmp_path, metrics=[_wrong_metric])
+    make_learner(tmp_path, metrics=[lambda preds, targets, *rest: 0.0])  # accepted
+
+
+@pytest.mark.parametrize(
+    ("loss_func", "n_out", "words"),
+    [
+        (F.mse_loss, 3, r"regression loss got integer class labels.*F\.cross_entropy"),
+        (F.cross_entropy, 2, r"labels go up to 2 but the model has 2 outputs; give its head 3"),
+    ],
+)
+def test_a_loss_that_fails_names_the_shapes_the_loss_and_the_fix(tmp_path, loss_func, n_out, words):
+    model = nn.Sequential(nn.Linear(6, n_out))
+    learn = make_learner(tmp_path, model=model, loss_func=loss_func, splitter=None)
+    with pytest.raises((RuntimeError, ValueError, IndexError)) as caught:
+        learn.fit(1)
+    message = str(caught.value)
+    assert re.search(words, message), message
+    assert (
+        f"the loss {loss_func.__name__}(preds, target) failed on the model's output Tensor("
+        in message
+    )
+    assert ":int64" in message and "torch said:" in message

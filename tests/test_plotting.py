@@ -373,3 +373,19 @@ def test_in_a_kernel_every_plot_shows_where_it_is_called_exactly_once(tmp_path, 
         images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
         assert len(images) == expected, source
         assert all(o["output_type"] == "display_data" for o in images), source
+
+
+def test_figures_fit_a_page_column_so_their_text_is_not_shrunk() -> None:
+    lrs, moms = one_cycle_like()
+    figures = [
+        plot_sched(lrs, moms, ["a", "b", "c"], boundaries=[10]),  # two panels: stacked
+        plot_loss(np.linspace(2.0, 1.0, 10)),
+        plot_lr_find(np.logspace(-7, 1, 20), np.linspace(2.0, 1.0, 20), {"valley": (1e-5, 1.5)}),
+    ]
+    for fig in figures:
+        width, _ = fig.get_size_inches() * fig.dpi
+        assert width <= 720  # a docs page's column is ~700 px: shown at full size
+        for ax in fig.axes:
+            assert ax.xaxis.get_ticklabels()[0].get_fontsize() >= 8
+    lr_ax, mom_ax = figures[0].axes
+    assert lr_ax.get_position().y0 > mom_ax.get_position().y1  # LR above momentum

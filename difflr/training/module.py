@@ -31,6 +31,7 @@ __all__ = [
     "LearnerModule",
     "Metric",
     "StepOutput",
+    "call_loss",
     "call_model",
     "computes_own_loss",
     "describe",
@@ -214,7 +215,7 @@ def forward_batch(
     output = call_model(model, parts, with_labels=loss_func is None, raw=batch)
     preds = output_preds(output)
     if loss_func is not None:
-        return StepOutput(preds, parts.target, loss_func(preds, *parts.target), output)
+        return StepOutput(preds, parts.target, call_loss(loss_func, preds, parts.target), output)
     loss = output_loss(output)
     if loss is None:
         given = "with labels=" if parts.target else "without labels (the batch has none)"
@@ -226,6 +227,58 @@ def forward_batch(
             + (hint if isinstance(output, tuple) else "")
         )
     return StepOutput(preds, parts.target, loss, output)
+
+
+#: The regression losses that a classifier's integer labels are a mistake for.
+_REGRESSION_LOSSES = ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "MSELoss", "L1Loss")
+
+
+def call_loss(
+    loss_func: Callable[..., torch.Tensor], preds: Any, target: tuple[Any, ...]
+) -> torch.Tensor:
+    """``loss_func(preds, *target)``; when it fails, the same error type re-raised with what the
+    Learner knows: the output's and the target's shapes and dtypes, the loss, and the likely fix
+    (torch's own message, under its traceback, names none of them)."""
+    try:
+        return loss_func(preds, *target)
+    except (RuntimeError, ValueError, IndexError, TypeError) as error:
+        if type(error) not in (RuntimeError, ValueError, IndexError, TypeError):
+            raise  # a subclass may not take one message
+        name = getattr(loss_func, "__name__", type(loss_func).__name__)
+        fix = _likely_fix(name, preds, target)
+        raise type(error)(
+            f"the loss {name}(preds, target) failed on the model's output {describe(preds)} and "
+            f"the target {describe(target[0] if len(target) == 1 else target)}"
+            + (f": {fix}" if fix else "")
+            + f". torch said: {error}"
+        ) from error
+
+
+def _likely_fix(name: str, preds: Any, target: tuple[Any, ...]) -> str | None:
+    if len(target) != 1 or not isinstance(preds, torch.Tensor):
+        return None
+    (labels,) = target
+    if not isinstance(labels, torch.Tensor):
+        return None
+    integer_labels = not labels.is_floating_point() and not labels.is_complex()
+    if integer_labels and name in _REGRESSION_LOSSES:
+        return (
+            "a regression loss got integer class labels; for classes pass "
+            "loss_func=F.cross_entropy, for regression give float targets of the output's shape"
+        )
+    if integer_labels and preds.ndim >= 2 and labels.numel():
+        n_outputs, top = preds.shape[1], int(labels.max())
+        if top >= n_outputs:
+            return (
+                f"the labels go up to {top} but the model has {n_outputs} outputs; give its head "
+                f"{top + 1} outputs (vision_learner's n_out, or the last layer's out_features)"
+            )
+    if preds.shape != labels.shape and labels.is_floating_point():
+        return (
+            f"the output's shape {tuple(preds.shape)} and the target's {tuple(labels.shape)} "
+            "differ; a head with as many outputs as the target has columns matches them"
+        )
+    return None
 
 
 def computes_own_loss(model: nn.Module) -> bool:
@@ -425,7 +478,28 @@ def make_module(
     elif callable(metrics) or isinstance(metrics, nn.Module):  # one metric, not a list
         metrics = [metrics]
     metrics = list(metrics)
-    for m in metrics:
+    for index, m in enumerate(metrics):
         if not callable(m) and not hasattr(m, "compute"):
             raise TypeError(f"metric {m!r} is not callable (preds, targets) -> number.")
+        _check_metric_signature(m, index)
     return LearnerModule(model, loss_func, metrics, optimizer)
+
+
+def _check_metric_signature(metric: Any, index: int) -> None:
+    """A function metric is called ``metric(preds, targets)`` at each validation end: refuse one
+    that cannot take those two arguments now, not after a whole epoch of training."""
+    if not callable(metric) or is_stateful_metric(metric):
+        return
+    try:
+        signature = inspect.signature(metric)
+    except (TypeError, ValueError):  # a builtin without a signature: it will tell at its call
+        return
+    try:
+        signature.bind(object(), object())
+    except TypeError:
+        name = metric_name(metric, index)
+        raise TypeError(
+            f"metric {name!r} has the signature {name}{signature}, but metrics are called as "
+            "metric(preds, targets) on the whole validation set; wrap it, e.g. "
+            f"metrics=lambda preds, targets: {name}(preds, targets, ...)."
+        ) from None
