@@ -1,43 +1,20 @@
-"""A pretrained backbone for the UCI handwritten digits, learned offline from rendered font glyphs.
+"""The backbone the demo and the tutorials fine-tune: a slim ResNet pretrained on glyphs, cached.
 
-Real users fine-tune ImageNet weights; without a network we build the pretraining source
-ourselves. Letters and printed digits are rendered from the TrueType fonts that ship with
-matplotlib (DejaVu Sans/Serif/Mono with their bold and oblique styles, STIX General, Computer
-Modern: 22 fonts), distorted at random (rotation, shear, aspect, elastic warp, stroke width) and
-brought into the target's domain exactly as the UCI digits were made: a 32x32 bitmap,
-size-normalised to fill the box, cut into 4x4 blocks whose on-pixels are counted, giving 8x8
-images with 17 grey levels (0..16). A slim ResNet (ResNet-18's layout, a quarter of its widths)
-learns to tell the glyphs apart; that network, its head replaced, is the backbone the demo and
-the tutorials fine-tune on the handwritten digits.
-
-The pretraining runs once per configuration and is cached in a file under the user's cache
-folder, keyed by the configuration, the library version and the FreeType version (which draws
-the glyphs). Later calls load it in well under a second.
-
-Public API:
+A slim ResNet (ResNet-18's layout, a quarter of its widths) learns to tell apart the letters and
+printed digits of `difflr.demos.glyphs`; that network, its head replaced, is fine-tuned on the
+handwritten digits of `difflr.demos.digits`. The pretraining runs once per configuration and is
+cached in a file under the user's cache folder, keyed by the configuration, the library version
+and the FreeType version (which draws the glyphs); later calls load it in well under a second.
 
 - `pretrained_backbone` — the cached pretrained model (built, with progress, when missing).
-- `PretrainConfig`, `GlyphConfig` — what defines a pretraining (frozen dataclasses);
-  `TUTORIAL_PRETRAIN`, a smaller one the tutorials build in about a minute.
-- `digit_loaders` — the target as a few-shot task: loaders of ``shots`` labelled handwritten
-  digits per class (augmented) and of all the others; `draw_shots`, `repeating_loader` and
-  `AugmentedImages`, its parts; `evaluate`, the accuracy on prepared inputs.
-- `render_glyphs` — the source images, deterministic from the config's seed.
-- `uci_digits`, `to_input`, `random_affine` — the target data in the same domain, the one
-  transform from 8x8 grey levels to network input, and the augmentation used for training.
+- `PretrainConfig` — what defines a pretraining (a frozen dataclass); `TUTORIAL_PRETRAIN`, a
+  smaller one the tutorials build in about a minute.
 - `slim_resnet`, `SlimResNet` — the backbone (a ``torchvision.models.ResNet``, so
   ``vision_learner``, ``replace_head`` and ``resnet_splitter`` work on it: six layer groups).
 - `pretrain`, `cache_file`, `default_cache_dir`, `load_pretrained`, `PretrainingCacheError`.
 
 Examples:
-    Fine-tune the pretrained backbone on five labelled digits per class::
-
-        from difflr import accuracy, vision_learner
-        from difflr.demos import digit_loaders, pretrained_backbone
-        model = pretrained_backbone()          # loads the cache, or pretrains (a few minutes)
-        data = digit_loaders(shots=5)          # 50 labelled digits; the other 1,747 validate
-        learn = vision_learner(model, data, n_out=10, metrics=accuracy)  # a fresh 10-class head
-        learn.fit_one_cycle(6, 1e-3)"""
+    See `difflr.demos.digits` for the few-shot fine-tuning this backbone is made for."""
 
 from __future__ import annotations
 
