@@ -259,7 +259,7 @@ def pretrain(
     )
     if progress:
         print(
-            f"difflr.pretraining: {len(train)} glyph images of {len(classes)} classes from "
+            f"difflr.demos: {len(train)} glyph images of {len(classes)} classes from "
             f"{len(config.glyphs.fonts)} fonts (rendered in {render_seconds:.0f} s); "
             f"{config.epochs} epochs of a slim ResNet",
             flush=True,
@@ -403,7 +403,7 @@ def pretrained_backbone(
     def waiting() -> None:
         if progress:
             print(
-                f"difflr.pretraining: waiting for another process building {_shown(path)}",
+                f"difflr.demos: waiting for another process building {_shown(path)}",
                 flush=True,
             )
 
@@ -465,7 +465,7 @@ def _build(config: PretrainConfig, path: Path, progress: bool) -> SlimResNet:
     atomic_save(payload, path)
     if progress:
         print(
-            f"difflr.pretraining: source accuracy {meta['source_accuracy']:.3f}; saved "
+            f"difflr.demos: source accuracy {meta['source_accuracy']:.3f}; saved "
             f"{_shown(path)}",
             flush=True,
         )
