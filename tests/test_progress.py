@@ -317,6 +317,26 @@ def test_the_line_is_refreshed_during_the_epoch_at_a_bounded_rate(notebook, monk
     assert bar.loss == pytest.approx(recorder.values[-1]["train_loss"], rel=1e-6)
 
 
+def test_validate_ends_on_the_whole_pass_not_on_the_last_refresh(notebook):
+    # 40 batches, refreshed after 16 and 32: the display a notebook keeps says 40/40, finished,
+    # not the last refresh's frame (issue 27: "validation: 75%" stayed in the docs).
+    clock = FakeClock()
+    bar = LiveProgress(None, refresh_s=REFRESH, clock=clock)
+    trainer = pl.Trainer(
+        callbacks=[Tick(clock, notebook), bar],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.validate(Tiny(), _data(40), verbose=False)
+    assert trainer.progress_bar_callback is bar
+    [bundles] = notebook.displays
+    lines = [parse(text.splitlines()[-1]) for text in notebook.texts()]
+    assert lines == [("validation", 16, 40), ("validation", 32, 40), ("validation", 40, 40)]
+    assert 'data-state="finished"' in bundles[-1]["text/html"]
+    assert 'data-state="finished"' not in bundles[-2]["text/html"]
+
+
 def test_with_gradient_accumulation_the_line_smooths_per_optimizer_step(notebook):
     _, recorder, bar, _ = _fit(notebook, _data(30), accumulate_grad_batches=3)
     assert len(recorder.losses) == 10  # optimizer steps

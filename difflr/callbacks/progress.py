@@ -513,14 +513,16 @@ class LiveProgress(ProgressBar):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        shown = self._enabled and self._val_shown
+        if shown and (trainer.state.fn != "fit" or trainer.sanity_checking):
+            # A pass on its own (validate(), the sanity check): its last line counts the whole
+            # pass, not the last refresh's frame, which a notebook or a saved page would keep
+            # ("validation 12/16").
+            self._output().show(line=self._current_line(self._clock(), "finished"))
         self._validating = False
-        if not self._enabled or not self._val_shown:
-            return
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+        if shown and trainer.state.fn == "fit" and not trainer.sanity_checking:
             if self._total is None or self._done < self._total:
                 self._refresh()  # back to the training line (a validation inside the epoch)
-        elif self._line is not None:
-            self._output().show(line=replace(self._line, state="finished"))
 
     # ------------------------------------------------------------------------------ refresh
     def _refresh(self, state: State = "running", note: str | None = None) -> None:
