@@ -520,9 +520,9 @@ class LiveProgress(ProgressBar):
             # ("validation 12/16").
             self._output().show(line=self._current_line(self._clock(), "finished"))
         self._validating = False
-        if shown and trainer.state.fn == "fit" and not trainer.sanity_checking:
-            if self._total is None or self._done < self._total:
-                self._refresh()  # back to the training line (a validation inside the epoch)
+        in_epoch = self._total is None or self._done < self._total
+        if shown and trainer.state.fn == "fit" and not trainer.sanity_checking and in_epoch:
+            self._refresh()  # back to the training line (a validation inside the epoch)
 
     # ------------------------------------------------------------------------------ refresh
     def _refresh(self, state: State = "running", note: str | None = None) -> None:
