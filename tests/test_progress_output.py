@@ -116,16 +116,34 @@ from difflr import Learner
 from tests.helpers import make_loaders, make_model, three_groups
 learn = Learner(make_model(), make_loaders(400, 8), loss_func=F.cross_entropy,
                 splitter=three_groups, logger=False, checkpoint=False)
+
+import time
+from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import default_collate
+
+def slow_collate(items):  # 40 batches of 50 ms: the line refreshes during the pass
+    time.sleep(0.05)
+    return default_collate(items)
+
+slow_valid = DataLoader(make_loaders(160, 4)[0].dataset, batch_size=4, collate_fn=slow_collate)
 """
+
+#: The cells after the setup: a fit, a validation pass and an lr_find, each in its own cell.
+KERNEL_CELLS = (
+    "learn.fit(1)",
+    "learn.validate(slow_valid)",
+    "learn.lr_find(num_it=30, stop_div=False, show_plot=False)",
+)
 
 
 def _run_in_a_kernel(tmp_path: Path) -> Any:
-    """A notebook whose second cell fits one epoch of 50 batches, run in a fresh kernel."""
+    """A notebook that fits one epoch of 50 batches, validates and runs an lr_find
+    (`KERNEL_CELLS`), run in a fresh kernel."""
     import nbclient
     import nbformat
 
     notebook = nbformat.v4.new_notebook(
-        cells=[nbformat.v4.new_code_cell(KERNEL_SETUP), nbformat.v4.new_code_cell("learn.fit(1)")]
+        cells=[nbformat.v4.new_code_cell(code) for code in (KERNEL_SETUP, *KERNEL_CELLS)]
     )
     env = _env()
     with pytest.MonkeyPatch.context() as patch:
@@ -233,6 +251,21 @@ def test_in_a_jupyter_kernel_a_fit_leaves_one_display_that_shows_every_batch(see
     # No text bar (Lightning's, or a bar printed line by line) in the cell's streams.
     streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "\r" not in streams and "it/s" not in streams
+
+
+@pytest.mark.parametrize(("cell", "label", "steps"), [(2, "validation", 40), (3, "lr_find", 30)])
+def test_in_a_jupyter_kernel_validate_and_lr_find_leave_their_whole_run(seen, cell, label, steps):
+    # issue 27: the last frame of a bar ("validation: 75%") stayed in the docs' output. Each call
+    # leaves one difflr display, finished, counting every step; no text bar in the streams.
+    notebook = _result(seen.notebook, "nbclient, nbformat and ipykernel run it ([dev] extra)")
+    outputs = notebook.cells[cell].outputs
+    displays = [o for o in outputs if o.output_type == "display_data"]
+    assert len(displays) == 1, json.dumps(outputs, indent=1)[:4000]
+    text, html = displays[0]["data"]["text/plain"], displays[0]["data"]["text/html"]
+    assert parse(text.splitlines()[-1]) == (label, steps, steps)
+    assert f'value="{steps}" max="{steps}"' in html and 'data-state="finished"' in html
+    streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "\r" not in streams and "it/s" not in streams and "%" not in streams
 
 
 def test_importing_difflr_in_a_kernel_shows_no_tqdm_widget_warning(seen: Seen) -> None:
