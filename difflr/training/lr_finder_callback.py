@@ -87,7 +87,9 @@ class LRFinder(Callback):
     ``update_attr=True`` applies the first suggestion ``s``, an LR of the head group:
 
     - with difflr's `ParamScheduler` in the Trainer, its LR schedule is multiplied by one factor
-      so that the head group's peak LR is ``s`` (shape, momentum and ratios between groups kept);
+      so that the head group's peak LR (the largest over ``pct`` in [0, 1], read on a grid of
+      10001 points) is ``s``: shape, momentum and ratios between groups kept, and a milestone's
+      sweep rescales the steps still to come;
     - without one, every param group's current LR is multiplied so that the head group's is
       ``s`` (with one param group: Lightning's rule, ``lr = s``);
     - in both cases, the module's ``attr_name`` attribute (else ``lr`` or ``learning_rate``, in
@@ -333,16 +335,19 @@ class LRFinder(Callback):
             for group in optimizer.param_groups:
                 group["lr"] *= factor
             return
-        index = layer_group_index(optimizer)
         for scheduler in schedulers:
-            total = scheduler.total_steps or trainer.estimated_stepping_batches
-            steps = int(total) if np.isfinite(total) else 1000
-            head_peak = float(scheduler.schedule(steps, index)[0][:, -1].max())
+            head_peak = max(
+                float(np.asarray(scheduler.lr_sched(pct), dtype=float).reshape(-1)[-1])
+                for pct in PEAK_GRID
+            )
             scheduler.lr_sched = _Scaled(scheduler.lr_sched, lr / head_peak)
+            total = scheduler.total_steps or trainer.estimated_stepping_batches
             if np.isfinite(total):
                 scheduler.attach(optimizer, total)  # this step's LRs from the scaled schedule
 
 
+#: Where a `ParamScheduler`'s schedule is read for its peak (``pct`` in [0, 1]).
+PEAK_GRID = np.linspace(0.0, 1.0, 10001)
 _EXAMPLE = "LRFinder(min_lr=1e-8, max_lr=1)"
 
 
