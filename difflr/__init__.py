@@ -23,6 +23,7 @@ with warnings.catch_warnings():
     from difflr.policy.lr import LayerDecay, LRSpec, expand_lrs, layer_decay
     from difflr.policy.stages import Stage
     from difflr.policy.suggestions import SuggestedLRs, minimum, slide, steep, valley
+    from difflr.training.lr_finder_callback import LRFinder
     from difflr.vision import vision_learner
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "ClassificationInterpretation",
     "GradualUnfreezing",
     "Interpretation",
+    "LRFinder",
     "LRSpec",
     "LayerDecay",
     "LayerGroup",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +25,7 @@ from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import ParamScheduler
 from difflr.callbacks.step_loss import StepLosses
 from difflr.policy.lr import LRSpec, expand_lrs
-from difflr.policy.schedules import exp_range
+from difflr.policy.schedules import Schedule, exp_range, sched_lin
 from difflr.policy.suggestions import (
     SuggestedLRs,
     SuggestionFunc,
@@ -47,7 +47,14 @@ from difflr.utils.files import (
 )
 from difflr.utils.rng import RngState
 
-__all__ = ["Sweepable", "lr_find"]
+__all__ = [
+    "SWEEP_MODES",
+    "Sweepable",
+    "lr_find",
+    "range_test",
+    "sweep_bounds",
+    "sweep_schedule",
+]
 
 
 class Sweepable(Protocol):
@@ -201,6 +208,116 @@ class _StopOnDivergence(Callback):
             self.best = min(self.best, smoothed)
 
 
+def sweep_bounds(
+    start: LRSpec,
+    end: LRSpec,
+    n_groups: int,
+    names: tuple[str, str] = ("start_lr", "end_lr"),
+    example: str = "lr_find(start_lr=1e-7, end_lr=10)",
+) -> tuple[np.ndarray, np.ndarray]:
+    """A sweep's first and last LR of every layer group, checked.
+
+    Args:
+        start: First LR: a float, a list per group or a slice (see ``expand_lrs``).
+        end: Last LR, above ``start`` for every group.
+        n_groups: Number of layer groups.
+        names: The two arguments' names, for messages.
+        example: A call with good bounds, for messages.
+
+    Raises:
+        ValueError: A bound is not positive, has the wrong length, or ``start >= end`` for a
+            group.
+    """
+    starts = np.array(expand_lrs(start, n_groups, name=names[0]))
+    ends = np.array(expand_lrs(end, n_groups, name=names[1]))
+    if np.any(starts >= ends):
+        raise ValueError(
+            f"{names[0]} must be below {names[1]} for every layer group, got {names[0]}="
+            f"{start!r} and {names[1]}={end!r}; e.g. {example}."
+        )
+    return starts, ends
+
+
+#: How the LR grows from step to step of a sweep.
+SWEEP_MODES = ("exponential", "linear")
+
+
+def sweep_schedule(starts: np.ndarray, ends: np.ndarray, mode: str = "exponential") -> Schedule:
+    """The sweep's LR of every group at ``pct`` (step ``i`` of ``num_it``: ``pct = i / num_it``):
+    ``start * (end / start) ** pct`` (``"exponential"``) or ``start + (end - start) * pct``
+    (``"linear"``). Both keep list or slice bounds' ratios at the first and last step; the
+    exponential sweep keeps them at every step."""
+    check_choice(mode, "mode", SWEEP_MODES)
+    if mode == "linear":
+        return lambda pct: sched_lin(starts, ends, pct)
+    return exp_range(starts, ends)
+
+
+def range_test(
+    module: pl.LightningModule,
+    optimizer: torch.optim.Optimizer,
+    recorder: Recorder,
+    make_trainer: Callable[[list[Callback]], pl.Trainer],
+    fit: Callable[[pl.Trainer, ParamScheduler], None],
+    schedule: Schedule,
+    num_it: int,
+    *,
+    stop_factor: float | None = 4.0,
+    funcs: Sequence[SuggestionFunc] = (valley,),
+    show_plot: bool = False,
+    to_disk: Path | None = None,
+) -> tuple[SuggestedLRs | None, pl.Trainer]:
+    """The range test as a transaction, for ``Learner.lr_find`` and the `LRFinder` callback alike.
+
+    Builds the sweep's Trainer with ``make_trainer(callbacks)`` (its callbacks: the sweep's
+    scheduler, the empty-epoch guard and the divergence stop), snapshots ``module`` and
+    ``optimizer`` (`_Snapshot`), resets ``recorder`` (which that Trainer must carry), runs
+    ``fit(trainer, scheduler)``, and restores the snapshot whatever happens. The suggestions are
+    read off ``recorder``'s curve (the head group's LR, the first ``num_it // 10`` points
+    dropped) on global rank 0 and sent to every rank.
+
+    Args:
+        module: The module that trains.
+        optimizer: Its optimizer (its state is restored too).
+        recorder: Records the sweep; keeps it afterwards (``lr_find_points`` set).
+        make_trainer: ``callbacks -> Trainer`` that runs the sweep.
+        fit: Trains ``trainer`` for the sweep (``num_it`` steps at most).
+        schedule: Every group's LR as a function of ``pct`` (`sweep_schedule`).
+        num_it: Number of optimizer steps (checked by the caller).
+        stop_factor: Stop once the smoothed loss exceeds this many times the best or is not
+            finite; ``None`` never stops early.
+        funcs: Suggestion functions (empty: none, and ``None`` is returned).
+        show_plot: Show the loss-vs-LR figure (on global rank 0).
+        to_disk: Hold the snapshot's tensors in a file in this folder, not in memory.
+
+    Returns:
+        The suggestions (or ``None``) and the sweep's Trainer.
+    """
+    scheduler = ParamScheduler(schedule, None, total_steps=num_it)
+    stop = [] if stop_factor is None else [_StopOnDivergence(stop_factor)]
+    trainer = make_trainer([scheduler, EmptyEpochGuard(), *stop])
+    saved = _Snapshot(module, optimizer, to_disk)
+    recorder.reset()
+    try:
+        fit(trainer, scheduler)
+    finally:
+        saved.restore(module, optimizer)
+
+    def suggest() -> tuple[SuggestedLRs | None, dict[str, tuple[float, float]]]:
+        if not funcs:
+            return None, {}
+        lrs, losses = recorder.lrs[:, -1], recorder.losses
+        n = min(len(lrs), len(losses))
+        return make_suggestions(funcs, lrs[:n], losses[:n], skip_start=num_it // 10)
+
+    # Under DDP each rank recorded the loss of its own shard: rank 0's curve decides, for all.
+    suggested, points = decide_on_rank_zero(trainer, suggest)
+    recorder.lr_find_points = points
+    if show_plot and trainer.is_global_zero:
+        recorder.plot_lr_find()  # shown inline in a notebook
+    return suggested, trainer
+
+
 def lr_find(
     learn: Sweepable,
     start_lr: LRSpec = 1e-7,
@@ -216,14 +333,7 @@ def lr_find(
     See `difflr.Learner.lr_find` for the arguments. ``suggest_funcs=None`` (or ``()``) only
     records and plots the sweep, and returns ``None``.
     """
-    n_groups = learn.n_groups
-    starts = np.array(expand_lrs(start_lr, n_groups, name="start_lr"))
-    ends = np.array(expand_lrs(end_lr, n_groups, name="end_lr"))
-    if np.any(starts >= ends):
-        raise ValueError(
-            f"start_lr must be below end_lr for every layer group, got start_lr={start_lr!r} "
-            f"and end_lr={end_lr!r}; e.g. lr_find(start_lr=1e-7, end_lr=10)."
-        )
+    starts, ends = sweep_bounds(start_lr, end_lr, learn.n_groups)
     num_it = check_int(num_it, "num_it", 2, what="sweep iterations")
     check_choice(snapshot, "snapshot", ("memory", "disk"))
     if snapshot == "disk":
@@ -239,40 +349,32 @@ def lr_find(
             "one (drop limit_train_batches, or pass a positive one)."
         )
 
-    scheduler = ParamScheduler(exp_range(starts, ends), None, total_steps=num_it)
-    callbacks = [scheduler, EmptyEpochGuard(), *([_StopOnDivergence()] if stop_div else [])]
-    # Not a fit: no epoch table, NaN guard (the sweep's own rule handles a loss that is not
-    # finite), user callbacks, checkpoints, logs or validation. The live line counts the
-    # sweep's iterations (unless the Learner has enable_progress_bar=False).
-    trainer = learn.runner.trainer(
-        callbacks,
-        standard=False,
-        progress_label="lr_find",
-        max_steps=num_it,
-        max_epochs=-1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
+    def make_trainer(callbacks: list[Callback]) -> pl.Trainer:
+        # Not a fit: no epoch table, NaN guard (the sweep's own rule handles a loss that is not
+        # finite), user callbacks, checkpoints, logs or validation. The live line counts the
+        # sweep's iterations (unless the Learner has enable_progress_bar=False).
+        return learn.runner.trainer(
+            callbacks,
+            standard=False,
+            progress_label="lr_find",
+            max_steps=num_it,
+            max_epochs=-1,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+        )
+
+    suggested, _ = range_test(
+        learn.module,
+        learn.opt,
+        learn.recorder,
+        make_trainer,
+        lambda trainer, scheduler: learn.runner.fit(trainer, scheduler, log=False),
+        sweep_schedule(starts, ends),
+        num_it,
+        stop_factor=4.0 if stop_div else None,
+        funcs=funcs,
+        show_plot=show_plot,
+        to_disk=learn.path if snapshot == "disk" else None,
     )
-    saved = _Snapshot(learn.module, learn.opt, learn.path if snapshot == "disk" else None)
-    learn.recorder.reset()
-    try:
-        learn.runner.fit(trainer, scheduler, log=False)
-    finally:
-        saved.restore(learn.module, learn.opt)
-
-    rec = learn.recorder
-
-    def suggest() -> tuple[SuggestedLRs | None, dict[str, tuple[float, float]]]:
-        if not funcs:
-            return None, {}
-        lrs, losses = rec.lrs[:, -1], rec.losses
-        n = min(len(lrs), len(losses))
-        return make_suggestions(funcs, lrs[:n], losses[:n], skip_start=num_it // 10)
-
-    # Under DDP each rank recorded the loss of its own shard: rank 0's curve decides, for all.
-    suggested, points = decide_on_rank_zero(trainer, suggest)
-    rec.lr_find_points = points
-    if show_plot and trainer.is_global_zero:
-        rec.plot_lr_find()  # shown inline in a notebook
     return suggested

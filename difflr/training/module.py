@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
@@ -41,6 +42,7 @@ __all__ = [
     "metric_name",
     "output_loss",
     "output_preds",
+    "training_with",
     "unpack_batch",
 ]
 
@@ -503,3 +505,19 @@ def _check_metric_signature(metric: Any, index: int) -> None:
             "metric(preds, targets) on the whole validation set; wrap it, e.g. "
             f"metrics=lambda preds, targets: {name}(preds, targets, ...)."
         ) from None
+
+
+@contextmanager
+def training_with(module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Make ``module`` train with ``optimizer`` in the fits run inside: its own
+    ``configure_optimizers`` is shadowed by an instance attribute and restored afterwards (the
+    class is never touched)."""
+    own = module.__dict__.get("configure_optimizers")
+    module.configure_optimizers = lambda: optimizer
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.configure_optimizers
+        else:
+            module.configure_optimizers = own

@@ -48,7 +48,7 @@ from difflr.training.data import Data, loader_length
 from difflr.training.distributed import SyncBuffers, batches_per_process, planned_world_size
 from difflr.training.handback import hand_back, runs_in_workers, worker_errors
 from difflr.training.loggers import ContinuousLogger
-from difflr.training.module import LearnerModule
+from difflr.training.module import LearnerModule, training_with
 from difflr.training.sharding import (
     Sharding,
     atomic_folder_saves,
@@ -581,16 +581,8 @@ class Runner:
                 stacklevel=user_stacklevel(),
             )
             self._notified_optimizer = True
-        module = self.module
-        own = module.__dict__.get("configure_optimizers")
-        module.configure_optimizers = lambda: self.optimizer
-        try:
+        with training_with(self.module, self.optimizer):
             yield
-        finally:
-            if own is None:
-                del module.configure_optimizers
-            else:
-                module.configure_optimizers = own
 
 
 def _plain_number(value: Any) -> Any:
