@@ -465,8 +465,7 @@ def _build(config: PretrainConfig, path: Path, progress: bool) -> SlimResNet:
     atomic_save(payload, path)
     if progress:
         print(
-            f"difflr.demos: source accuracy {meta['source_accuracy']:.3f}; saved "
-            f"{_shown(path)}",
+            f"difflr.demos: source accuracy {meta['source_accuracy']:.3f}; saved {_shown(path)}",
             flush=True,
         )
     model.pretraining = {**meta, "path": str(path), "loaded_from_cache": False}
