@@ -58,8 +58,9 @@ class GradualUnfreezing(Callback):
     Every stage needs its own ``lr_max`` here (there is no Learner to take a default from); a
     stage with ``freeze_to=None`` keeps the pattern of the stage before it. A stage with
     ``patience`` ends at its plateau (after its annealing tail) and the next one starts at the
-    next epoch, so the stages' first epochs are known only as they happen (`starts`); when the
-    last stage ends, the fit stops. ``restore_best`` loads the stage's best weights at its end,
+    next epoch, so the stages' first epochs are known only as they happen (`starts`); in a plan
+    with such stages the fit stops when the last stage ends (give ``max_epochs`` >= the plan's
+    maximum). ``restore_best`` loads the stage's best weights at its end,
     before that epoch's checkpoint. A ``monitor`` is read from the epoch's logged values (the
     recorder's smoothed ``train_loss`` if a `difflr.Recorder` is among the callbacks) and a
     missing one is refused at the stage's first epoch end, naming the values there are.
@@ -93,6 +94,7 @@ class GradualUnfreezing(Callback):
         #: The last epoch of each stage that ended at a plateau.
         self.ended_at: dict[int, int] = {}
         self._resumed: dict[str, Any] = {}
+        self._decided = -1  # the epoch whose end was decided
 
     @property
     def starts(self) -> list[int]:
@@ -207,15 +209,36 @@ class GradualUnfreezing(Callback):
                     self._watch.load_state_dict(resumed["watch"])
 
     @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The validation that ends an epoch comes before on_train_epoch_end, and a user's
+        # ModelCheckpoint may save at its end (save_on_train_epoch_end=False, or validation
+        # every n epochs): decide there, so the file holds the decision, the tail and the
+        # restored weights.
+        if (
+            trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+            and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        ):
+            self._end_of_epoch(trainer, pl_module)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._watch is None or self._scheduler_stage != self.stage:
+        self._end_of_epoch(trainer, pl_module)  # an epoch without validation
+
+    def _end_of_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._scheduler_stage != self.stage or self._decided == trainer.current_epoch:
             return
-        epoch = trainer.current_epoch
-        if self._watch.end_of_epoch(trainer, pl_module, epoch - self.starts[self.stage]):
-            if epoch < self.starts[self.stage] + self.stages[self.stage].epochs - 1:
+        self._decided = trainer.current_epoch
+        epoch, start = trainer.current_epoch, self.starts[self.stage]
+        last = epoch >= start + self.stages[self.stage].epochs - 1
+        if self._watch is not None and self._watch.end_of_epoch(trainer, pl_module, epoch - start):
+            if not last:
                 self.ended_at[self.stage] = epoch
-            if self.stage == len(self.stages) - 1:
-                trainer.should_stop = True  # the plan is done
+            last = True
+        if last and self.stage == len(self.stages) - 1 and any(s.watches for s in self.stages):
+            # A plan whose length is decided by plateaus ends the fit when its last stage ends
+            # (max_epochs is only a cap); a fixed plan keeps the last stage's final LR after it.
+            trainer.should_stop = True
 
     @override
     def on_before_optimizer_step(
