@@ -54,6 +54,7 @@ from difflr.training.sharding import (
     Sharding,
     check_unsharded,
     is_sharded,
+    is_sharding_strategy,
     load_sharded,
     save_sharded,
 )
@@ -426,7 +427,11 @@ class Learner:
             stages = [dataclasses.replace(s, restore_best=restore_best) for s in stages]
         validates = self.valid_dl is not None or self.datamodule is not None
         epoch_values = getattr(self.module, "epoch_values", None)  # None: the user's module
-        check_monitors(stages, None if epoch_values is None else epoch_values(validates))
+        check_monitors(
+            stages,
+            None if epoch_values is None else epoch_values(validates),
+            sharded=is_sharding_strategy(self.runner.trainer_kwargs.get("strategy")),
+        )
         self.runner.check_schedulable()
         schedulers = [stage_scheduler(stage, self.opt, self.lr, self.moms) for stage in stages]
         plan = self.runner.describe_fit(

@@ -28,13 +28,22 @@ from difflr.policy.stages import Stage
 __all__ = ["StagePlateau", "check_monitors", "epoch_values"]
 
 
-def check_monitors(stages: Sequence[Stage], available: Sequence[str] | None) -> None:
+def check_monitors(
+    stages: Sequence[Stage], available: Sequence[str] | None, sharded: bool = False
+) -> None:
     """Refuse, before training, a watching stage whose ``monitor`` is not among ``available``
-    (``None``: unknown until the first epoch ends; then `epoch_values` checks).
+    (``None``: unknown until the first epoch ends; then `StagePlateau` checks), and
+    ``restore_best`` on a ``sharded`` model.
 
     Raises:
         ValueError: The name, the stage and the available values are named.
     """
+    if sharded and any(stage.restore_best for stage in stages):
+        raise ValueError(
+            "restore_best is not supported under ModelParallelStrategy (the copy of the best "
+            "weights would be of this rank's shards); drop restore_best, or keep the best "
+            "checkpoint with Learner(monitor=...) and load it after the fit."
+        )
     if available is None:
         return
     for k, stage in enumerate(stages):
