@@ -4,6 +4,7 @@ exact resume mid-plateau, GradualUnfreezing with a plateau stage, and the errors
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import lightning.pytorch as pl
@@ -339,3 +340,14 @@ def test_gradual_unfreezing_resumes_a_plateau_plan_to_the_same_weights(tmp_path,
     resumed, trainer = fit([], ckpt_path=str(tmp_path / "last.ckpt"))
     assert trainer.current_epoch == 6
     assert same(resumed.state_dict(), full.state_dict())
+
+
+def test_restore_best_is_refused_on_a_sharded_model_and_monitors_are_named():
+    from difflr.callbacks.plateau import check_monitors
+
+    with pytest.raises(ValueError, match="restore_best is not supported under ModelParallel"):
+        check_monitors([Stage(0, 2, 1e-3, restore_best=True)], None, sharded=True)
+    check_monitors([Stage(0, 2, 1e-3, patience=1)], None, sharded=True)  # patience alone is fine
+    with pytest.raises(ValueError, match=r"milestones\[1\] monitors 'valid_loss'"):
+        plan = Stage.from_milestones({1: {"freeze_to": 0, "duration": 2, "lrs": [1e-3] * 3}})
+        check_monitors([dataclasses.replace(plan[0], patience=1)], ["train_loss"])
