@@ -8,8 +8,9 @@ job (``learn.runner``); files are `difflr.utils.files`'s and `difflr.training.ch
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from difflr import predictions
+from difflr.callbacks.plateau import StagePlateau, check_monitors
 from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import stage_scheduler
 from difflr.groups.adapters import (
@@ -52,6 +54,7 @@ from difflr.training.sharding import (
     Sharding,
     check_unsharded,
     is_sharded,
+    is_sharding_strategy,
     load_sharded,
     save_sharded,
 )
@@ -393,7 +396,11 @@ class Learner:
         self.fit_stages(plan, ckpt_path)
 
     def fit_stages(
-        self, stages: Stage | Sequence[Stage], ckpt_path: str | Path | None = None
+        self,
+        stages: Stage | Sequence[Stage],
+        ckpt_path: str | Path | None = None,
+        *,
+        restore_best: bool = False,
     ) -> None:
         """Run a plan: for each stage, its frozen pattern (``freeze_to``), its weight decay and
         its schedule over its epochs, in a fresh Trainer. Every fit method comes here.
@@ -403,15 +410,28 @@ class Learner:
             ckpt_path: Resume the same plan from a checkpoint (a path, or ``"last"``): the stages
                 it had finished are skipped and the one it was in resumes from it (weights,
                 optimizer state, freeze pattern, schedule position, recorder, epoch).
+            restore_best: Give every stage ``restore_best=True``: at each stage's end, the
+                weights of its best epoch (by the stage's ``monitor``) are loaded before the
+                next stage. A stage with ``patience`` ends at its plateau (see
+                ``docs/plans.md``).
 
         Raises:
             ValueError: A stage does not fit the model (``freeze_to`` out of range, ``lr_max``
-                of the wrong length); nothing has run then.
+                of the wrong length) or monitors a value no epoch provides; nothing has run then.
 
         Examples:
             >>> learn.fit_stages(Stage.from_milestones(milestones))  # doctest: +SKIP
         """
         stages = check_plan(stages, self.n_groups, self.lr)
+        if restore_best:
+            stages = [dataclasses.replace(s, restore_best=restore_best) for s in stages]
+        validates = self.valid_dl is not None or self.datamodule is not None
+        epoch_values = getattr(self.module, "epoch_values", None)  # None: the user's module
+        check_monitors(
+            stages,
+            None if epoch_values is None else epoch_values(validates),
+            sharded=is_sharding_strategy(self.runner.trainer_kwargs.get("strategy")),
+        )
         self.runner.check_schedulable()
         schedulers = [stage_scheduler(stage, self.opt, self.lr, self.moms) for stage in stages]
         plan = self.runner.describe_fit(
@@ -432,8 +452,9 @@ class Learner:
                 frozen, previous = None, None
             self._enter_stage(frozen, previous=previous, wd=stages[k].wd)
             record = FitRecord(learner=self._id, run=self._run, stage=k, plan=plan)
+            watch = [StagePlateau(stages[k], schedulers[k])] if stages[k].watches else []
             self.trainer = self.runner.fit_stage(
-                stages[k], schedulers[k], record, self._frozen, resume if resuming else None
+                stages[k], schedulers[k], record, self._frozen, resume if resuming else None, watch
             )
 
     # ----------------------------------------------------------------------------- previews
@@ -448,11 +469,21 @@ class Learner:
         """The schedule ``fine_tune`` would use (both phases), without training."""
         return self.preview_stages(fine_tune_stages(epochs, **kwargs))
 
-    def preview_stages(self, stages: Stage | Sequence[Stage]) -> SchedulePreview:
-        """The schedule ``fit_stages`` would use, stage by stage, without training."""
+    def preview_stages(
+        self, stages: Stage | Sequence[Stage], plateau_at: Mapping[int, int] | None = None
+    ) -> SchedulePreview:
+        """The schedule ``fit_stages`` would use, stage by stage, without training: a stage with
+        ``patience`` over its maximum epochs, or, with ``plateau_at={stage_index: epoch}``, as it
+        runs when its plateau is detected at the end of its epoch ``epoch`` (0-based)."""
         plan = check_plan(stages, self.n_groups, self.lr)
         return preview_plan(
-            plan, self.opt, self._frozen, self.runner.steps_per_epoch(), self.lr, self.moms
+            plan,
+            self.opt,
+            self._frozen,
+            self.runner.steps_per_epoch(),
+            self.lr,
+            self.moms,
+            plateau_at=plateau_at,
         )
 
     # ----------------------------------------------------------------------------- lr_find

@@ -165,8 +165,11 @@ class Recorder(Callback):
         alone."""
         self._losses.extend(math.nan if v is None else v for v in self._step_losses.read())
 
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def epoch_row(self, trainer: pl.Trainer) -> dict[str, float]:
+        """The row the epoch ending now gets in `values` (``time`` aside): ``epoch``, the smoothed
+        ``train_loss``, then what the epoch logged (``valid_loss``, metrics). Callbacks that act
+        at an epoch's end (a plateau-driven stage) read the values from here, before the row is
+        added."""
         self._flush_losses()
         row = {
             "epoch": float(self.epoch_offset + trainer.current_epoch),
@@ -176,6 +179,11 @@ class Recorder(Callback):
             if key.startswith("train"):
                 continue
             row[key] = float(value) if isinstance(value, (torch.Tensor, float, int)) else math.nan
+        return row
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        row = self.epoch_row(trainer)
         row["time"] = time.perf_counter() - self._epoch_start
         self.values.append(row)
         self._epoch_steps.append(len(self._lrs) - 1)

@@ -25,6 +25,7 @@ from difflr.optim.param_groups import (
     write_hypers,
 )
 from difflr.policy.lr import LRSpec
+from difflr.policy.plateau import Anneal
 from difflr.policy.schedules import DEFAULT_MOMS, Schedule, sample, values_at
 from difflr.policy.stages import Stage
 
@@ -41,7 +42,8 @@ class ParamScheduler(Callback):
     is Lightning's ``trainer.estimated_stepping_batches`` (which accounts for
     ``accumulate_grad_batches``, ``limit_train_batches``, ``max_steps`` and DDP sharding) unless
     given. Steps past the end keep the final value. The step counter is saved in checkpoints, so a
-    resumed fit continues the same curve.
+    resumed fit continues the same curve. `anneal` starts a plateau's tail
+    (`difflr.policy.plateau.Anneal`): from then on ``pct`` is remapped, and the tail is saved too.
 
     Args:
         lr_sched: ``pct -> array`` of one LR per layer group.
@@ -67,11 +69,20 @@ class ParamScheduler(Callback):
         self._n_groups = 0
         self._key: str | None = None
         self._total = 1
+        self.tail: Anneal | None = None
+
+    def anneal(self, optimizer: torch.optim.Optimizer, steps: int, pct_start: float) -> Anneal:
+        """Jump to the annealing phase now: the next ``steps`` optimizer steps run the schedule
+        from ``max(pct_now, pct_start)`` to 1 (`difflr.policy.plateau.Anneal.at`); the next
+        step's values are put in place."""
+        self.tail = Anneal.at(self.step, self._total, steps, pct_start)
+        self._apply(optimizer)
+        return self.tail
 
     def values(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The LRs and momentums (one per layer group) of optimizer step ``step`` (0-based)."""
         n_groups = self._n_groups or np.asarray(self.lr_sched(0.0)).size
-        return values_at(self.lr_sched, self.mom_sched, step, self._total, n_groups)
+        return values_at(self.lr_sched, self.mom_sched, step, self._total, n_groups, self.tail)
 
     def schedule(
         self, total_steps: int, index: Sequence[int]
@@ -134,11 +145,15 @@ class ParamScheduler(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
+        state: dict[str, Any] = {"step": self.step}
+        if self.tail is not None:
+            state["tail"] = self.tail.to_list()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step = int(state_dict["step"])
+        self.tail = Anneal.from_list(state_dict.get("tail"))
 
 
 def single_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from difflr.callbacks.plateau import StagePlateau
 from difflr.callbacks.scheduler import ParamScheduler, stage_scheduler
 from difflr.groups.freezing import apply_freeze, frozen_norms_eval
 from difflr.groups.layers import LayerGroup, Splitter
@@ -23,6 +23,7 @@ from difflr.groups.splitters import split_model
 from difflr.optim.param_groups import GROUP_INDEX_KEY, build_param_groups
 from difflr.optim.stage_entry import enter_stage
 from difflr.policy.freeze import frozen_pattern
+from difflr.policy.plateau import Anneal
 from difflr.policy.schedules import DEFAULT_MOMS, steps_per_epoch
 from difflr.policy.stages import Stage, check_plan
 from difflr.utils.checks import check_moms, user_stacklevel
@@ -55,7 +56,14 @@ class GradualUnfreezing(Callback):
         moms: Default one-cycle momentum for stages without their own.
 
     Every stage needs its own ``lr_max`` here (there is no Learner to take a default from); a
-    stage with ``freeze_to=None`` keeps the pattern of the stage before it.
+    stage with ``freeze_to=None`` keeps the pattern of the stage before it. A stage with
+    ``patience`` ends at its plateau (after its annealing tail) and the next one starts at the
+    next epoch, so the stages' first epochs are known only as they happen (`starts`); in a plan
+    with such stages the fit stops when the last stage ends (give ``max_epochs`` >= the plan's
+    maximum). ``restore_best`` loads the stage's best weights at its end,
+    before that epoch's checkpoint. A ``monitor`` is read from the epoch's logged values (the
+    recorder's smoothed ``train_loss`` if a `difflr.Recorder` is among the callbacks) and a
+    missing one is refused at the stage's first epoch end, naming the values there are.
 
     Examples:
         >>> cb = GradualUnfreezing([Stage(-1, 1, 1e-3), Stage(0, 2, slice(1e-5, 1e-3))])
@@ -82,11 +90,21 @@ class GradualUnfreezing(Callback):
         self._steps_per_epoch = 1
         self._scheduler: ParamScheduler | None = None
         self._scheduler_stage = -1
+        self._watch: StagePlateau | None = None
+        #: The last epoch of each stage that ended at a plateau.
+        self.ended_at: dict[int, int] = {}
+        self._resumed: dict[str, Any] = {}
+        self._decided = -1  # the epoch whose end was decided
 
     @property
     def starts(self) -> list[int]:
-        """First epoch (0-based) of each stage."""
-        return list(np.cumsum([0] + [s.epochs for s in self.stages])[:-1])
+        """First epoch (0-based) of each stage: after a stage that ended at a plateau, the next
+        epoch; after the others, their maximum length (known once the plateau happens)."""
+        starts, start = [], 0
+        for k, stage in enumerate(self.stages):
+            starts.append(start)
+            start = self.ended_at[k] + 1 if k in self.ended_at else start + stage.epochs
+        return starts
 
     def _stage_of(self, epoch: int) -> int:
         return max(i for i, start in enumerate(self.starts) if start <= epoch)
@@ -176,10 +194,51 @@ class GradualUnfreezing(Callback):
         if self._scheduler is None or self._scheduler_stage != self.stage:
             # The stage's schedule, by the same ParamScheduler that Learner.fit_stages uses.
             current = self.stages[self.stage]
+            resumed = self._resumed if self._resumed.get("stage") == self.stage else {}
+            self._resumed = {}
             self._scheduler = stage_scheduler(current, optimizer, default_moms=self.moms)
             self._scheduler.step = self.stage_step  # > 0 when resuming inside the stage
+            self._scheduler.tail = Anneal.from_list(resumed.get("tail"))
             self._scheduler.attach(optimizer, current.n_steps(self._steps_per_epoch))
             self._scheduler_stage = self.stage
+            self._watch = None
+            if current.watches:
+                self._watch = StagePlateau(current, self._scheduler, stop=False)
+                self._watch.start(trainer)
+                if "watch" in resumed:
+                    self._watch.load_state_dict(resumed["watch"])
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The validation that ends an epoch comes before on_train_epoch_end, and a user's
+        # ModelCheckpoint may save at its end (save_on_train_epoch_end=False, or validation
+        # every n epochs): decide there, so the file holds the decision, the tail and the
+        # restored weights.
+        if (
+            trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+            and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        ):
+            self._end_of_epoch(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_of_epoch(trainer, pl_module)  # an epoch without validation
+
+    def _end_of_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._scheduler_stage != self.stage or self._decided == trainer.current_epoch:
+            return
+        self._decided = trainer.current_epoch
+        epoch, start = trainer.current_epoch, self.starts[self.stage]
+        last = epoch >= start + self.stages[self.stage].epochs - 1
+        if self._watch is not None and self._watch.end_of_epoch(trainer, pl_module, epoch - start):
+            if not last:
+                self.ended_at[self.stage] = epoch
+            last = True
+        if last and self.stage == len(self.stages) - 1 and any(s.watches for s in self.stages):
+            # A plan whose length is decided by plateaus ends the fit when its last stage ends
+            # (max_epochs is only a cap); a fixed plan keeps the last stage's final LR after it.
+            trainer.should_stop = True
 
     @override
     def on_before_optimizer_step(
@@ -201,12 +260,24 @@ class GradualUnfreezing(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "stage_step": self.stage_step}
+        state: dict[str, Any] = {
+            "stage": self.stage,
+            "stage_step": self.stage_step,
+            "ended_at": [[k, e] for k, e in sorted(self.ended_at.items())],
+        }
+        if self._scheduler is not None and self._scheduler_stage == self.stage:
+            state["tail"] = None if self._scheduler.tail is None else self._scheduler.tail.to_list()
+            if self._watch is not None:
+                state["watch"] = self._watch.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stage = int(state_dict["stage"])
         self.stage_step = int(state_dict["stage_step"])
+        self.ended_at = {int(k): int(e) for k, e in state_dict.get("ended_at", [])}
+        # Given to the stage's scheduler and watch when the resumed epoch starts.
+        self._resumed = {"stage": self.stage, **state_dict}
 
 
 def _regroup(

@@ -7,9 +7,9 @@ finished fit."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,8 +25,10 @@ from difflr.policy.lr import LRSpec
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+from difflr.policy.plateau import Anneal, stage_length
 from difflr.policy.schedules import DEFAULT_MOMS, sample
 from difflr.policy.stages import Stage, check_plan
+from difflr.utils.checks import is_int
 
 __all__ = ["SchedulePreview", "preview_plan"]
 
@@ -63,8 +65,13 @@ def preview_plan(
     steps_per_epoch: int,
     default_lr: LRSpec | None = None,
     default_moms: Sequence[float] = DEFAULT_MOMS,
+    plateau_at: Mapping[int, int] | None = None,
 ) -> SchedulePreview:
     """Every step's LR and momentum of a plan, computed by the schedulers that would train it.
+
+    A stage with ``patience`` is drawn over its maximum ``epochs`` unless ``plateau_at`` gives
+    the epoch (0-based, within the stage) at whose end its plateau is detected: it then runs
+    `difflr.policy.plateau.stage_length` epochs, its tail remapped as training remaps it.
 
     Args:
         stages: The plan, checked against the optimizer's layer groups.
@@ -73,10 +80,16 @@ def preview_plan(
         steps_per_epoch: Optimizer steps per epoch in one process.
         default_lr: What stages without ``lr_max`` use.
         default_moms: What one-cycle stages without ``moms`` use.
+        plateau_at: ``{stage_index: epoch}`` for stages with ``patience``.
+
+    Raises:
+        ValueError: ``plateau_at`` names a stage without ``patience``, or an epoch at whose end
+            no plateau can be detected (before ``patience`` epochs, or the stage's last).
     """
     index = layer_group_index(optimizer)
     n_groups = max(index) + 1
     stages = check_plan(stages, n_groups, default_lr)
+    plateau_at = _check_plateau_at(stages, plateau_at)
     lrs, moms, boundaries, trainable = [], [], [], []
     pattern = list(frozen)
     for stage in stages:
@@ -85,11 +98,15 @@ def preview_plan(
             pattern = frozen_pattern(stage.freeze_to, n_groups)
         trainable.append([not f for f in pattern])
         mom_sched = stage.mom_schedule(default_moms) if momentum_key(optimizer) else None
+        total = stage.n_steps(steps_per_epoch)
+        plateau = plateau_at.get(len(boundaries) - 1)
+        run = stage_length(stage.epochs, plateau, stage.anneal_epochs) * steps_per_epoch
+        anneal = None
+        if plateau is not None and run > (plateau + 1) * steps_per_epoch:
+            start = (plateau + 1) * steps_per_epoch
+            anneal = Anneal.at(start, total, run - start, stage.pct_start)
         stage_lrs, stage_moms = sample(
-            stage.lr_schedule(n_groups, default_lr),
-            mom_sched,
-            stage.n_steps(steps_per_epoch),
-            n_groups,
+            stage.lr_schedule(n_groups, default_lr), mom_sched, total, n_groups, anneal, run
         )
         if stage_moms is None:  # the schedule leaves momentum where it is
             stage_moms = np.tile(read_hypers(optimizer)[1], (len(stage_lrs), 1))
@@ -102,3 +119,30 @@ def preview_plan(
         boundaries,
         trainable,
     )
+
+
+def _check_plateau_at(stages: Sequence[Stage], plateau_at: Any) -> dict[int, int]:
+    if plateau_at is None:
+        return {}
+    if not isinstance(plateau_at, Mapping):
+        raise TypeError(
+            f"plateau_at must be a dict {{stage_index: epoch}}, got {plateau_at!r}; e.g. "
+            "plateau_at={1: 3} for a plateau detected at the end of stage 1's epoch 3 (0-based)."
+        )
+    checked = {}
+    for k, epoch in plateau_at.items():
+        if not (is_int(k) and 0 <= k < len(stages)) or stages[k].patience is None:
+            raise ValueError(
+                f"plateau_at names stage {k!r}, but the plan's stages with patience are "
+                f"{[i for i, s in enumerate(stages) if s.patience is not None]}."
+            )
+        stage = stages[k]
+        low, high = stage.patience - 1, stage.epochs - 2
+        if not (is_int(epoch) and low <= epoch <= high):
+            raise ValueError(
+                f"plateau_at[{k}] is {epoch!r}, but stage {k} (patience={stage.patience}, at most "
+                f"{stage.epochs} epochs) can detect a plateau only at the end of its epochs "
+                f"{low}..{high} (0-based; a plateau at its last epoch changes nothing)."
+            )
+        checked[int(k)] = int(epoch)
+    return checked

@@ -13,6 +13,8 @@ from typing import TypeAlias
 
 import numpy as np
 
+from difflr.policy.plateau import Anneal, scheduled_pct
+
 __all__ = [
     "DEFAULT_MOMS",
     "Schedule",
@@ -150,16 +152,23 @@ def steps_per_epoch(n_batches: int, accumulate_grad_batches: int = 1) -> int:
 
 
 def values_at(
-    lr_sched: Schedule, mom_sched: Schedule | None, step: int, total_steps: int, n_groups: int
+    lr_sched: Schedule,
+    mom_sched: Schedule | None,
+    step: int,
+    total_steps: int,
+    n_groups: int,
+    anneal: Anneal | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The LRs and momentums (one per layer group) of optimizer step ``step`` (0-based) of a fit
     of ``total_steps`` steps: ``pct = step / total_steps``; steps past the end keep the final value.
+    From the start of ``anneal`` (a plateau's tail) on, ``pct`` is its remapped position
+    (`difflr.policy.plateau.scheduled_pct`).
 
     Examples:
         >>> values_at(sched_const(0.1), None, 3, 4, 2)
         (array([0.1, 0.1]), None)
     """
-    pct = min(step / total_steps, 1.0)
+    pct = scheduled_pct(step, total_steps, anneal)
     lrs = np.broadcast_to(np.asarray(lr_sched(pct), dtype=float), (n_groups,))
     if mom_sched is None:
         return lrs, None
@@ -167,11 +176,20 @@ def values_at(
 
 
 def sample(
-    lr_sched: Schedule, mom_sched: Schedule | None, total_steps: int, n_groups: int
+    lr_sched: Schedule,
+    mom_sched: Schedule | None,
+    total_steps: int,
+    n_groups: int,
+    anneal: Anneal | None = None,
+    n_steps: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Every step's values of a fit of ``total_steps`` steps, as `values_at` gives them (what
     training uses): ``(lrs, moms)`` of shape ``(total_steps, n_groups)``, ``moms`` ``None`` when
-    the schedule leaves momentum alone."""
-    steps = [values_at(lr_sched, mom_sched, i, total_steps, n_groups) for i in range(total_steps)]
+    the schedule leaves momentum alone. With a plateau's ``anneal``, the first ``n_steps`` steps
+    (those the stage runs)."""
+    steps = [
+        values_at(lr_sched, mom_sched, i, total_steps, n_groups, anneal)
+        for i in range(total_steps if n_steps is None else n_steps)
+    ]
     lrs = np.array([s[0] for s in steps])
     return lrs, None if mom_sched is None else np.array([s[1] for s in steps])

@@ -20,6 +20,7 @@ import numpy as np
 
 from difflr.policy.freeze import check_freeze_to
 from difflr.policy.lr import LRSpec, expand_lrs
+from difflr.policy.plateau import Mode, check_plateau_args
 from difflr.policy.schedules import (
     DEFAULT_MOMS,
     Schedule,
@@ -113,6 +114,20 @@ class Stage:
         wd: Weight decay for this stage and later ones; ``None`` keeps the current one.
         schedule: ``"one_cycle"``, ``"flat_cos"`` or ``"constant"``.
         name: A label for error messages (``from_milestones`` sets ``"milestones[3]"``).
+        patience: Keyword-only. End the stage after this many epochs (>= 1) without improvement
+            of ``monitor`` (a *plateau*); ``epochs`` is then the maximum. ``None``: a fixed length.
+        monitor: Keyword-only. The value watched at each epoch's end, as the recorder shows it:
+            ``"valid_loss"``, ``"train_loss"`` or a metric's name.
+        mode: Keyword-only. ``"min"`` (lower is better) or ``"max"``.
+        min_delta: Keyword-only. An epoch improves when it beats the best by more than this
+            (>= 0), Lightning's ``EarlyStopping`` rule.
+        restore_best: Keyword-only. At the stage's end, load the weights (every parameter and
+            buffer) of its best epoch by ``monitor``, bit for bit, before the next stage; the
+            optimizer state is kept as it is. Also for a stage without ``patience``.
+        anneal_epochs: Keyword-only. After a plateau, the stage's schedule jumps to its
+            annealing phase: the next ``anneal_epochs`` epochs (capped by ``epochs``) run it from
+            ``max(pct_now, pct_start)`` down to its end, then the stage ends; 0 ends the stage
+            at the plateau. See `difflr.policy.plateau`.
 
     Raises:
         TypeError: A field has the wrong type.
@@ -136,6 +151,12 @@ class Stage:
     wd: float | None = None
     schedule: ScheduleKind = "one_cycle"
     name: str = field(default="", compare=False)
+    patience: int | None = field(kw_only=True, default=None)
+    monitor: str = field(kw_only=True, default="valid_loss")
+    mode: Mode = field(kw_only=True, default="min")
+    min_delta: float = field(kw_only=True, default=0.0)
+    restore_best: bool = field(kw_only=True, default=False)
+    anneal_epochs: int = field(kw_only=True, default=1)
 
     def __post_init__(self) -> None:
         try:
@@ -158,8 +179,21 @@ class Stage:
             if self.moms is not None:
                 object.__setattr__(self, "moms", check_moms(self.moms))
             check_wd(self.wd)
+            patience, min_delta, anneal_epochs = check_plateau_args(
+                self.patience, self.monitor, self.mode, self.min_delta, self.anneal_epochs
+            )
+            object.__setattr__(self, "patience", patience)
+            object.__setattr__(self, "min_delta", min_delta)
+            object.__setattr__(self, "anneal_epochs", anneal_epochs)
+            if not isinstance(self.restore_best, bool):
+                raise TypeError(f"restore_best must be True or False, got {self.restore_best!r}.")
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{self.name}: {exc}" if self.name else str(exc)) from None
+
+    @property
+    def watches(self) -> bool:
+        """Whether the stage watches ``monitor`` (it has ``patience`` or ``restore_best``)."""
+        return self.patience is not None or self.restore_best
 
     @property
     def _kind(self) -> _Kind:
@@ -199,7 +233,7 @@ class Stage:
         """What defines the stage, as plain values with every default resolved (LRs per group,
         momentums): what a checkpoint records, so that a resume can be checked against it."""
         knobs = self._kind.knobs
-        return {
+        described = {
             "schedule": self.schedule,
             "freeze_to": self.freeze_to,
             "epochs": self.epochs,
@@ -210,6 +244,16 @@ class Stage:
             "moms": None if self._kind.mom is None else list(self.moms or default_moms),
             "wd": self.wd,
         }
+        if self.watches:  # only then: a fixed plan describes itself as it always did
+            described["plateau"] = {
+                "patience": self.patience,
+                "monitor": self.monitor,
+                "mode": self.mode,
+                "min_delta": self.min_delta,
+                "restore_best": self.restore_best,
+                "anneal_epochs": self.anneal_epochs,
+            }
+        return described
 
     def n_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the stage at ``steps_per_epoch`` steps per epoch."""

@@ -322,6 +322,11 @@ class LearnerModule(pl.LightningModule):
         optimizer: Returns the optimizer to train with.
     """
 
+    def epoch_values(self, validates: bool) -> list[str]:
+        """The names of what each epoch's row holds (what a stage may monitor): ``train_loss``,
+        and with validation (``validates``) ``valid_loss`` and the metrics."""
+        return ["train_loss", *(["valid_loss", *self.metric_names] if validates else [])]
+
     def __init__(
         self,
         model: nn.Module,

@@ -380,10 +380,12 @@ class Runner:
         record: FitRecord,
         frozen: Sequence[bool],
         resume: Resume | None = None,
+        callbacks: Sequence[pl.Callback] = (),
     ) -> pl.Trainer:
         """Train one `difflr.policy.stages.Stage` in a fresh Trainer (resuming it from ``resume``),
         its checkpoints holding ``record`` with this stage's frozen pattern and timeline offsets
-        (see `difflr.training.checkpoints.FitState`); returns the Trainer."""
+        (see `difflr.training.checkpoints.FitState`), with the stage's own ``callbacks`` (its
+        `difflr.callbacks.plateau.StagePlateau`); returns the Trainer."""
         if not any(p.requires_grad for p in self.module.parameters()):
             raise ValueError(
                 "nothing would train: every parameter is frozen (every layer group frozen, and "
@@ -396,7 +398,7 @@ class Runner:
             dataclasses.replace(record, frozen=tuple(frozen), offsets=tuple(self.offsets())),
             loaders=(self.data.train_dl, self.data.valid_dl),
         )
-        trainer = self.trainer([scheduler, state], max_epochs=stage.epochs)
+        trainer = self.trainer([scheduler, state, *callbacks], max_epochs=stage.epochs)
         self.fit(trainer, scheduler, ckpt_path=None if resume is None else resume.path)
         return trainer
 
