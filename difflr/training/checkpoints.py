@@ -268,16 +268,9 @@ class FitRecord:
         if self.rng is not None and not isinstance(self.rng, RngState):
             raise bad("rng", type(self.rng).__name__, "an RngState")
         found = self.found_lrs
-        if not (
-            isinstance(found, Mapping)
-            and all(
-                is_int(k)
-                and 0 <= k <= self.stage
-                and isinstance(v, float)
-                and math.isfinite(v)
-                and v > 0
-                for k, v in found.items()
-            )
+        if not isinstance(found, Mapping) or not all(
+            is_int(k) and 0 <= k <= self.stage and isinstance(v, float) and 0 < v < math.inf
+            for k, v in found.items()
         ):
             raise bad("found_lrs", found, f"{{stage: lr > 0}} for stages in [0, {self.stage}]")
 
@@ -324,9 +317,7 @@ class FitRecord:
                 **{f: state[f] for f in fields},
                 at_epoch_end=state["at_epoch_end"],
                 rng=RngState.from_record(state["rng"], str(path)),
-                # Absent from the records of plans without a found LR, before difflr had them:
-                # a plan that needs one refuses such a record (`Resume.found_lrs`).
-                found_lrs=state.get("found_lrs", {}),
+                found_lrs=state.get("found_lrs", {}),  # absent: none (older records)
             )
         except (TypeError, AttributeError) as error:  # a field of an unexpected kind
             raise ValueError(f"{path}'s fit record is malformed ({error}).") from None
@@ -408,8 +399,7 @@ class FitState(Callback):
 @dataclass(frozen=True)
 class Resume:
     """Where a fit resumes: the checkpoint, its stage and frozen pattern, the fit call's id, the
-    timeline offsets when that stage started, and the LRs found by the range tests of the stages
-    that had started (`FitRecord.found_lrs`)."""
+    timeline offsets when that stage started and the LRs found so far (`FitRecord.found_lrs`)."""
 
     path: Path
     stage: int
