@@ -58,6 +58,7 @@ from difflr.training.sharding import (
     load_sharded,
     save_sharded,
 )
+from difflr.training.stage_lr import check_found_lrs, find_stage_lr
 from difflr.utils.checks import check_moms, check_wd
 from difflr.utils.files import export_model, load_state, state_file, write_state
 
@@ -405,6 +406,13 @@ class Learner:
         """Run a plan: for each stage, its frozen pattern (``freeze_to``), its weight decay and
         its schedule over its epochs, in a fresh Trainer. Every fit method comes here.
 
+        A stage whose ``lr_max`` names a suggestion (``Stage(0, 3, "valley", lr_mult=100)``)
+        finds its LR when it starts: with its frozen pattern in place, the range test
+        (``lr_find``, which leaves the Learner exactly as it was) sweeps with the stage's ratios
+        between groups, and the suggestion ``s`` (the head's LR) becomes its ``lr_max``
+        (``slice(s / lr_mult, s)``). ``recorder.lr_finds`` and ``recorder.stage_lrs`` keep each
+        sweep and LR, and the checkpoints record the LR, which a resume uses instead of sweeping.
+
         Args:
             stages: A ``Stage`` or a list of them, e.g. ``Stage.from_milestones(milestones)``.
             ckpt_path: Resume the same plan from a checkpoint (a path, or ``"last"``): the stages
@@ -417,7 +425,10 @@ class Learner:
 
         Raises:
             ValueError: A stage does not fit the model (``freeze_to`` out of range, ``lr_max``
-                of the wrong length) or monitors a value no epoch provides; nothing has run then.
+                of the wrong length) or monitors a value no epoch provides, a stage that finds its LR
+                cannot sweep (``limit_train_batches=0``) or is resumed from a checkpoint that lacks
+                the LR it found; nothing has run then. A range test that suggests no finite LR
+                stops the plan at that stage's start (the stages before it are done).
 
         Examples:
             >>> learn.fit_stages(Stage.from_milestones(milestones))  # doctest: +SKIP
@@ -433,14 +444,19 @@ class Learner:
             sharded=is_sharding_strategy(self.runner.trainer_kwargs.get("strategy")),
         )
         self.runner.check_schedulable()
-        schedulers = [stage_scheduler(stage, self.opt, self.lr, self.moms) for stage in stages]
+        # A stage that finds its LR gets its scheduler once the LR is known.
+        schedulers = [
+            None if stage.finds_lr else stage_scheduler(stage, self.opt, self.lr, self.moms)
+            for stage in stages
+        ]
         plan = self.runner.describe_fit(
             stages, self.lr, self.moms, group_fingerprint(self.model, self.splits)
         )
         resume = self.runner.resume_point(ckpt_path, plan, self._id, self._run)
+        found = check_found_lrs(stages, self.runner, resume)  # {stage: LR found}, resumed ones
         self._run = uuid.uuid4().hex if resume is None else resume.run
         self.recorder.reset()
-        self._peak_lrs = [max(lrs) for lrs in zip(*(s.lrs(self.n_groups, self.lr) for s in stages))]
+        self._note_peak_lrs(stages, found)
         self.runner.table.start()
         for k in range(0 if resume is None else resume.stage, len(stages)):
             resuming = resume is not None and k == resume.stage
@@ -451,11 +467,29 @@ class Learner:
             else:
                 frozen, previous = None, None
             self._enter_stage(frozen, previous=previous, wd=stages[k].wd)
-            record = FitRecord(learner=self._id, run=self._run, stage=k, plan=plan)
-            watch = [StagePlateau(stages[k], schedulers[k])] if stages[k].watches else []
-            self.trainer = self.runner.fit_stage(
-                stages[k], schedulers[k], record, self._frozen, resume if resuming else None, watch
+            stage, scheduler = stages[k], schedulers[k]
+            if stage.finds_lr:  # swept on the pattern just entered; a resume reads the record
+                if k not in found:
+                    found[k] = find_stage_lr(self, stage, k)
+                stage = stage.with_found_lr(found[k])
+                scheduler = stage_scheduler(stage, self.opt, self.lr, self.moms)
+                self._note_peak_lrs(stages, found)
+            record = FitRecord(
+                learner=self._id, run=self._run, stage=k, plan=plan, found_lrs=dict(found)
             )
+            watch = [StagePlateau(stage, scheduler)] if stage.watches else []
+            self.trainer = self.runner.fit_stage(
+                stage, scheduler, record, self._frozen, resume if resuming else None, watch
+            )
+
+    def _note_peak_lrs(self, stages: Sequence[Stage], found: Mapping[int, float]) -> None:
+        """The plan's peak LR per group (for `summary`), over the stages whose LR is known."""
+        known = [
+            stage.with_found_lr(found[k]) if stage.finds_lr and k in found else stage
+            for k, stage in enumerate(stages)
+        ]
+        lrs = [stage.lrs(self.n_groups, self.lr) for stage in known if not stage.finds_lr]
+        self._peak_lrs = [max(group) for group in zip(*lrs)] if lrs else None
 
     # ----------------------------------------------------------------------------- previews
     def preview_one_cycle(
@@ -470,11 +504,20 @@ class Learner:
         return self.preview_stages(fine_tune_stages(epochs, **kwargs))
 
     def preview_stages(
-        self, stages: Stage | Sequence[Stage], plateau_at: Mapping[int, int] | None = None
+        self,
+        stages: Stage | Sequence[Stage],
+        *,
+        plateau_at: Mapping[int, int] | None = None,
+        found_lrs: Mapping[int, float] | None = None,
     ) -> SchedulePreview:
-        """The schedule ``fit_stages`` would use, stage by stage, without training: a stage with
-        ``patience`` over its maximum epochs, or, with ``plateau_at={stage_index: epoch}``, as it
-        runs when its plateau is detected at the end of its epoch ``epoch`` (0-based)."""
+        """The schedule ``fit_stages`` would use, stage by stage, without training.
+
+        A stage with ``patience`` is drawn over its maximum epochs, or, with
+        ``plateau_at={stage_index: epoch}``, as it runs when its plateau is detected at the end
+        of its epoch ``epoch`` (0-based). A stage whose LR is found at its start
+        (``lr_max="valley"``) is drawn with ``found_lrs[k]`` (e.g. ``learn.recorder.stage_lrs``
+        after the fit), else with the head group's ``lr`` of the Learner as a stand-in, listed in
+        the preview's ``stand_ins``."""
         plan = check_plan(stages, self.n_groups, self.lr)
         return preview_plan(
             plan,
@@ -484,6 +527,7 @@ class Learner:
             self.lr,
             self.moms,
             plateau_at=plateau_at,
+            found_lrs=found_lrs,
         )
 
     # ----------------------------------------------------------------------------- lr_find

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -55,6 +57,10 @@ class Recorder(Callback):
         names: The layer groups' names.
         boundaries: Step indices where each Trainer of the record started.
         trainable: For each boundary, which layer groups trained.
+        lr_finds: ``{stage: {"lrs", "losses", "suggestion", "points"}}``: the range test of
+            each stage of a plan whose LR is found at its start (``Stage(lr_max="valley")``):
+            its ``(n_iter, n_groups)`` LRs, smoothed losses, the LR chosen (the head group's)
+            and the points `plot_lr_find` marks. See `stage_lrs`.
     """
 
     def __init__(self, log_hypers: bool = True) -> None:
@@ -73,6 +79,7 @@ class Recorder(Callback):
         self.epoch_offset = 0
         self._epoch_steps: list[int] = []
         self.lr_find_points: dict[str, tuple[float, float]] = {}
+        self.lr_finds: dict[int, dict[str, Any]] = {}
         self._resumed = False
         self._index: list[int] = []
         self._key: str | None = None
@@ -99,6 +106,37 @@ class Recorder(Callback):
     @property
     def losses(self) -> np.ndarray:
         return np.array(self._losses)
+
+    @property
+    def stage_lrs(self) -> dict[int, float]:
+        """``{stage: lr}``: the LR found at the start of each stage that finds its own (the head
+        group's; ``Learner.preview_stages(plan, found_lrs=recorder.stage_lrs)`` shows the
+        schedule the plan followed)."""
+        return {k: sweep["suggestion"] for k, sweep in sorted(self.lr_finds.items())}
+
+    def add_stage_lr_find(self, stage: int, suggestion: float) -> None:
+        """Keep the range test just recorded (`lrs`, `losses`, `lr_find_points`: what
+        ``lr_find`` leaves) as the one of ``stage``, with the LR chosen; call it inside
+        `set_aside`, which then puts the plan's record back around it."""
+        self.lr_finds[stage] = {
+            "lrs": self.lrs,
+            "losses": self.losses,
+            "suggestion": float(suggestion),
+            "points": dict(self.lr_find_points),
+        }
+
+    @contextmanager
+    def set_aside(self) -> Iterator[None]:
+        """Keep the record through a run that starts its own (a stage's range test resets the
+        recorder): everything recorded before it is back afterwards, with what the run added to
+        `lr_finds`."""
+        saved = dict(self.__dict__)
+        try:
+            yield
+        finally:
+            lr_finds = {**saved["lr_finds"], **self.lr_finds}
+            self.__dict__.clear()
+            self.__dict__.update(saved, lr_finds=lr_finds)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -211,6 +249,15 @@ class Recorder(Callback):
         # The smoothed-loss average, so that a resumed run continues the same curve.
         losses = self._step_losses
         state.update(_avg=float(losses.ema.avg), _count=losses.ema.count, _last_loss=losses.last)
+        state["lr_finds"] = {
+            k: {
+                "lrs": sweep["lrs"].tolist(),
+                "losses": sweep["losses"].tolist(),
+                "suggestion": sweep["suggestion"],
+                "points": {name: list(point) for name, point in sweep["points"].items()},
+            }
+            for k, sweep in self.lr_finds.items()
+        }
         return state
 
     @override
@@ -221,6 +268,15 @@ class Recorder(Callback):
         self._moms = [np.array(row) for row in self._moms]
         ema = SmoothedLoss(avg=state_dict["_avg"], count=state_dict["_count"])
         self._step_losses = StepLosses(ema, state_dict["_last_loss"])
+        self.lr_finds = {  # absent before stages found their LR
+            int(k): {
+                "lrs": np.array(sweep["lrs"]),
+                "losses": np.array(sweep["losses"]),
+                "suggestion": float(sweep["suggestion"]),
+                "points": {name: tuple(point) for name, point in sweep["points"].items()},
+            }
+            for k, sweep in state_dict.get("lr_finds", {}).items()
+        }
         self._resumed = True  # the next on_train_start continues this run, not a new one
 
     # ----------------------------------------------------------------------------- workers
@@ -252,15 +308,30 @@ class Recorder(Callback):
         ]
         return plot_loss(self.losses, valid, skip_start)
 
-    def plot_lr_find(self, skip_end: int = 5) -> Figure:
-        """The last ``lr_find``'s loss against the head group's LR, suggestions marked."""
+    def plot_lr_find(self, skip_end: int = 5, stage: int | None = None) -> Figure:
+        """The last ``lr_find``'s loss against the head group's LR, suggestions marked; with
+        ``stage``, the range test that found that stage's LR (see `lr_finds`).
+
+        Raises:
+            ValueError: Nothing recorded yet, or no range test for ``stage`` (the stages that
+                found their LR are named).
+        """
         from difflr.plotting import plot_lr_find
 
-        if not self.lr_find_points and not len(self._lrs):
-            raise ValueError("nothing recorded yet; run learn.lr_find() first.")
-        lrs, losses = self.lrs[:, -1], self.losses
+        if stage is not None:
+            if stage not in self.lr_finds:
+                raise ValueError(
+                    f"no range test recorded for stage {stage!r}; the stages that found their LR "
+                    f"in the last fit are {sorted(self.lr_finds)} (Stage(lr_max='valley'))."
+                )
+            sweep = self.lr_finds[stage]
+            lrs, losses, points = sweep["lrs"][:, -1], sweep["losses"], sweep["points"]
+        else:
+            if not self.lr_find_points and not len(self._lrs):
+                raise ValueError("nothing recorded yet; run learn.lr_find() first.")
+            lrs, losses, points = self.lrs[:, -1], self.losses, self.lr_find_points
         n = min(len(lrs), len(losses))
-        return plot_lr_find(lrs[:n], losses[:n], self.lr_find_points, min(skip_end, n - 1))
+        return plot_lr_find(lrs[:n], losses[:n], points, min(skip_end, n - 1))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -55,7 +55,9 @@ class GradualUnfreezing(Callback):
         wd_bn_bias: Also decay biases and normalisation params.
         moms: Default one-cycle momentum for stages without their own.
 
-    Every stage needs its own ``lr_max`` here (there is no Learner to take a default from); a
+    Every stage needs its own ``lr_max`` here (there is no Learner to take a default from), a
+    number or a slice: an LR found at a stage's start (``lr_max="valley"``) is refused (find it
+    with ``difflr.LRFinder(milestones=...)``, or run the plan with ``Learner.fit_stages``). A
     stage with ``freeze_to=None`` keeps the pattern of the stage before it. A stage with
     ``patience`` ends at its plateau (after its annealing tail) and the next one starts at the
     next epoch, so the stages' first epochs are known only as they happen (`starts`); in a plan
@@ -79,6 +81,15 @@ class GradualUnfreezing(Callback):
         moms: Sequence[float] = DEFAULT_MOMS,
     ) -> None:
         self.stages = check_plan(stages)  # against the model at setup
+        finding = [k for k, stage in enumerate(self.stages) if stage.finds_lr]
+        if finding:
+            raise ValueError(
+                f"stage(s) {finding} find their LR when they start (lr_max="
+                f"{self.stages[finding[0]].lr_max!r}), which needs a range test between two "
+                "fits: inside your Trainer's one fit, give them an lr_max (run "
+                "difflr.LRFinder(milestones=...) to find it at those epochs), or run the plan "
+                "with Learner.fit_stages."
+            )
         self.splitter = splitter
         self.train_bn = train_bn
         self.wd_bn_bias = wd_bn_bias

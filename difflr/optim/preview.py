@@ -8,7 +8,7 @@ finished fit."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from difflr.optim.param_groups import (
     read_hypers,
 )
 from difflr.policy.freeze import frozen_pattern
-from difflr.policy.lr import LRSpec
+from difflr.policy.lr import LRSpec, expand_lrs
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -43,6 +43,8 @@ class SchedulePreview:
         names: The layer groups' names.
         boundaries: First step of each stage.
         trainable: Which groups train in each stage.
+        stand_ins: The stages whose LR is found when they start (``lr_max="valley"``) and is
+            drawn with a stand-in (the default LR's head value), not a found one.
     """
 
     lrs: np.ndarray
@@ -50,6 +52,7 @@ class SchedulePreview:
     names: list[str]
     boundaries: list[int]
     trainable: list[list[bool]]
+    stand_ins: list[int] = field(default_factory=list)
 
     def plot_sched(self) -> Figure:
         """Every group's LR and momentum, as ``Recorder.plot_sched`` draws a finished fit."""
@@ -66,12 +69,17 @@ def preview_plan(
     default_lr: LRSpec | None = None,
     default_moms: Sequence[float] = DEFAULT_MOMS,
     plateau_at: Mapping[int, int] | None = None,
+    found_lrs: Mapping[int, float] | None = None,
 ) -> SchedulePreview:
     """Every step's LR and momentum of a plan, computed by the schedulers that would train it.
 
     A stage with ``patience`` is drawn over its maximum ``epochs`` unless ``plateau_at`` gives
     the epoch (0-based, within the stage) at whose end its plateau is detected: it then runs
     `difflr.policy.plateau.stage_length` epochs, its tail remapped as training remaps it.
+    A stage whose LR is found at its start (``lr_max="valley"``) cannot be known before it
+    runs: it is drawn with ``found_lrs[k]`` if given (``recorder.stage_lrs`` of the fit shows
+    the schedule it followed), else with the head group's ``default_lr`` as a stand-in (the
+    preview's ``stand_ins`` lists those stages).
 
     Args:
         stages: The plan, checked against the optimizer's layer groups.
@@ -81,15 +89,40 @@ def preview_plan(
         default_lr: What stages without ``lr_max`` use.
         default_moms: What one-cycle stages without ``moms`` use.
         plateau_at: ``{stage_index: epoch}`` for stages with ``patience``.
+        found_lrs: ``{stage: lr}`` for stages whose LR is found at their start.
 
     Raises:
-        ValueError: ``plateau_at`` names a stage without ``patience``, or an epoch at whose end
-            no plateau can be detected (before ``patience`` epochs, or the stage's last).
+        ValueError: A stage does not fit the optimizer's groups; ``plateau_at`` names a stage
+            without ``patience``, or an epoch at whose end no plateau can be detected (before
+            ``patience`` epochs, or the stage's last); ``found_lrs`` names a stage whose LR is
+            given, or holds an LR that is not a finite number > 0; a stage finds its LR and
+            there is neither a found LR nor a ``default_lr`` to stand in.
     """
     index = layer_group_index(optimizer)
     n_groups = max(index) + 1
     stages = check_plan(stages, n_groups, default_lr)
     plateau_at = _check_plateau_at(stages, plateau_at)
+    found = dict(found_lrs or {})
+    given = [k for k in found if not (is_int(k) and 0 <= k < len(stages) and stages[k].finds_lr)]
+    if given:
+        finding = [k for k, stage in enumerate(stages) if stage.finds_lr]
+        raise ValueError(
+            f"found_lrs names stage(s) {given}, which do not find their LR; the stages that do "
+            f"(lr_max='valley') are {finding}."
+        )
+    stand_ins = []
+    for k, stage in enumerate(stages):
+        if stage.finds_lr and k not in found:
+            if default_lr is None:
+                raise ValueError(
+                    f"stage {k} finds its LR when it starts; pass found_lrs={{{k}: lr}} to "
+                    "preview it with that LR."
+                )
+            found[k] = expand_lrs(default_lr, n_groups)[-1]
+            stand_ins.append(k)
+    stages = [
+        stage.with_found_lr(found[k]) if stage.finds_lr else stage for k, stage in enumerate(stages)
+    ]
     lrs, moms, boundaries, trainable = [], [], [], []
     pattern = list(frozen)
     for stage in stages:
@@ -118,6 +151,7 @@ def preview_plan(
         layer_group_names(optimizer),
         boundaries,
         trainable,
+        stand_ins,
     )
 
 

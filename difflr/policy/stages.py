@@ -12,6 +12,7 @@ train), previewed without training by `preview_plan`, and run inside a user's ow
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
@@ -29,17 +30,38 @@ from difflr.policy.schedules import (
     one_cycle_mom,
     sched_const,
 )
+from difflr.policy.suggestions import (
+    SuggestionFunc,
+    minimum,
+    slide,
+    steep,
+    suggestion_name,
+    valley,
+)
 from difflr.utils.checks import (
     check_choice,
     check_int,
     check_moms,
+    check_number,
     check_pct,
     check_positive,
     check_wd,
     is_int,
 )
 
-__all__ = ["ScheduleKind", "Stage", "check_plan", "fine_tune_stages"]
+__all__ = ["LR_FIND_KEYS", "SUGGESTIONS", "ScheduleKind", "Stage", "check_plan", "fine_tune_stages"]
+
+#: The suggestion functions a stage names in ``lr_max="valley"`` (any such function may also be
+#: passed itself).
+SUGGESTIONS: dict[str, SuggestionFunc] = {
+    "valley": valley,
+    "minimum": minimum,
+    "steep": steep,
+    "slide": slide,
+}
+
+#: What ``Stage(lr_find_kwargs=...)`` may set of the stage's range test.
+LR_FIND_KEYS = ("start_lr", "end_lr", "num_it", "stop_div", "snapshot")
 
 #: The schedules a stage can follow: fastai's one-cycle (LR and momentum), flat-then-cosine LR,
 #: or a constant LR (the last two leave momentum as it is). Each has its row in `_KINDS`.
@@ -106,6 +128,11 @@ class Stage:
         lr_max: Peak LR spec (the LR of ``"flat_cos"`` and ``"constant"``): a float, a ``slice``
             or one value per group; ``None`` uses the Learner's ``lr``. Zeros are allowed in a
             list (the original milestone plans give frozen groups 0): such groups do not move.
+            Or an LR found at the stage's start: a suggestion function's name (``"valley"``,
+            ``"minimum"``, ``"steep"``, ``"slide"``) or such a function ``(lrs, losses) -> lr``.
+            ``Learner.fit_stages`` then runs the LR range test (``Learner.lr_find``) once the
+            stage's frozen pattern is in place, and the suggestion ``s`` (the head group's LR)
+            becomes the peak LR (see ``lr_mult``).
         pct_start: Fraction of the steps before the LR starts to fall, in (0, 1): the warm-up
             of a one-cycle (default 0.25), the flat part of a flat-cosine (default 0.75).
         div: A one-cycle starts at ``lr_max / div``.
@@ -128,6 +155,12 @@ class Stage:
             annealing phase: the next ``anneal_epochs`` epochs (capped by ``epochs``) run it from
             ``max(pct_now, pct_start)`` down to its end, then the stage ends; 0 ends the stage
             at the plateau. See `difflr.policy.plateau`.
+        lr_mult: With a found LR ``s``: the stage uses ``slice(s / lr_mult, s)`` (geometric from
+            the stem to the head, >= 1), and the range test sweeps with the same ratios between
+            groups; ``None``: every group gets ``s``. Keyword-only; only with a found LR.
+        lr_find_kwargs: Arguments of the stage's range test: ``start_lr`` and ``end_lr`` (the
+            head group's bounds, floats), ``num_it``, ``stop_div``, ``snapshot``; the rest are
+            ``Learner.lr_find``'s defaults. Keyword-only; only with a found LR.
 
     Raises:
         TypeError: A field has the wrong type.
@@ -139,6 +172,9 @@ class Stage:
         [1e-05, 0.0001, 0.001]
         >>> plan[0].n_steps(steps_per_epoch=8)
         8
+        >>> found = Stage(0, 2, "valley", lr_mult=100)  # LR found when the stage starts
+        >>> found.with_found_lr(1e-3).lr_max
+        slice(1e-05, 0.001, None)
     """
 
     freeze_to: int | None
@@ -157,9 +193,12 @@ class Stage:
     min_delta: float = field(kw_only=True, default=0.0)
     restore_best: bool = field(kw_only=True, default=False)
     anneal_epochs: int = field(kw_only=True, default=1)
+    lr_mult: float | None = field(default=None, kw_only=True)
+    lr_find_kwargs: Mapping[str, Any] | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         try:
+            self._check_found_lr()
             if self.freeze_to is not None and not is_int(self.freeze_to):
                 raise TypeError(
                     f"freeze_to must be an int or None (keep the current pattern), got "
@@ -199,9 +238,127 @@ class Stage:
     def _kind(self) -> _Kind:
         return _KINDS[self.schedule]
 
+    # ------------------------------------------------------------------------------- found LRs
+    @property
+    def finds_lr(self) -> bool:
+        """Whether the stage's peak LR is found by a range test at its start."""
+        return isinstance(self.lr_max, str) or callable(self.lr_max)
+
+    @property
+    def suggestion(self) -> SuggestionFunc | None:
+        """The suggestion function that picks a found LR (``None`` for a given LR)."""
+        if isinstance(self.lr_max, str):
+            return SUGGESTIONS[self.lr_max]
+        return self.lr_max if callable(self.lr_max) else None
+
+    def sweep_bounds(self) -> tuple[LRSpec, LRSpec]:
+        """``(start_lr, end_lr)`` of the stage's range test, as ``Learner.lr_find`` takes them:
+        the head group's bounds (``lr_find_kwargs``, else ``lr_find``'s 1e-7 and 10), as
+        ``slice(bound / lr_mult, bound)`` with ``lr_mult``, so that the sweep keeps the ratios
+        between groups the stage trains with.
+
+        Examples:
+            >>> Stage(0, 1, "valley", lr_mult=10).sweep_bounds()
+            (slice(1e-08, 1e-07, None), slice(1.0, 10.0, None))
+        """
+        kwargs = self.lr_find_kwargs or {}
+        bounds = float(kwargs.get("start_lr", 1e-7)), float(kwargs.get("end_lr", 10.0))
+        if self.lr_mult is None:
+            return bounds
+        start, end = (slice(b / self.lr_mult, b) for b in bounds)
+        return start, end
+
+    def with_found_lr(self, lr: float) -> Stage:
+        """This stage with the LR its range test found (``lr``, the head group's), as a stage
+        with a given LR: ``lr_max=slice(lr / lr_mult, lr)`` (``lr`` without ``lr_mult``).
+
+        Raises:
+            ValueError: The stage has a given LR, or ``lr`` is not a finite number > 0 (a range
+                test without enough finite points suggests NaN).
+        """
+        label = f"{self.name}: " if self.name else ""
+        if not self.finds_lr:
+            raise ValueError(f"{label}this stage's LR is given (lr_max={self.lr_max!r}).")
+        if (
+            isinstance(lr, bool)
+            or not isinstance(lr, (int, float, np.floating))
+            or not (np.isfinite(lr) and lr > 0)
+        ):
+            raise ValueError(
+                f"{label}the range test suggested lr={lr!r}, not a finite LR > 0 (the sweep "
+                "recorded too few finite points); give the stage more iterations "
+                "(lr_find_kwargs={'num_it': ...}), a lower end_lr, or a given lr_max."
+            )
+        lr = float(lr)
+        spec: LRSpec = lr if self.lr_mult is None else slice(lr / self.lr_mult, lr)
+        return dataclasses.replace(self, lr_max=spec, lr_mult=None, lr_find_kwargs=None)
+
+    def _check_found_lr(self) -> None:
+        if isinstance(self.lr_max, str) and self.lr_max not in SUGGESTIONS:
+            raise ValueError(
+                f"lr_max={self.lr_max!r} is not a suggestion function; name one of "
+                f"{sorted(SUGGESTIONS)} (or pass a function (lrs, losses) -> lr, or an LR)."
+            )
+        if not self.finds_lr:
+            for arg in ("lr_mult", "lr_find_kwargs"):
+                if getattr(self, arg) is not None:
+                    raise ValueError(
+                        f"{arg}={getattr(self, arg)!r} is for an LR found at the stage's start "
+                        f"(lr_max='valley'), but lr_max={self.lr_max!r}"
+                        + (
+                            "; for discriminative LRs pass lr_max=slice(lo, hi)."
+                            if arg == "lr_mult"
+                            else "; drop it."
+                        )
+                    )
+            return
+        if self.lr_mult is not None:
+            object.__setattr__(
+                self,
+                "lr_mult",
+                check_number(
+                    self.lr_mult,
+                    "lr_mult",
+                    1,
+                    open_low=False,
+                    what="the head's LR over the first group's",
+                    example="100",
+                ),
+            )
+        kwargs = self.lr_find_kwargs
+        if kwargs is None:
+            return
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"lr_find_kwargs must be a dict, got {kwargs!r}.")
+        unknown = sorted(set(kwargs) - set(LR_FIND_KEYS))
+        if unknown:
+            raise ValueError(
+                f"lr_find_kwargs has unknown key(s) {unknown}; a stage's range test takes "
+                f"{list(LR_FIND_KEYS)} (its suggestion is lr_max, and it shows no plot)."
+            )
+        start = check_positive(kwargs.get("start_lr", 1e-7), "lr_find_kwargs['start_lr']")
+        end = check_positive(kwargs.get("end_lr", 10.0), "lr_find_kwargs['end_lr']")
+        if start >= end:
+            raise ValueError(
+                f"lr_find_kwargs: start_lr={start!r} must be below end_lr={end!r}; e.g. "
+                "{'start_lr': 1e-7, 'end_lr': 10}."
+            )
+        check_int(kwargs.get("num_it", 100), "lr_find_kwargs['num_it']", 2, what="iterations")
+        check_choice(
+            kwargs.get("snapshot", "memory"), "lr_find_kwargs['snapshot']", ("memory", "disk")
+        )
+        check_choice(kwargs.get("stop_div", True), "lr_find_kwargs['stop_div']", (True, False))
+        object.__setattr__(self, "lr_find_kwargs", dict(kwargs))
+
     # ------------------------------------------------------------------------------- the model
     def lrs(self, n_groups: int, default: LRSpec | None = None) -> list[float]:
         """The stage's peak LR per layer group (``default`` stands in for ``lr_max=None``)."""
+        if self.finds_lr:
+            raise ValueError(
+                f"{self.name + ': ' if self.name else ''}this stage's LR is found when it starts "
+                f"(lr_max={suggestion_name(self.suggestion)!r}); take "
+                "stage.with_found_lr(lr).lrs(n_groups)."
+            )
         spec = default if self.lr_max is None else self.lr_max
         if spec is None:
             raise ValueError("this stage has no lr_max; pass one, or run it through a Learner.")
@@ -222,7 +379,8 @@ class Stage:
                 check_freeze_to(self.freeze_to, n_groups)
             except ValueError as exc:
                 raise ValueError(f"{self.name}: {exc}" if self.name else str(exc)) from None
-        self.lrs(n_groups, default_lr)
+        if not self.finds_lr:  # a found LR is checked when it is found (`with_found_lr`)
+            self.lrs(n_groups, default_lr)
 
     def describe(
         self,
@@ -233,11 +391,21 @@ class Stage:
         """What defines the stage, as plain values with every default resolved (LRs per group,
         momentums): what a checkpoint records, so that a resume can be checked against it."""
         knobs = self._kind.knobs
+        found = {}
+        if self.finds_lr:  # the LR found is recorded apart (the fit record's found_lrs)
+            found = {
+                "lr_find": {
+                    "suggestion": suggestion_name(self.suggestion),
+                    "lr_mult": self.lr_mult,
+                    **(self.lr_find_kwargs or {}),
+                }
+            }
         described = {
             "schedule": self.schedule,
             "freeze_to": self.freeze_to,
             "epochs": self.epochs,
-            "lrs": self.lrs(n_groups, default_lr),
+            "lrs": None if self.finds_lr else self.lrs(n_groups, default_lr),
+            **found,
             "pct_start": self.pct_start if "pct_start" in knobs else None,
             "div": self.div if "div" in knobs else None,
             "div_final": self.div_final if "div_final" in knobs else None,

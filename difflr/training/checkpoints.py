@@ -203,6 +203,9 @@ class FitRecord:
         epochs_done: Epochs of the stage whose training had finished when it was written.
         at_epoch_end: Whether it was written at an epoch's end (only those resume exactly).
         rng: The RNG states (with the data loaders' generators); ``None`` before a save.
+        found_lrs: ``{stage: lr}``, the LR found by the range test of each stage up to this one
+            whose ``lr_max`` names a suggestion (``Stage(lr_max="valley")``): a resume uses them
+            instead of sweeping again.
 
     Raises:
         ValueError: A field is missing, of the wrong type or out of range (an edited file).
@@ -217,6 +220,7 @@ class FitRecord:
     epochs_done: int = 0
     at_epoch_end: bool = True
     rng: RngState | None = None
+    found_lrs: Mapping[int, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, expected: str) -> ValueError:
@@ -263,6 +267,12 @@ class FitRecord:
             raise bad("at_epoch_end", self.at_epoch_end, "a bool")
         if self.rng is not None and not isinstance(self.rng, RngState):
             raise bad("rng", type(self.rng).__name__, "an RngState")
+        found = self.found_lrs
+        if not isinstance(found, Mapping) or not all(
+            is_int(k) and 0 <= k <= self.stage and isinstance(v, float) and 0 < v < math.inf
+            for k, v in found.items()
+        ):
+            raise bad("found_lrs", found, f"{{stage: lr > 0}} for stages in [0, {self.stage}]")
 
     def to_checkpoint(self) -> dict[str, Any]:
         """Plain values and tensors, as a checkpoint holds them (``weights_only=True``)."""
@@ -278,6 +288,7 @@ class FitRecord:
             "epochs_done": self.epochs_done,
             "at_epoch_end": self.at_epoch_end,
             "rng": None if self.rng is None else self.rng.to_record(),
+            "found_lrs": dict(self.found_lrs),
         }
 
     @classmethod
@@ -306,6 +317,7 @@ class FitRecord:
                 **{f: state[f] for f in fields},
                 at_epoch_end=state["at_epoch_end"],
                 rng=RngState.from_record(state["rng"], str(path)),
+                found_lrs=state.get("found_lrs", {}),  # absent: none (older records)
             )
         except (TypeError, AttributeError) as error:  # a field of an unexpected kind
             raise ValueError(f"{path}'s fit record is malformed ({error}).") from None
@@ -386,14 +398,15 @@ class FitState(Callback):
 
 @dataclass(frozen=True)
 class Resume:
-    """Where a fit resumes: the checkpoint, its stage and frozen pattern, the fit call's id and
-    the timeline offsets when that stage started."""
+    """Where a fit resumes: the checkpoint, its stage and frozen pattern, the fit call's id, the
+    timeline offsets when that stage started and the LRs found so far (`FitRecord.found_lrs`)."""
 
     path: Path
     stage: int
     frozen: list[bool]
     run: str
     offsets: list[int]
+    found_lrs: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 def read_fit_state(path: Path) -> FitRecord:

@@ -368,7 +368,9 @@ class Runner:
             path = resolve_checkpoint(self.path / "checkpoints", ckpt_path)
             saved = read_fit_state(path)
             stage, frozen = check_resume(saved, plan, learner=learner, last_run=last_run, path=path)
-            return Resume(path, stage, frozen, saved.run, list(saved.offsets))
+            return Resume(
+                path, stage, frozen, saved.run, list(saved.offsets), dict(saved.found_lrs)
+            )
 
         # Rank 0 wrote the checkpoint, with its own Learner's and fit's ids: it decides for all.
         return rank_zero_decides(decide)
