@@ -3,7 +3,9 @@
 Each fit method is a few lines that describe the training as a plan of `Stage`s and hand it to
 `Learner.fit_stages`; each ``preview_*`` hands the same plan to `difflr.optim.preview.preview_plan`, so a
 preview and the training cannot disagree. Building and running the Trainers is the `Runner`'s
-job (``learn.runner``); files are `difflr.utils.files`'s and `difflr.training.checkpoints`'s.
+job (``learn.runner``); ``save``, ``load`` and ``export`` come from
+`difflr.training.persistence.Persistence`, the checkpoints of a fit from
+`difflr.training.checkpoints`.
 """
 
 from __future__ import annotations
@@ -21,13 +23,7 @@ from torch import nn
 from difflr import predictions
 from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import stage_scheduler
-from difflr.groups.adapters import (
-    check_lora_plus_ratio,
-    has_adapters,
-    lora_plus_scales,
-    merged_copy,
-    saved_part,
-)
+from difflr.groups.adapters import check_lora_plus_ratio, lora_plus_scales
 from difflr.groups.freezing import trainable_flags
 from difflr.groups.layers import LayerGroup, Splitter, group_fingerprint, warn_single_group
 from difflr.groups.splitters import split_model
@@ -47,21 +43,15 @@ from difflr.training.loaders import check_vocab, defines_hook, find_vocab
 from difflr.training.loggers import make_logger
 from difflr.training.lr_finder import lr_find
 from difflr.training.module import make_module
+from difflr.training.persistence import Persistence
 from difflr.training.runner import Runner
-from difflr.training.sharding import (
-    Sharding,
-    check_unsharded,
-    is_sharded,
-    load_sharded,
-    save_sharded,
-)
+from difflr.training.sharding import Sharding, check_unsharded
 from difflr.utils.checks import check_moms, check_wd
-from difflr.utils.files import export_model, load_state, state_file, write_state
 
 __all__ = ["Learner"]
 
 
-class Learner:
+class Learner(Persistence):
     """Fine-tune a model with layer groups, discriminative LRs, freezing and the one-cycle policy.
 
     The model and one optimizer (with a param group per layer group, frozen ones included) live
@@ -550,72 +540,6 @@ class Learner:
         """
         check_unsharded(self.model, "predict(x)", "use get_preds(dl) on every rank")
         return predictions.predict(self.runner, x, vocab=self.vocab, is_batch=is_batch)
-
-    # ----------------------------------------------------------------------------- persistence
-    def save(self, name: str | Path, with_opt: bool = True) -> Path:
-        """Save the weights, the freeze pattern and the optimizer state to
-        ``path/models/{name}.pth`` (or a ``pathlib.Path``), atomically (`difflr.utils.files`).
-        Of a ``peft`` adapter model only the adapters (and ``modules_to_save``) are written, not
-        the frozen base weights.
-
-        Under ``ModelParallelStrategy`` the state is gathered from every rank (call it on every
-        rank) and rank 0 writes the file an unsharded Learner writes.
-
-        Raises:
-            ValueError: ``name`` would leave ``path/models`` (a separator, ``..``).
-            OSError: The write failed; the previous file is unchanged.
-        """
-        file = state_file(self.path / "models", name)
-        groups = group_fingerprint(self.model, self.splits)
-        opt = self.opt if with_opt else None
-        if is_sharded(self.model):  # gathered from every rank: call it on every rank
-            return save_sharded(file, self.model, self._frozen, opt, groups)
-        # An adapter model's file holds its adapters only (what trains), as peft saves them.
-        return write_state(file, saved_part(self.model, self.splits), self._frozen, opt, groups)
-
-    def load(self, name: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
-        """Load what `save` wrote (a name under ``path/models``, or a ``pathlib.Path``): read
-        without running code, and checked against the model and its layer groups before
-        anything is loaded, all or nothing (`difflr.utils.files.load_state`).
-
-        Raises:
-            FileNotFoundError: No such file.
-            ValueError: The file is not a plain, complete state, or does not fit.
-        """
-        file = state_file(self.path / "models", name)
-        groups = group_fingerprint(self.model, self.splits)
-        opt = self.opt if with_opt else None
-        if is_sharded(self.model):
-            frozen = load_sharded(file, self.model, opt, groups, strict)
-        else:
-            frozen = load_state(file, saved_part(self.model, self.splits), opt, groups, strict)
-        if frozen is not None and len(frozen) == self.n_groups:
-            self._enter_stage(frozen, previous=frozen)  # with the optimizer state just loaded
-        return self
-
-    def export(self, fname: str | Path = "export.pt", merge_adapters: bool | None = None) -> Path:
-        """Write the model (architecture and weights, in eval mode) for inference to
-        ``path/fname`` (a plain file name; a ``pathlib.Path`` to write elsewhere); read it back
-        with ``torch.load(file, weights_only=False)`` — a pickle, so only from a source you trust.
-
-        Args:
-            fname: File name under ``path``.
-            merge_adapters: Write a ``peft`` adapter model with its adapters merged into the base
-                weights and without ``peft``'s wrappers (``merge_and_unload``, on a copy: the
-                Learner's model keeps its adapters); ``None``: merge when the model has
-                adapters; ``False``: write it as it is (loading it then needs ``peft``).
-
-        Raises:
-            ValueError: ``fname`` would leave ``path`` (a separator, ``..``), as in `save`; the
-                model is sharded (save() the full state and load it into an unsharded model);
-                ``merge_adapters=True`` for a model without adapters.
-        """
-        check_unsharded(
-            self.model, "export()", "save() the full state and load it into an unsharded model"
-        )
-        merge = has_adapters(self.model) if merge_adapters is None else merge_adapters
-        model = merged_copy(self.model) if merge else self.model
-        return export_model(model, state_file(self.path, fname, suffix=""))
 
     # ----------------------------------------------------------------------------- inspection
     def summary(self) -> str:
