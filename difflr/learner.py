@@ -3,7 +3,9 @@
 Each fit method is a few lines that describe the training as a plan of `Stage`s and hand it to
 `Learner.fit_stages`; each ``preview_*`` hands the same plan to `difflr.optim.preview.preview_plan`, so a
 preview and the training cannot disagree. Building and running the Trainers is the `Runner`'s
-job (``learn.runner``); files are `difflr.utils.files`'s and `difflr.training.checkpoints`'s.
+job (``learn.runner``); ``save``, ``load`` and ``export`` come from
+`difflr.training.persistence.Persistence`, the checkpoints of a fit from
+`difflr.training.checkpoints`.
 """
 
 from __future__ import annotations
@@ -23,13 +25,7 @@ from difflr import predictions
 from difflr.callbacks.plateau import StagePlateau, check_monitors
 from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import stage_scheduler
-from difflr.groups.adapters import (
-    check_lora_plus_ratio,
-    has_adapters,
-    lora_plus_scales,
-    merged_copy,
-    saved_part,
-)
+from difflr.groups.adapters import check_lora_plus_ratio, lora_plus_scales
 from difflr.groups.freezing import trainable_flags
 from difflr.groups.layers import LayerGroup, Splitter, group_fingerprint, warn_single_group
 from difflr.groups.splitters import split_model
@@ -41,31 +37,25 @@ from difflr.optim.summary import summary_table
 from difflr.policy.freeze import check_freeze_to, frozen_pattern
 from difflr.policy.lr import LRSpec, expand_lrs
 from difflr.policy.schedules import DEFAULT_MOMS
-from difflr.policy.stages import Stage, check_plan, fine_tune_stages
+from difflr.policy.stages import Stage, check_plan
 from difflr.policy.suggestions import SuggestedLRs, valley
 from difflr.training.checkpoints import FitRecord
 from difflr.training.data import Data
+from difflr.training.fit_methods import FitMethods
 from difflr.training.loaders import check_vocab, defines_hook, find_vocab
 from difflr.training.loggers import make_logger
 from difflr.training.lr_finder import lr_find
 from difflr.training.module import make_module
+from difflr.training.persistence import Persistence
 from difflr.training.runner import Runner
-from difflr.training.sharding import (
-    Sharding,
-    check_unsharded,
-    is_sharded,
-    is_sharding_strategy,
-    load_sharded,
-    save_sharded,
-)
+from difflr.training.sharding import Sharding, check_unsharded, is_sharding_strategy
 from difflr.training.stage_lr import check_found_lrs, find_stage_lr
 from difflr.utils.checks import check_moms, check_wd
-from difflr.utils.files import export_model, load_state, state_file, write_state
 
 __all__ = ["Learner"]
 
 
-class Learner:
+class Learner(FitMethods, Persistence):
     """Fine-tune a model with layer groups, discriminative LRs, freezing and the one-cycle policy.
 
     The model and one optimizer (with a param group per layer group, frozen ones included) live
@@ -300,102 +290,6 @@ class Learner:
             self.wd = wd
 
     # ----------------------------------------------------------------------------- fitting
-    def fit(
-        self,
-        n_epoch: int,
-        lr: LRSpec | None = None,
-        wd: float | None = None,
-        ckpt_path: str | Path | None = None,
-    ) -> None:
-        """Train ``n_epoch`` epochs at a constant LR per group (momentum left as it is).
-
-        Args:
-            n_epoch: Number of epochs (>= 1).
-            lr: LR spec; ``None`` uses the Learner's ``lr``.
-            wd: Weight decay for this and later fits; ``None`` keeps the current one.
-            ckpt_path: Resume this fit from a checkpoint (see `fit_one_cycle`).
-        """
-        self.fit_stages(Stage(None, n_epoch, lr, wd=wd, schedule="constant"), ckpt_path)
-
-    def fit_one_cycle(
-        self,
-        n_epoch: int,
-        lr_max: LRSpec | None = None,
-        div: float = 25.0,
-        div_final: float = 1e5,
-        pct_start: float = 0.25,
-        wd: float | None = None,
-        moms: Sequence[float] | None = None,
-        ckpt_path: str | Path | None = None,
-    ) -> None:
-        """Train with the one-cycle policy: per group, LR cosine from ``lr_max/div`` up to
-        ``lr_max`` over ``pct_start`` of the steps, then down to ``lr_max/div_final``; momentum
-        cosine ``moms[0] -> moms[1] -> moms[2]``.
-
-        Args:
-            n_epoch: Number of epochs (>= 1).
-            lr_max: Peak LR spec; ``slice(lo, hi)`` spreads it geometrically from the stem to the
-                head. ``None`` uses the Learner's ``lr``.
-            div: Initial LR is ``lr_max / div`` (> 0).
-            div_final: Final LR is ``lr_max / div_final`` (> 0).
-            pct_start: Fraction of the steps spent warming up, in (0, 1).
-            wd: Weight decay; ``None`` keeps the current one.
-            moms: ``(start, middle, end)`` momentum; ``None`` uses the Learner's ``moms``.
-            ckpt_path: Resume the fit that wrote this checkpoint (a path, or ``"last"``); see
-                `fit_stages`.
-
-        Examples:
-            >>> learn.fit_one_cycle(4, lr_max=slice(1e-5, 1e-3))  # doctest: +SKIP
-        """
-        self.fit_stages(
-            Stage(None, n_epoch, lr_max, pct_start, div, div_final, moms, wd), ckpt_path
-        )
-
-    def fit_flat_cos(
-        self,
-        n_epoch: int,
-        lr: LRSpec | None = None,
-        div_final: float = 1e5,
-        pct_start: float = 0.75,
-        wd: float | None = None,
-        ckpt_path: str | Path | None = None,
-    ) -> None:
-        """Train at a flat LR for ``pct_start`` of the steps, then cosine down to
-        ``lr/div_final`` (momentum left as it is)."""
-        stage = Stage(None, n_epoch, lr, pct_start, div_final=div_final, wd=wd, schedule="flat_cos")
-        self.fit_stages(stage, ckpt_path)
-
-    def fine_tune(
-        self,
-        epochs: int,
-        base_lr: float = 2e-3,
-        freeze_epochs: int = 1,
-        lr_mult: float = 100,
-        pct_start: float = 0.3,
-        div: float = 5.0,
-        ckpt_path: str | Path | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """fastai's transfer-learning recipe: the head alone, then everything with
-        discriminative LRs.
-
-        ``freeze(); fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99)``, then
-        ``unfreeze(); fit_one_cycle(epochs, slice(base_lr/2/lr_mult, base_lr/2),
-        pct_start=pct_start, div=div)``. The recorder holds both phases, with a boundary between.
-
-        Args:
-            epochs: Epochs of the unfrozen phase (>= 1).
-            base_lr: Head LR of the frozen phase (halved for the unfrozen one).
-            freeze_epochs: Epochs of the frozen phase (0 skips it).
-            lr_mult: Ratio of the head's LR to the stem's in the unfrozen phase (> 0).
-            pct_start: Warm-up fraction of the unfrozen phase.
-            div: Initial LR divisor of the unfrozen phase.
-            ckpt_path: Resume from a checkpoint written by the same call.
-            **kwargs: Passed to both one-cycles (``div_final``, ``wd``, ``moms``).
-        """
-        plan = fine_tune_stages(epochs, base_lr, freeze_epochs, lr_mult, pct_start, div, **kwargs)
-        self.fit_stages(plan, ckpt_path)
-
     def fit_stages(
         self,
         stages: Stage | Sequence[Stage],
@@ -492,17 +386,6 @@ class Learner:
         self._peak_lrs = [max(group) for group in zip(*lrs)] if lrs else None
 
     # ----------------------------------------------------------------------------- previews
-    def preview_one_cycle(
-        self, n_epoch: int, lr_max: LRSpec | None = None, **kwargs: Any
-    ) -> SchedulePreview:
-        """The per-step, per-group LRs and momentums ``fit_one_cycle`` would use, without
-        training (same arguments)."""
-        return self.preview_stages(Stage(None, n_epoch, lr_max, **kwargs))
-
-    def preview_fine_tune(self, epochs: int, **kwargs: Any) -> SchedulePreview:
-        """The schedule ``fine_tune`` would use (both phases), without training."""
-        return self.preview_stages(fine_tune_stages(epochs, **kwargs))
-
     def preview_stages(
         self,
         stages: Stage | Sequence[Stage],
@@ -625,72 +508,6 @@ class Learner:
         """
         check_unsharded(self.model, "predict(x)", "use get_preds(dl) on every rank")
         return predictions.predict(self.runner, x, vocab=self.vocab, is_batch=is_batch)
-
-    # ----------------------------------------------------------------------------- persistence
-    def save(self, name: str | Path, with_opt: bool = True) -> Path:
-        """Save the weights, the freeze pattern and the optimizer state to
-        ``path/models/{name}.pth`` (or a ``pathlib.Path``), atomically (`difflr.utils.files`).
-        Of a ``peft`` adapter model only the adapters (and ``modules_to_save``) are written, not
-        the frozen base weights.
-
-        Under ``ModelParallelStrategy`` the state is gathered from every rank (call it on every
-        rank) and rank 0 writes the file an unsharded Learner writes.
-
-        Raises:
-            ValueError: ``name`` would leave ``path/models`` (a separator, ``..``).
-            OSError: The write failed; the previous file is unchanged.
-        """
-        file = state_file(self.path / "models", name)
-        groups = group_fingerprint(self.model, self.splits)
-        opt = self.opt if with_opt else None
-        if is_sharded(self.model):  # gathered from every rank: call it on every rank
-            return save_sharded(file, self.model, self._frozen, opt, groups)
-        # An adapter model's file holds its adapters only (what trains), as peft saves them.
-        return write_state(file, saved_part(self.model, self.splits), self._frozen, opt, groups)
-
-    def load(self, name: str | Path, with_opt: bool = True, strict: bool = True) -> Learner:
-        """Load what `save` wrote (a name under ``path/models``, or a ``pathlib.Path``): read
-        without running code, and checked against the model and its layer groups before
-        anything is loaded, all or nothing (`difflr.utils.files.load_state`).
-
-        Raises:
-            FileNotFoundError: No such file.
-            ValueError: The file is not a plain, complete state, or does not fit.
-        """
-        file = state_file(self.path / "models", name)
-        groups = group_fingerprint(self.model, self.splits)
-        opt = self.opt if with_opt else None
-        if is_sharded(self.model):
-            frozen = load_sharded(file, self.model, opt, groups, strict)
-        else:
-            frozen = load_state(file, saved_part(self.model, self.splits), opt, groups, strict)
-        if frozen is not None and len(frozen) == self.n_groups:
-            self._enter_stage(frozen, previous=frozen)  # with the optimizer state just loaded
-        return self
-
-    def export(self, fname: str | Path = "export.pt", merge_adapters: bool | None = None) -> Path:
-        """Write the model (architecture and weights, in eval mode) for inference to
-        ``path/fname`` (a plain file name; a ``pathlib.Path`` to write elsewhere); read it back
-        with ``torch.load(file, weights_only=False)`` — a pickle, so only from a source you trust.
-
-        Args:
-            fname: File name under ``path``.
-            merge_adapters: Write a ``peft`` adapter model with its adapters merged into the base
-                weights and without ``peft``'s wrappers (``merge_and_unload``, on a copy: the
-                Learner's model keeps its adapters); ``None``: merge when the model has
-                adapters; ``False``: write it as it is (loading it then needs ``peft``).
-
-        Raises:
-            ValueError: ``fname`` would leave ``path`` (a separator, ``..``), as in `save`; the
-                model is sharded (save() the full state and load it into an unsharded model);
-                ``merge_adapters=True`` for a model without adapters.
-        """
-        check_unsharded(
-            self.model, "export()", "save() the full state and load it into an unsharded model"
-        )
-        merge = has_adapters(self.model) if merge_adapters is None else merge_adapters
-        model = merged_copy(self.model) if merge else self.model
-        return export_model(model, state_file(self.path, fname, suffix=""))
 
     # ----------------------------------------------------------------------------- inspection
     def summary(self) -> str:

@@ -16,18 +16,19 @@ from pathlib import Path
 def main(out: Path) -> None:
     import torch
 
-    from difflr import Learner
+    from tests.helpers import make_learner
     from tests.test_adapters import loaders, lora_classifier
 
     model = lora_classifier()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    learn = Learner(
+    learn = make_learner(
+        out,
         model,
         loaders(),
+        None,  # the model computes its loss from the labels
+        splitter=None,
         lora_plus_ratio=16,
-        logger=False,
-        enable_progress_bar=False,
         checkpoint=False,
         strategy="ddp",
         accelerator="cpu",

@@ -47,7 +47,7 @@ def main(out: Path) -> None:
     from difflr import Learner, Stage, accuracy
     from difflr.callbacks.unfreezing import GradualUnfreezing
     from difflr.training.module import LearnerModule
-    from tests.helpers import make_loaders, make_model, three_groups
+    from tests.helpers import make_learner, make_loaders, make_model, three_groups
 
     torch.set_num_threads(1)  # two processes on a two-core machine
 
@@ -93,15 +93,12 @@ def main(out: Path) -> None:
     results: dict[str, Any] = {"pid": os.getpid(), "times": {}}
     train_dl, valid_dl = make_loaders()
     tap = Tap()
-    learn = Learner(
-        make_model(),
-        (train_dl, valid_dl),
-        F.cross_entropy,
+    learn = make_learner(
+        out / "run",
+        data=(train_dl, valid_dl),
         metrics=accuracy,
-        splitter=three_groups,
-        path=out / "run",
         callbacks=[tap],
-        enable_progress_bar=False,
+        logger=True,  # this run's TensorBoard timeline is checked too
         **ddp_kwargs(),
     )
     results["n_batches"] = len(train_dl)
@@ -170,15 +167,8 @@ def main(out: Path) -> None:
                 loss = loss + 1000.0
             return loss
 
-    spiky = Learner(
-        make_model(),
-        (train_dl, None),
-        SpikeOnRankOne(),
-        splitter=three_groups,
-        path=out / "spiky",
-        logger=False,
-        enable_progress_bar=False,
-        **ddp_kwargs(),
+    spiky = make_learner(
+        out / "spiky", data=(train_dl, None), loss_func=SpikeOnRankOne(), **ddp_kwargs()
     )
     spiky.freeze()
     suggested = spiky.lr_find(end_lr=1000.0, num_it=LR_FIND_ITERATIONS, show_plot=False)
@@ -205,16 +195,8 @@ def main(out: Path) -> None:
 
     # No validation loop: BatchNorm statistics must still end identical on every rank.
     start = time.perf_counter()
-    no_valid = Learner(
-        make_model(),
-        (train_dl, None),
-        F.cross_entropy,
-        splitter=three_groups,
-        path=out / "no_valid",
-        logger=False,
-        callbacks=[tap],
-        enable_progress_bar=False,
-        **ddp_kwargs(),
+    no_valid = make_learner(
+        out / "no_valid", data=(train_dl, None), callbacks=[tap], **ddp_kwargs()
     )
     no_valid.fit_one_cycle(1, 1e-2)
     results["no_valid"] = record(no_valid, tap)

@@ -22,19 +22,10 @@ PACKAGE = ROOT / "difflr"
 #: there, and goes once that work has landed.
 PENDING_ALL: dict[str, Any] = {}
 PENDING_STACKLEVEL: set[str] = set()
-#: Over the limit after issues 24, 26 and 29 landed together: the next split (the Learner's
-#: save/load/export, the Runner's Trainer building, the demo's phases) is still to do.
-PENDING_LENGTH = {"difflr.demos.ablation", "difflr.learner", "difflr.training.runner"}
+#: Modules over the limit whose split by concept is still to do (none now).
+PENDING_LENGTH: set[str] = set()
 #: Test files whose owners are changing them in parallel work (issues 24, 25, 26).
-PENDING_QUIET = {
-    "adapters_ddp_script.py",  # issue 29's DDP script, landed with this list
-    "test_sharding.py",  # issue 24's, landed with this list
-    "ddp_script.py",
-    "test_checkpoints.py",
-    "test_demos.py",
-    "test_files.py",
-    "test_resume.py",
-}
+PENDING_QUIET = {"test_checkpoints.py", "test_resume.py"}
 
 #: Private names of other packages that difflr cannot do without, each confined to one place
 #: (STYLE.md): where it is used, what it is.

@@ -1,6 +1,7 @@
-"""Tests for the main job (difflr.demos.ablation, protocol, baselines, recipes, report): a quick
-run end to end with the selection and the LR sweep, the protocol's disjointness (in the quick run
-and in the committed results), the statistics in closed form, the tables, figures and flags."""
+"""Tests for the main job (difflr.demos.ablation, settings, phases, protocol, baselines, recipes,
+report): a quick run end to end with the selection and the LR sweep, the protocol's disjointness
+(in the quick run and in the committed results), the statistics in closed form, the tables,
+figures and flags."""
 
 from __future__ import annotations
 
@@ -14,18 +15,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from difflr import Stage
-from difflr.demos.ablation import (
-    CHOSEN,
-    LR_SWEEP,
-    RUN_NAMES,
-    DemoError,
-    choose,
-    main,
-    make_tasks,
-    parse_args,
-)
+from difflr.demos.ablation import main
 from difflr.demos.baselines import baseline_accuracies
 from difflr.demos.digits import to_input, uci_digits
+from difflr.demos.phases import choose, make_tasks
 from difflr.demos.protocol import (
     SHIFTS,
     draw_from_pool,
@@ -35,6 +28,7 @@ from difflr.demos.protocol import (
 )
 from difflr.demos.recipes import MILESTONES, RECIPE_NAMES
 from difflr.demos.report import format_table, plot_accuracy, plot_lr_sweep, sweep_of
+from difflr.demos.settings import CHOSEN, LR_SWEEP, RUN_NAMES, DemoError, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "docs" / "results" / "demo.json"

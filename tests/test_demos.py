@@ -44,6 +44,7 @@ from difflr.demos.digits import (
 from difflr.demos.glyphs import FONTS, GlyphConfig, glyph_classes, render_glyphs
 from difflr.groups.splitters import split_model
 from difflr.vision import resnet_splitter
+from tests.helpers import quiet
 
 SMALL_GLYPHS = GlyphConfig(chars="abcdo", merge="", fonts=FONTS[:3], per_class=6)
 # A pretraining of about a second: 4 classes, 2 fonts, a 4-channel ResNet, one epoch.
@@ -242,7 +243,7 @@ def test_slim_resnet_has_the_six_groups_of_the_original_example() -> None:
     names = [group.name for group in split_model(model, resnet_splitter)]
     assert names == ["0.stem", "1.layer1", "2.layer2", "3.layer3", "4.layer4", "5.head"]
     data = DataLoader(TensorDataset(torch.zeros(4, 1, 16, 16), torch.zeros(4, dtype=torch.long)))
-    learn = vision_learner(model, (data, None), n_out=10, logger=False, checkpoint=False)
+    learn = vision_learner(model, (data, None), n_out=10, checkpoint=False, **quiet("."))
     assert [g.name for g in learn.splits] == names  # found without a splitter argument
     assert learn.model.eval()(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
 

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflr import Learner
 from difflr.utils.files import UnreadableFileError, atomic_save, one_builder, safe_load, state_file
 from tests.helpers import make_learner, make_loaders, run_script
 
@@ -158,22 +157,12 @@ def test_groups_in_another_order_are_refused(tmp_path):
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
 
-    saver = Learner(
-        twin(),
-        make_loaders(),
-        F.mse_loss,
-        splitter=lambda m: [m[0], m[1]],
-        path=tmp_path,
-        logger=False,
+    saver = make_learner(
+        tmp_path, twin(), make_loaders(), F.mse_loss, splitter=lambda m: [m[0], m[1]]
     )
     saver.save("s")
-    swapped = Learner(
-        twin(),
-        make_loaders(),
-        F.mse_loss,
-        splitter=lambda m: [m[1], m[0]],
-        path=tmp_path,
-        logger=False,
+    swapped = make_learner(
+        tmp_path, twin(), make_loaders(), F.mse_loss, splitter=lambda m: [m[1], m[0]]
     )
     with pytest.raises(ValueError, match="the layer groups differ"):
         swapped.load("s")

@@ -368,14 +368,10 @@ def test_the_sharded_save_is_the_file_a_one_process_learner_loads(runs, tmp_path
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from difflr import Learner
-
     file = runs["out"] / "sharded" / "blocks" / "models" / "saved.pth"
     loader = DataLoader(sharded_script.make_dataset("blocks"), batch_size=8)
-    learn = Learner(
-        sharded_script.make_model("blocks"), (loader, None), F.cross_entropy, path=tmp_path,
-        logger=False, enable_progress_bar=False,
-    )  # fmt: skip
+    model = sharded_script.make_model("blocks")
+    learn = make_learner(tmp_path, model, (loader, None), F.cross_entropy, splitter=None)
     learn.load(file)  # checked against the model and its layer groups, optimizer state included
     gathered = runs["ranks"][0]["blocks"]["save_load"][3]  # the sharded Learner after its load
     assert _equal(learn.model.state_dict(), gathered["model"])

@@ -1,6 +1,8 @@
 """Applications of difflr, not its API: the main job and what it is built from.
 
 - `difflr.demos.ablation`: the main job (``python -m difflr.demo``).
+- `difflr.demos.settings`, `difflr.demos.phases`: its flags, grids and committed choices; its
+  phases (draws, selection, evaluation, LR sweep).
 - `difflr.demos.digits`: the UCI handwritten digits as a few-shot task.
 - `difflr.demos.glyphs`: letters and printed digits rendered from matplotlib's fonts, reduced to the
   digits' form (the pretraining source).

@@ -2,17 +2,17 @@
 
 Every fit, every stage of a plan and every ``lr_find`` gets a fresh ``Trainer`` (so that freezing
 is in place before a DDP wrapper sees the model), built by `Runner.trainer` from the Learner's
-arguments and run by `Runner.fit`: with the Learner's optimizer, quiet logs, a clean
-``KeyboardInterrupt`` on Ctrl-C, and one TensorBoard timeline across calls. ``lr_find`` uses the
-same two methods, and the after-fit analysis (`difflr.predictions`) `Runner.validate` and
-`Runner.predict`; they are the Learner's public seam to Lightning (``learn.runner``).
+arguments (what every Trainer has in common is `difflr.training.trainers`'s) and run by
+`Runner.fit`: with the Learner's optimizer, quiet logs, a clean ``KeyboardInterrupt`` on Ctrl-C,
+and one TensorBoard timeline across calls. ``lr_find`` uses the same two methods, and the
+after-fit analysis (`difflr.predictions`) `Runner.validate` and `Runner.predict`; they are the
+Learner's public seam to Lightning (``learn.runner``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,11 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.callbacks.progress import ProgressBar
 
 from difflr.callbacks.guards import EmptyEpochGuard, FiniteLossGuard, FrozenNormEval
 from difflr.callbacks.progress import LiveProgress, ProgressTable
@@ -33,7 +30,6 @@ from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import ParamScheduler
 from difflr.policy.schedules import steps_per_epoch
 from difflr.training.checkpoints import (
-    AtomicCheckpointIO,
     FitRecord,
     FitState,
     FolderClaim,
@@ -49,48 +45,19 @@ from difflr.training.distributed import SyncBuffers, batches_per_process, planne
 from difflr.training.handback import hand_back, runs_in_workers, worker_errors
 from difflr.training.loggers import ContinuousLogger
 from difflr.training.module import LearnerModule, training_with
-from difflr.training.sharding import (
-    Sharding,
-    atomic_folder_saves,
-    check_strategy,
-    fresh_strategy,
-    is_sharding_strategy,
-    rank_zero_decides,
-)
+from difflr.training.sharding import Sharding, fresh_strategy, rank_zero_decides
 from difflr.training.signals import StopPredictingOnSigterm, interruptible
-from difflr.utils.checks import check_choice, check_int, is_int, user_stacklevel
+from difflr.training.trainers import (
+    check_trainer_kwargs,
+    check_user_checkpoints,
+    make_trainer,
+    quiet_lightning,
+    trainer_arguments,
+    wants_live_progress,
+)
+from difflr.utils.checks import check_choice, is_int, user_stacklevel
 
-__all__ = ["Runner", "quiet_lightning"]
-
-#: Trainer arguments that each fit sets itself.
-RESERVED_TRAINER_ARGS = ("max_epochs", "max_steps", "min_epochs", "min_steps")
-
-#: Lightning loggers whose INFO lines ("GPU available: ...", "`Trainer.fit` stopped ...") would
-#: repeat at every fit, since each fit has its own Trainer.
-_CHATTY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
-
-
-@contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Hide Lightning's INFO lines that every fresh Trainer would print again."""
-    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def _wants_live_progress(kwargs: Mapping[str, Any], callbacks: Sequence[pl.Callback]) -> bool:
-    """Whether a Trainer gets difflr's live progress: unless ``enable_progress_bar=False`` or the
-    user brings a progress bar of their own (a Trainer takes one)."""
-    enabled = kwargs.get("enable_progress_bar")
-    if enabled is not None and not enabled:  # None is Lightning's default: on
-        return False
-    return not any(isinstance(cb, ProgressBar) for cb in callbacks)
+__all__ = ["Runner"]
 
 
 class Runner:
@@ -139,26 +106,9 @@ class Runner:
         train_bn: bool = True,
         sharding: Sharding | None = None,
     ) -> None:
-        # numpy numbers mean what Python's do (Lightning asserts isinstance(..., int) in places).
-        trainer_kwargs = {k: _plain_number(v) for k, v in (trainer_kwargs or {}).items()}
-        check_strategy(trainer_kwargs)
-        reserved = [k for k in RESERVED_TRAINER_ARGS if k in trainer_kwargs]
-        if reserved:
-            raise TypeError(
-                f"Learner got Trainer argument(s) {reserved}; the fit methods set the length of "
-                "training: pass n_epoch to fit/fit_one_cycle instead."
-            )
-        if "callbacks" in trainer_kwargs or "logger" in trainer_kwargs:
-            raise TypeError("pass callbacks= and logger= as the Learner's own arguments.")
+        trainer_kwargs = check_trainer_kwargs(trainer_kwargs, checkpoint)
         switch = trainer_kwargs.get("enable_checkpointing")
-        if checkpoint and switch is False:
-            raise ValueError(
-                "checkpoint=True asks for difflr's path/checkpoints/last.ckpt, but "
-                "enable_checkpointing=False turns checkpointing off; pass one of them."
-            )
         check_choice(check_finite, "check_finite", (True, False, "grads"))
-        if "accumulate_grad_batches" in trainer_kwargs:
-            check_int(trainer_kwargs["accumulate_grad_batches"], "accumulate_grad_batches", 1)
         self.module = module
         self.optimizer = optimizer
         self.data = data
@@ -202,33 +152,24 @@ class Runner:
             progress_label: What the live progress line calls the run (``None``: the epoch).
             **overrides: Trainer arguments that win over the Learner's.
         """
-        kwargs: dict[str, Any] = {
-            "logger": self.logger if self.logger is not None else False,
-            "default_root_dir": str(self.path),
-            "enable_checkpointing": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-        }
-        n_batches = loader_length(self.data.train_dl)
-        if n_batches:
-            kwargs["log_every_n_steps"] = max(1, min(50, n_batches))
-        kwargs.update(self.trainer_kwargs)
-        kwargs.update(overrides)
-        check_strategy(kwargs)
-        # A strategy instance is spent by the Trainer it is given: each Trainer gets a copy.
-        if "strategy" in kwargs:
-            kwargs["strategy"] = atomic_folder_saves(fresh_strategy(kwargs["strategy"]))
+        kwargs = trainer_arguments(
+            self.trainer_kwargs,
+            overrides,
+            path=self.path,
+            logger=self.logger,
+            train_dl=self.data.train_dl,
+        )
         extra: list[pl.Callback] = [self.recorder]
         if not self.train_bn:
             extra.append(FrozenNormEval())
         live = None
-        if _wants_live_progress(kwargs, [*callbacks, *(self.callbacks if standard else ())]):
+        if wants_live_progress(kwargs, [*callbacks, *(self.callbacks if standard else ())]):
             # Lightning takes it instead of its own bar; it shows the table's rows too.
             kwargs["enable_progress_bar"] = True
             live = LiveProgress(self.table if standard else None, label=progress_label)
             extra.append(live)  # after the recorder: it shows the row the recorder just made
         if standard:
-            self._check_user_checkpoints()
+            check_user_checkpoints(self.callbacks, self.path, has_logger=self.logger is not None)
             extra += [*([self.table] if live is None else []), *self.callbacks]
             extra.append(EmptyEpochGuard())
             if self.check_finite:
@@ -238,13 +179,10 @@ class Runner:
             if any(isinstance(cb, ModelCheckpoint) for cb in extra):
                 # Lightning refuses checkpoint callbacks with enable_checkpointing=False.
                 kwargs["enable_checkpointing"] = True
-        kwargs["plugins"] = _with_atomic_checkpoint_io(
-            kwargs.get("plugins"), kwargs.get("strategy")
-        )
         # SyncBuffers: every DDP rank ends the fit with rank 0's BatchNorm statistics.
-        kwargs["callbacks"] = [SyncBuffers(), StopPredictingOnSigterm(), *callbacks, *extra]
-        with quiet_lightning():
-            trainer = pl.Trainer(**kwargs)
+        trainer = make_trainer(
+            kwargs, [SyncBuffers(), StopPredictingOnSigterm(), *callbacks, *extra]
+        )
         # ddp_notebook/ddp_fork: the workers hand back everything the Learner keeps.
         hand_back(trainer, self.module, self.optimizer)
         return trainer
@@ -322,30 +260,6 @@ class Runner:
             if log and self.logger is not None:
                 self.logger.step_offset += scheduler.step
                 self.logger.epoch_offset += trainer.current_epoch
-
-    def _check_user_checkpoints(self) -> None:
-        """Refuse a user's ``ModelCheckpoint`` that would write into ``path/checkpoints``: its
-        ``last.ckpt`` would replace difflr's (NaN weights included) and be what
-        ``ckpt_path="last"`` resumes.
-
-        Raises:
-            ValueError: Its ``dirpath`` is that folder, or it has none and there is no logger
-                (Lightning then writes to ``default_root_dir/checkpoints``, i.e. ``path``'s).
-        """
-        ours = (self.path / "checkpoints").resolve()
-        for callback in self.callbacks:
-            if not isinstance(callback, ModelCheckpoint) or isinstance(callback, LearnerCheckpoint):
-                continue
-            if callback.dirpath is None and self.logger is not None:
-                continue  # Lightning puts it in the logger's version folder
-            target = ours if callback.dirpath is None else Path(callback.dirpath).resolve()
-            if target == ours:
-                raise ValueError(
-                    f"your ModelCheckpoint would write into {self.path / 'checkpoints'}, "
-                    "difflr's own folder: its last.ckpt would replace the Learner's (the file "
-                    "ckpt_path='last' resumes). Give it a folder of its own: "
-                    "ModelCheckpoint(dirpath=...)."
-                )
 
     def resume_point(
         self,
@@ -587,32 +501,3 @@ class Runner:
             self._notified_optimizer = True
         with training_with(self.module, self.optimizer):
             yield
-
-
-def _plain_number(value: Any) -> Any:
-    """A numpy integer or float as Python's; anything else as it is."""
-    if is_int(value):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    return value
-
-
-def _with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> list[Any]:
-    """The user's plugins, plus difflr's `AtomicCheckpointIO` unless they bring a CheckpointIO of
-    their own or a strategy that saves its own way (a strategy instance, but for a
-    ``ModelParallelStrategy`` that writes one file)."""
-    plugins = (
-        list(plugins) if isinstance(plugins, (list, tuple)) else [plugins] * (plugins is not None)
-    )
-    if any(isinstance(p, CheckpointIO) for p in plugins):
-        return plugins
-    if (
-        strategy is None
-        or (isinstance(strategy, str) and strategy.startswith(("auto", "ddp", "single")))
-        # One file gathered on rank 0, written through the CheckpointIO (the flag has no public
-        # getter; a folder of shards is written by `atomic_folder_saves` instead).
-        or (is_sharding_strategy(strategy) and not strategy._save_distributed_checkpoint)
-    ):
-        return [*plugins, AtomicCheckpointIO()]
-    return plugins
