@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -344,7 +345,8 @@ def test_the_committed_results_hold_intervals_sweep_and_shifts(committed: dict) 
 def test_flags_have_the_documented_defaults_and_are_validated() -> None:
     full = parse_args([])
     assert (full.shots, full.draws, full.epochs, full.source) == (5, 10, 6, "glyphs")
-    assert (full.select, full.lr_sweep, full.selection_draws, full.workers) == (False, False, 3, 1)
+    assert (full.select, full.lr_sweep, full.selection_draws) == (False, False, 3)
+    assert full.workers == min(2, os.cpu_count() or 1)  # one per core of a 2-core machine
     assert full.out == Path("difflr_demo") and full.cache_dir is None and not full.rebuild
     assert full.pretrain_config.glyphs.per_class == 300
     letters = parse_args(["--source", "letters"]).pretrain_config

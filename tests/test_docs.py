@@ -107,6 +107,43 @@ def test_the_demo_tables_are_generated_from_the_committed_results():
         assert f"{full['accuracy']:.3f} ± {full['accuracy_std']:.3f}" in readme
 
 
+def _three_decimals(value: object, found: set[str]) -> None:
+    """Every number in ``value`` (nested dicts and lists), as the prose writes it: |x| to 3
+    decimals."""
+    if isinstance(value, dict):
+        for item in value.values():
+            _three_decimals(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _three_decimals(item, found)
+    elif isinstance(value, float):
+        found.add(f"{abs(value):.3f}")
+
+
+def _prose(text: str, start: str, end: str) -> str:
+    return text[text.index(start) : text.index(end)]
+
+
+def test_the_demo_prose_quotes_only_numbers_of_the_committed_results():
+    """The claim and "what pays" on the docs page and the README's summary are prose, not
+    generated tables: every 3-decimal number in them must be one of the committed results' (an
+    accuracy, a spread, an interval's mean or bound, a sweep point, the selection's, the
+    letters-only run's), so a number typed from an older run fails here."""
+    found: set[str] = set()
+    for name in ("demo.json", "demo_letters.json"):
+        _three_decimals(json.loads((ROOT / "docs" / "results" / name).read_text()), found)
+    page = (ROOT / "docs" / "demo.md").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    prose = [
+        _prose(page, "## Claim", "## Method"),
+        _prose(page, "## What pays and what does not", "## How the hyper-parameters"),
+        _prose(readme, "What it says:", "The table is generated from"),
+    ]
+    quoted = {m for text in prose for m in re.findall(r"(?<![\d.])\d\.\d{3}(?!\d)", text)}
+    assert len(quoted) > 20  # the prose does quote the results
+    assert quoted <= found, sorted(quoted - found)
+
+
 def test_the_demo_figures_are_drawn_from_the_committed_results():
     gen_figures = _load_gen_figures()
     results = json.loads((ROOT / "docs" / "results" / "demo.json").read_text())

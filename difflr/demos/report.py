@@ -215,16 +215,26 @@ def machine_note(results: dict[str, Any]) -> str:
     )
     build = results["pretraining"]["build_seconds"]
     loads = f"{machine['load_at_start'][0]:.1f} at the start"
+    peaks = [machine["load_at_start"][0]]
     if "selection_load_at_start" in machine:
         loads = f"{machine['selection_load_at_start'][0]:.1f} at the selection's start, " + loads
+        peaks.append(machine["selection_load_at_start"][0])
     if "load_at_end" in machine:
         loads += f" and {machine['load_at_end'][0]:.1f} at the end"
+        peaks.append(machine["load_at_end"][0])
+    workers = results["settings"].get("workers", 1)
+    busy = max(peaks) > machine["cores"] / 2
     return (
         f"Measured on {machine['cpu']} ({machine['cores']} cores, torch {machine['torch']}, "
-        f"{machine['threads']} thread per process) under a load average of {loads}: other jobs "
-        f"shared the 2 cores and these processes ran at `nice -n 10`, so every time here is "
-        f"several times a quiet machine's. Wall time: {phases}; the pretraining, built once and "
-        f"cached, took {(build['render'] + build['train']) / 60:.1f} min."
+        f"{workers} worker process(es) of {machine['threads']} thread each) under a load average "
+        f"of {loads}"
+        + (
+            ": other jobs shared the cores, so the times here are longer than a quiet machine's. "
+            if busy
+            else ". "
+        )
+        + f"Wall time: {phases}; the pretraining, built once and cached, took "
+        f"{(build['render'] + build['train']) / 60:.1f} min."
     )
 
 

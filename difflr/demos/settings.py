@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,9 +215,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="worker processes for the runs, one torch thread each (default 1: this process); "
-        "the results do not depend on it",
+        default=min(2, os.cpu_count() or 1),
+        help="worker processes for the runs, one torch thread each (default: 2, or 1 on a "
+        "one-core machine; 1 runs them in this process); the results do not depend on it",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
