@@ -25,10 +25,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "demo.json"
 LETTERS = ROOT / "docs" / "results" / "demo_letters.json"
+#: The default command (`python -m difflr.demo`, nothing cached) timed on a quiet machine.
+TIMING = ROOT / "docs" / "results" / "demo_timing.json"
 #: The files whose tables are generated, and the tables each holds.
 TARGETS = {
-    ROOT / "README.md": ("main",),
-    ROOT / "docs" / "demo.md": ("machine", "main", "letters", "lr_sweep", "selection"),
+    ROOT / "README.md": ("main", "timing"),
+    ROOT / "docs" / "demo.md": ("machine", "timing", "main", "letters", "lr_sweep", "selection"),
 }
 
 
@@ -36,9 +38,16 @@ def load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def tables(results: dict[str, Any], letters: dict[str, Any] | None) -> dict[str, str]:
+def tables(
+    results: dict[str, Any], letters: dict[str, Any] | None, timing: dict[str, Any] | None = None
+) -> dict[str, str]:
     """Every generated block, by name."""
     from difflr.demos import report
+
+    if timing is not None and "runs" in results:
+        timed = report.timing_note(timing, results)
+    else:
+        timed = "(not timed yet on a quiet machine)"
 
     if "runs" in results:
         blocks = {"main": report.main_table(results), "machine": report.machine_note(results)}
@@ -57,6 +66,7 @@ def tables(results: dict[str, Any], letters: dict[str, Any] | None) -> dict[str,
         if letters is not None
         else "(not measured yet: `python -m difflr.demo --source letters` writes it)"
     )
+    blocks["timing"] = timed
     return blocks
 
 
@@ -78,7 +88,7 @@ def generated() -> dict[Path, str]:
     results = load(RESULTS)
     if results is None:
         raise FileNotFoundError(f"{RESULTS} is missing: run the demo and copy its results.json")
-    blocks = tables(results, load(LETTERS))
+    blocks = tables(results, load(LETTERS), load(TIMING))
     return {path: fill(path.read_text(), blocks, names) for path, names in TARGETS.items()}
 
 

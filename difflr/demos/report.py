@@ -18,6 +18,7 @@ __all__ = [
     "plot_lr_sweep",
     "selection_table",
     "sweep_of",
+    "timing_note",
 ]
 
 #: How each method is named in the tables and figures.
@@ -235,6 +236,36 @@ def machine_note(results: dict[str, Any]) -> str:
         )
         + f"Wall time: {phases}; the pretraining, built once and cached, took "
         f"{(build['render'] + build['train']) / 60:.1f} min."
+    )
+
+
+def timing_note(run: dict[str, Any], committed: dict[str, Any]) -> str:
+    """How long the default command took on a quiet machine from an empty cache (``run``: its
+    ``results.json``), and whether its accuracies are the ``committed`` results'."""
+    machine, seconds, settings = run["machine"], run["seconds"], run["settings"]
+    build = run["pretraining"]["build_seconds"]
+    built = not run["pretraining"]["loaded_from_cache"]
+    same = all(
+        run["runs"][name]["accuracies"] == committed["runs"][name]["accuracies"]
+        for name in run["runs"]
+    )
+    return (
+        f"`python -m difflr.demo` with an empty cache, on a quiet {machine['cpu']} "
+        f"({machine['cores']} cores, load average {machine['load_at_start'][0]:.1f} at the start, "
+        f"{settings['workers']} worker processes): {seconds['total'] / 60:.1f} min in all, of "
+        + (
+            f"which {(build['render'] + build['train']) / 60:.1f} min building the backbone "
+            f"(rendering {build['render'] / 60:.1f}, training {build['train'] / 60:.1f}) and "
+            if built
+            else "which "
+        )
+        + f"{seconds['evaluation'] / 60:.1f} min for the {settings['draws']}-draw evaluation (the "
+        f"whole run once the backbone is cached). Its accuracies "
+        + (
+            "equal the committed results' bit for bit."
+            if same
+            else "differ from the committed ones."
+        )
     )
 
 
