@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -95,3 +96,14 @@ def run_script(code: str, *args: Any, timeout: float = 300) -> subprocess.Comple
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+class Crash(Callback):
+    """Raise ``exc`` at (epoch, batch) of a fit: a run killed mid-way."""
+
+    def __init__(self, epoch: int, batch: int, exc: type[BaseException] = RuntimeError):
+        self.epoch, self.batch, self.exc = epoch, batch, exc
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise self.exc("simulated crash")

@@ -23,20 +23,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from difflr import Learner
 from difflr.training.checkpoints import read_fit_state
 from difflr.utils.files import UnreadableFileError, safe_load
-from tests.helpers import make_learner, make_loaders, make_model, run_script, three_groups
+from tests.helpers import Crash, make_learner, make_loaders, make_model, run_script, three_groups
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Crash(Callback):
-    """Raise at (epoch, batch): a run killed mid-way."""
-
-    def __init__(self, epoch: int, batch: int) -> None:
-        self.epoch, self.batch = epoch, batch
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            raise RuntimeError("simulated crash")
 
 
 def crashed_learner(path, fit, epoch=2, **kwargs) -> Learner:

@@ -12,18 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from difflr import Learner, Stage
-from tests.helpers import make_learner, make_loaders, make_model, three_groups
-
-
-class Crash(Callback):
-    """Raise at (epoch, batch): a run killed mid-way."""
-
-    def __init__(self, epoch: int, batch: int, exc: type[BaseException] = RuntimeError):
-        self.epoch, self.batch, self.exc = epoch, batch, exc
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            raise self.exc("simulated crash")
+from tests.helpers import Crash, make_learner, make_loaders, make_model, three_groups
 
 
 def assert_same_weights(a: nn.Module, b: nn.Module) -> None:

@@ -8,14 +8,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
 from difflr import GradualUnfreezing, Stage, expand_lrs, steep
 from difflr.training import stage_lr
 from difflr.training.checkpoints import FitRecord
-from tests.helpers import make_learner, make_loaders
+from tests.helpers import Crash, make_learner, make_loaders
 
 SWEEP = {"num_it": 20}
 
@@ -35,17 +34,6 @@ def shuffled_loaders() -> tuple[DataLoader, DataLoader]:
 def plan(second: object = "valley", **kwargs: object) -> list[Stage]:
     """The head alone at a given LR, then everything at the LR found (or ``second``)."""
     return [Stage(-1, 1, 1e-2), Stage(0, 2, second, pct_start=0.5, **kwargs)]
-
-
-class Crash(Callback):
-    """Raise at (epoch, batch) of a fit: a run killed mid-way."""
-
-    def __init__(self, epoch: int, batch: int) -> None:
-        self.epoch, self.batch = epoch, batch
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            raise RuntimeError("simulated crash")
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:

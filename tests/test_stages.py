@@ -17,7 +17,7 @@ from difflr import GradualUnfreezing, Learner, Recorder, Stage
 from difflr.policy.schedules import one_cycle_lr, one_cycle_mom, steps_per_epoch
 from difflr.policy.stages import ScheduleKind, fine_tune_stages
 from tests import helpers
-from tests.helpers import make_loaders
+from tests.helpers import Crash, make_loaders
 
 # The original example's plan for a ResNet-18 in 6 groups (ORIGINAL_EXAMPLE.md), verbatim.
 MILESTONES = {
@@ -229,12 +229,6 @@ def test_the_callback_on_a_plain_trainer_matches_fit_stages(tmp_path):
         assert torch.equal(a, b)
 
 
-class _Crash(Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == 2 and batch_idx == 3:  # the middle of stage 3
-            raise RuntimeError("simulated crash")
-
-
 def test_the_callback_resumes_mid_plan_to_the_same_weights(tmp_path):
     plan = Stage.from_milestones(MILESTONES)
     full = LitSix()
@@ -243,8 +237,9 @@ def test_the_callback_resumes_mid_plan_to_the_same_weights(tmp_path):
     crashed = LitSix()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     with pytest.raises(RuntimeError, match="simulated crash"):
+        crash = Crash(2, 3)  # the middle of stage 3
         plain_trainer(
-            tmp_path / "b", [GradualUnfreezing(plan), ckpt, _Crash()], enable_checkpointing=True
+            tmp_path / "b", [GradualUnfreezing(plan), ckpt, crash], enable_checkpointing=True
         ).fit(crashed, make_loaders()[0])
     resumed = LitSix()
     callback = GradualUnfreezing(plan)
