@@ -45,6 +45,7 @@ from difflr.training.fit_methods import FitMethods
 from difflr.training.loaders import check_vocab, defines_hook, find_vocab
 from difflr.training.loggers import make_logger
 from difflr.training.lr_finder import lr_find
+from difflr.training.lr_finder_callback import LRFinder
 from difflr.training.module import make_module
 from difflr.training.persistence import Persistence
 from difflr.training.runner import Runner
@@ -321,7 +322,8 @@ class Learner(FitMethods, Persistence):
             ValueError: A stage does not fit the model (``freeze_to`` out of range, ``lr_max``
                 of the wrong length) or monitors a value no epoch provides, a stage that finds its LR
                 cannot sweep (``limit_train_batches=0``) or is resumed from a checkpoint that lacks
-                the LR it found; nothing has run then. A range test that suggests no finite LR
+                the LR it found, or ``learn.callbacks`` holds an `difflr.LRFinder` (it would
+                rescale the plan's LRs); nothing has run then. A range test that suggests no finite LR
                 stops the plan at that stage's start (the stages before it are done).
 
         Examples:
@@ -337,6 +339,13 @@ class Learner(FitMethods, Persistence):
             None if epoch_values is None else epoch_values(validates),
             sharded=is_sharding_strategy(self.runner.trainer_kwargs.get("strategy")),
         )
+        if any(isinstance(cb, LRFinder) for cb in self.callbacks):
+            raise ValueError(
+                "LRFinder is a callback for your own Trainer: in a Learner's fit it would rescale "
+                "the LRs of the plan you gave. Remove it from learn.callbacks, and call "
+                "learn.lr_find() before the fit, or give a stage lr_max='valley' to find its LR "
+                "when it starts."
+            )
         self.runner.check_schedulable()
         # A stage that finds its LR gets its scheduler once the LR is known.
         schedulers = [

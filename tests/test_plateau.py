@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from difflr import GradualUnfreezing, Recorder, Stage
+from difflr import GradualUnfreezing, LRFinder, Recorder, Stage
 from difflr.policy.plateau import Anneal, PlateauWatch, scheduled_pct, stage_length
 from difflr.policy.schedules import one_cycle_lr, sample
 from tests.helpers import make_learner, make_loaders, make_model, make_trainer, three_groups
@@ -187,7 +187,7 @@ def test_restore_best_on_a_fixed_stage_and_for_the_whole_plan(tmp_path):
     learn = make_learner(
         tmp_path, data=tiny_loaders(), metrics=[scripted([0.9, 0.2, 0.3])], callbacks=[snapshots]
     )
-    learn.fit_stages(Stage(0, 3, 1e-2, monitor="score"), restore_best=True)
+    learn.fit_stages(Stage(0, 3, 1e-2, monitor="score", mode="min"), restore_best=True)
     assert len(learn.recorder.values) == 3  # no patience: a fixed length
     assert same(learn.module.state_dict(), snapshots.by_epoch[1])
 
@@ -351,3 +351,52 @@ def test_restore_best_is_refused_on_a_sharded_model_and_monitors_are_named():
     with pytest.raises(ValueError, match=r"milestones\[1\] monitors 'valid_loss'"):
         plan = Stage.from_milestones({1: {"freeze_to": 0, "duration": 2, "lrs": [1e-3] * 3}})
         check_monitors([dataclasses.replace(plan[0], patience=1)], ["train_loss"])
+
+
+# ------------------------------------------------------------------ review findings (issue 28)
+def test_mode_follows_the_monitors_name_as_in_fastai():
+    assert Stage(-1, 4, 1e-3, patience=1).mode == "min"  # valid_loss
+    assert Stage(-1, 4, 1e-3, patience=1, monitor="accuracy").mode == "max"
+    assert Stage(-1, 4, 1e-3, patience=1, monitor="error_rate").mode == "min"
+    assert Stage(-1, 4, 1e-3, patience=1, monitor="accuracy", mode="min").mode == "min"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"monitor": "acuracy"}, {"mode": "max"}, {"min_delta": 0.1}, {"anneal_epochs": 2}],
+)
+def test_a_plateau_argument_on_a_stage_that_watches_nothing_is_refused(tmp_path, kwargs):
+    learn = make_learner(tmp_path)
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    plan = [Stage(-1, 1, 1e-3), Stage(0, 1, 1e-3, **kwargs)]
+    with pytest.raises(ValueError, match=r"stages\[1\]: .* only matter.*patience=N"):
+        learn.fit_stages(plan)
+    with pytest.raises(ValueError, match=r"stages\[1\]: .* only matter.*patience=N"):
+        GradualUnfreezing(plan)
+    for key, value in learn.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # They matter once the stage watches: from the plan (restore_best for all) too.
+    assert Stage(0, 1, 1e-3, restore_best=True, **kwargs).watches
+
+
+def test_preview_names_a_found_lr_or_plateau_epoch_of_the_wrong_kind(tmp_path):
+    learn = make_learner(tmp_path)
+    found = [Stage(-1, 3, "valley"), Stage(0, 3, 1e-3, patience=1)]
+    for bad in (-1e-2, float("nan")):
+        with pytest.raises(ValueError, match=r"found_lrs\[0\] must be a finite number > 0"):
+            learn.preview_stages(found, found_lrs={0: bad})
+    with pytest.raises(TypeError, match=r"found_lrs\[0\] must be a number"):
+        learn.preview_stages(found, found_lrs={0: slice(1e-4, 1e-3)})
+    with pytest.raises(TypeError, match=r"plateau_at\[1\] must be an int"):
+        learn.preview_stages(found, plateau_at={1: 1.0})
+
+
+def test_an_lr_finder_among_a_learners_callbacks_is_refused_before_anything_changes(tmp_path):
+    learn = make_learner(tmp_path, callbacks=[LRFinder()])
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    frozen = list(learn.frozen)
+    with pytest.raises(ValueError, match="LRFinder is a callback for your own Trainer"):
+        learn.fit_stages([Stage(-1, 1, 1e-3), Stage(0, 1, slice(1e-5, 1e-3))])
+    assert learn.frozen == frozen
+    for key, value in learn.model.state_dict().items():
+        assert torch.equal(value, before[key]), key

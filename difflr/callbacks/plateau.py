@@ -21,23 +21,25 @@ from typing_extensions import override
 
 from difflr.callbacks.recorder import Recorder
 from difflr.callbacks.scheduler import ParamScheduler
-from difflr.policy.plateau import PlateauWatch
+from difflr.policy.plateau import PlateauWatch, check_unwatched
 from difflr.policy.schedules import steps_per_epoch
 from difflr.policy.stages import Stage
 
-__all__ = ["StagePlateau", "check_monitors", "epoch_values"]
+__all__ = ["StagePlateau", "check_monitors", "check_watch_args", "epoch_values"]
 
 
 def check_monitors(
     stages: Sequence[Stage], available: Sequence[str] | None, sharded: bool = False
 ) -> None:
     """Refuse, before training, a watching stage whose ``monitor`` is not among ``available``
-    (``None``: unknown until the first epoch ends; then `StagePlateau` checks), and
-    ``restore_best`` on a ``sharded`` model.
+    (``None``: unknown until the first epoch ends; then `StagePlateau` checks), a stage that
+    watches nothing but sets ``monitor``, ``mode``, ``min_delta`` or ``anneal_epochs``
+    (`difflr.policy.plateau.check_unwatched`), and ``restore_best`` on a ``sharded`` model.
 
     Raises:
         ValueError: The name, the stage and the available values are named.
     """
+    check_watch_args(stages)
     if sharded and any(stage.restore_best for stage in stages):
         raise ValueError(
             "restore_best is not supported under ModelParallelStrategy (the copy of the best "
@@ -50,7 +52,8 @@ def check_monitors(
         if stage.watches and stage.monitor not in available:
             label = stage.name or f"stages[{k}]"
             hint = (
-                " valid_loss and the metrics need validation data: pass data=(train_dl, valid_dl)."
+                " valid_loss and the metrics need validation data: pass data=(train_dl, valid_dl), "
+                "or watch monitor='train_loss'."
                 if "valid_loss" not in available
                 else ""
             )
@@ -58,6 +61,18 @@ def check_monitors(
                 f"{label} monitors {stage.monitor!r}, which no epoch provides; the values are "
                 f"{list(available)}.{hint}"
             )
+
+
+def check_watch_args(stages: Sequence[Stage]) -> None:
+    """`difflr.policy.plateau.check_unwatched` for each stage of a plan that watches nothing.
+
+    Raises:
+        ValueError: A plateau argument on such a stage; the stage is named.
+    """
+    for k, stage in enumerate(stages):
+        if not stage.watches:
+            label = stage.name or f"stages[{k}]"
+            check_unwatched(stage.monitor, stage.mode, stage.min_delta, stage.anneal_epochs, label)
 
 
 def epoch_values(trainer: pl.Trainer) -> dict[str, float]:

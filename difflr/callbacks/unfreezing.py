@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from difflr.callbacks.plateau import StagePlateau
+from difflr.callbacks.plateau import StagePlateau, check_watch_args
 from difflr.callbacks.scheduler import ParamScheduler, stage_scheduler
 from difflr.groups.freezing import apply_freeze, frozen_norms_eval
 from difflr.groups.layers import LayerGroup, Splitter
@@ -81,6 +81,7 @@ class GradualUnfreezing(Callback):
         moms: Sequence[float] = DEFAULT_MOMS,
     ) -> None:
         self.stages = check_plan(stages)  # against the model at setup
+        check_watch_args(self.stages)
         finding = [k for k, stage in enumerate(self.stages) if stage.finds_lr]
         if finding:
             raise ValueError(

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 from difflr.policy.plateau import Anneal, stage_length
 from difflr.policy.schedules import DEFAULT_MOMS, sample
 from difflr.policy.stages import Stage, check_plan
-from difflr.utils.checks import is_int
+from difflr.utils.checks import check_number, is_int
 
 __all__ = ["SchedulePreview", "preview_plan"]
 
@@ -110,6 +110,8 @@ def preview_plan(
             f"found_lrs names stage(s) {given}, which do not find their LR; the stages that do "
             f"(lr_max='valley') are {finding}."
         )
+    for k, lr in found.items():
+        check_number(lr, f"found_lrs[{k}]", 0, what=f"stage {k}'s head LR", example="3e-4")
     stand_ins = []
     for k, stage in enumerate(stages):
         if stage.finds_lr and k not in found:
@@ -172,7 +174,11 @@ def _check_plateau_at(stages: Sequence[Stage], plateau_at: Any) -> dict[int, int
             )
         stage = stages[k]
         low, high = stage.patience - 1, stage.epochs - 2
-        if not (is_int(epoch) and low <= epoch <= high):
+        if not is_int(epoch):
+            raise TypeError(
+                f"plateau_at[{k}] must be an int (an epoch of stage {k}, 0-based), got {epoch!r}."
+            )
+        if not low <= epoch <= high:
             raise ValueError(
                 f"plateau_at[{k}] is {epoch!r}, but stage {k} (patience={stage.patience}, at most "
                 f"{stage.epochs} epochs) can detect a plateau only at the end of its epochs "

@@ -25,12 +25,21 @@ __all__ = [
     "Mode",
     "PlateauWatch",
     "check_plateau_args",
+    "check_unwatched",
+    "default_mode",
     "scheduled_pct",
     "stage_length",
 ]
 
 #: ``"min"``: lower is better (losses); ``"max"``: higher is better (accuracy).
 Mode: TypeAlias = Literal["min", "max"]
+
+
+def default_mode(monitor: str) -> Mode:
+    """fastai's rule for a tracker's direction: ``"min"`` for a name holding ``loss`` or
+    ``error``, else ``"max"`` (an accuracy, a score)."""
+    name = monitor.lower()
+    return "min" if "loss" in name or "error" in name else "max"
 
 
 def check_plateau_args(
@@ -41,7 +50,8 @@ def check_plateau_args(
 
     Raises:
         TypeError, ValueError: An argument has the wrong type or is out of range (``patience <
-            1``, ``mode`` not ``"min"``/``"max"``, ``min_delta < 0``, ``anneal_epochs < 0``).
+            1``, ``mode`` not ``"min"``/``"max"``/``None``, ``min_delta < 0``,
+            ``anneal_epochs < 0``).
     """
     if patience is not None:
         patience = check_int(patience, "patience", 1, what="epochs without improvement")
@@ -50,7 +60,8 @@ def check_plateau_args(
             f"monitor must be the name of a value the recorder shows ('valid_loss', "
             f"'train_loss' or a metric's name), got {monitor!r}."
         )
-    check_choice(mode, "mode", ("min", "max"))
+    if mode is not None:
+        check_choice(mode, "mode", ("min", "max"))
     min_delta = check_number(
         min_delta,
         "min_delta",
@@ -62,6 +73,34 @@ def check_plateau_args(
         anneal_epochs, "anneal_epochs", 0, what="epochs of annealing after a plateau; 0 ends it"
     )
     return patience, min_delta, anneal_epochs
+
+
+def check_unwatched(
+    monitor: str, mode: Mode, min_delta: float, anneal_epochs: int, label: str = "a stage"
+) -> None:
+    """Refuse a plateau's arguments on a stage of a plan that watches nothing (no ``patience``,
+    no ``restore_best``, also not from the plan): they would be ignored, a typo in ``monitor``
+    unnoticed. Checked on the plan, not on the `Stage` (``fit_stages(plan, restore_best=True)``
+    makes every stage watch).
+
+    Raises:
+        ValueError: Any of them differs from its default; the message names them and the stage.
+    """
+    given = [
+        f"{name}={value!r}"
+        for name, value, default in (
+            ("monitor", monitor, "valid_loss"),
+            ("mode", mode, default_mode(monitor)),
+            ("min_delta", min_delta, 0.0),
+            ("anneal_epochs", anneal_epochs, 1),
+        )
+        if value != default
+    ]
+    if given:
+        raise ValueError(
+            f"{label}: {', '.join(given)} only matter(s) to a stage that watches its monitor: "
+            "give it patience=N (to end at a plateau) or restore_best=True, or drop them."
+        )
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from difflr.policy.freeze import check_freeze_to
 from difflr.policy.lr import LRSpec, expand_lrs
-from difflr.policy.plateau import Mode, check_plateau_args
+from difflr.policy.plateau import Mode, check_plateau_args, default_mode
 from difflr.policy.schedules import (
     DEFAULT_MOMS,
     Schedule,
@@ -145,7 +145,8 @@ class Stage:
             of ``monitor`` (a *plateau*); ``epochs`` is then the maximum. ``None``: a fixed length.
         monitor: Keyword-only. The value watched at each epoch's end, as the recorder shows it:
             ``"valid_loss"``, ``"train_loss"`` or a metric's name.
-        mode: Keyword-only. ``"min"`` (lower is better) or ``"max"``.
+        mode: Keyword-only. ``"min"`` (lower is better) or ``"max"``; ``None``: fastai's rule,
+            ``"min"`` for a name holding ``loss`` or ``error``, else ``"max"`` (``accuracy``).
         min_delta: Keyword-only. An epoch improves when it beats the best by more than this
             (>= 0), Lightning's ``EarlyStopping`` rule.
         restore_best: Keyword-only. At the stage's end, load the weights (every parameter and
@@ -189,7 +190,7 @@ class Stage:
     name: str = field(default="", compare=False)
     patience: int | None = field(kw_only=True, default=None)
     monitor: str = field(kw_only=True, default="valid_loss")
-    mode: Mode = field(kw_only=True, default="min")
+    mode: Mode | None = field(kw_only=True, default=None)
     min_delta: float = field(kw_only=True, default=0.0)
     restore_best: bool = field(kw_only=True, default=False)
     anneal_epochs: int = field(kw_only=True, default=1)
@@ -226,6 +227,8 @@ class Stage:
             object.__setattr__(self, "anneal_epochs", anneal_epochs)
             if not isinstance(self.restore_best, bool):
                 raise TypeError(f"restore_best must be True or False, got {self.restore_best!r}.")
+            if self.mode is None:
+                object.__setattr__(self, "mode", default_mode(self.monitor))
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{self.name}: {exc}" if self.name else str(exc)) from None
 

@@ -32,7 +32,7 @@ from difflr.policy.schedules import Schedule
 from difflr.policy.suggestions import SuggestedLRs, SuggestionFunc, suggestion_funcs, valley
 from difflr.training.lr_finder import SWEEP_MODES, range_test, sweep_bounds, sweep_schedule
 from difflr.training.module import training_with
-from difflr.training.runner import quiet_lightning
+from difflr.training.trainers import quiet_lightning
 from difflr.utils.checks import check_choice, check_int, check_positive, user_stacklevel
 
 if TYPE_CHECKING:
