@@ -110,8 +110,10 @@ class GradualUnfreezing(Callback):
 
     @property
     def starts(self) -> list[int]:
-        """First epoch (0-based) of each stage: after a stage that ended at a plateau, the next
-        epoch; after the others, their maximum length (known once the plateau happens)."""
+        """First epoch (0-based) of each stage, as far as the fit has decided: after a stage that
+        ended at a plateau, the next epoch; after the others, their maximum length. A stage not
+        reached yet is listed at its planned start (a fit that stops sooner, e.g. at
+        ``max_epochs``, never reaches it)."""
         starts, start = [], 0
         for k, stage in enumerate(self.stages):
             starts.append(start)
