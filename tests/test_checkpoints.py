@@ -210,29 +210,32 @@ def dropout_model() -> nn.Sequential:
     return model
 
 
+def dropout_run() -> dict:
+    """The Learner arguments of the bit-for-bit resume tests: dropout, a shuffling loader."""
+    return {
+        "model": dropout_model(),
+        "data": shuffling_loaders(),
+        "splitter": lambda m: [m[:3], m[3:6], m[6]],
+    }
+
+
 def test_a_shuffling_loader_and_dropout_resume_bit_for_bit(tmp_path):
     torch.manual_seed(1)
     full = make_learner(
         tmp_path / "full",
-        model=dropout_model(),
-        data=shuffling_loaders(),
-        splitter=lambda m: [m[:3], m[3:6], m[6]],
+        **dropout_run(),
     )
     full.fit_one_cycle(3, 1e-2)
     torch.manual_seed(1)
     crashed = crashed_learner(
         tmp_path / "run",
         lambda L: L.fit_one_cycle(3, 1e-2),
-        model=dropout_model(),
-        data=shuffling_loaders(),
-        splitter=lambda m: [m[:3], m[3:6], m[6]],
+        **dropout_run(),
     )
     torch.manual_seed(123)  # whatever the new session's RNG holds
     resumed = make_learner(
         tmp_path / "run",
-        model=dropout_model(),
-        data=shuffling_loaders(),
-        splitter=lambda m: [m[:3], m[3:6], m[6]],
+        **dropout_run(),
     )
     resumed.fit_one_cycle(3, 1e-2, ckpt_path="last")
     assert crashed is not resumed
@@ -464,9 +467,7 @@ def resumed_matches_full(tmp_path, crash_epoch=2, **kwargs) -> None:
     def learner(path, **more):
         return make_learner(
             path,
-            model=dropout_model(),
-            data=shuffling_loaders(),
-            splitter=lambda m: [m[:3], m[3:6], m[6]],
+            **dropout_run(),
             **kwargs,
             **more,
         )
@@ -657,9 +658,7 @@ def test_sigterm_at_an_epochs_end_saves_it_as_a_normal_epoch_end(tmp_path, where
     torch.manual_seed(1)
     full = make_learner(
         tmp_path / "full",
-        model=dropout_model(),
-        data=shuffling_loaders(),
-        splitter=lambda m: [m[:3], m[3:6], m[6]],
+        **dropout_run(),
     )
     full.fit_one_cycle(4, 1e-2)
     result = run_script(SIGNALLED, tmp_path / "run", where, at)
@@ -670,9 +669,7 @@ def test_sigterm_at_an_epochs_end_saves_it_as_a_normal_epoch_end(tmp_path, where
     torch.manual_seed(123)
     resumed = make_learner(
         tmp_path / "run",
-        model=dropout_model(),
-        data=shuffling_loaders(),
-        splitter=lambda m: [m[:3], m[3:6], m[6]],
+        **dropout_run(),
     )
     resumed.fit_one_cycle(4, 1e-2, ckpt_path="last")
     for key, value in weights(full.model).items():

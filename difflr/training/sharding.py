@@ -45,7 +45,7 @@ from torch import nn
 
 from difflr.groups.blocks import BlockSplitter
 from difflr.groups.layers import LayerGroup
-from difflr.utils.files import TEMP_PREFIX, atomic_save, check_state_fits, read_state
+from difflr.utils.files import TEMP_PREFIX, atomic_save, check_state_fits, read_state, state_content
 
 __all__ = [
     "FOLDER_METADATA",
@@ -444,10 +444,8 @@ def save_sharded(
     collective: every rank must call it) and global rank 0 writes it, atomically; the file is
     the one an unsharded Learner writes."""
     gathered = full_state_dict(model, optimizer)
-    state: dict[str, Any] = {"model": gathered["model"], "frozen": list(frozen)}
-    if optimizer is not None:
-        state["opt"] = gathered["opt"]
-        state["groups"] = groups
+    opt_state = None if optimizer is None else gathered["opt"]
+    state = state_content(gathered["model"], frozen, opt_state, groups)
     if _rank() == 0:
         atomic_save(state, file)
     _barrier()

@@ -45,6 +45,7 @@ __all__ = [
     "read_state",
     "remove_stale_temps",
     "safe_load",
+    "state_content",
     "state_file",
     "write_state",
 ]
@@ -372,11 +373,23 @@ def write_state(
 ) -> Path:
     """Save the model's weights, the frozen pattern and (unless ``None``) the optimizer state
     with the layer groups it belongs to (`difflr.groups.layers.group_fingerprint`), atomically."""
-    state: dict[str, Any] = {"model": model.state_dict(), "frozen": list(frozen)}
-    if optimizer is not None:
-        state["opt"] = optimizer.state_dict()
+    opt_state = None if optimizer is None else optimizer.state_dict()
+    return atomic_save(state_content(model.state_dict(), frozen, opt_state, groups), file)
+
+
+def state_content(
+    model_state: dict[str, Any],
+    frozen: list[bool],
+    opt_state: dict[str, Any] | None,
+    groups: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """What a `write_state` file holds (also a sharded model's, gathered): the weights, the
+    frozen pattern and, unless ``opt_state`` is ``None``, the optimizer state with its groups."""
+    state: dict[str, Any] = {"model": model_state, "frozen": list(frozen)}
+    if opt_state is not None:
+        state["opt"] = opt_state
         state["groups"] = groups
-    return atomic_save(state, file)
+    return state
 
 
 def read_state(file: Path) -> dict[str, Any]:
