@@ -4,6 +4,7 @@ Learner over them; a script run in a fresh process."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -95,7 +96,14 @@ def run_script(code: str, *args: Any, timeout: float = 300) -> subprocess.Comple
         timeout=timeout,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=_default_sigint if os.name == "posix" else None,
     )
+
+
+def _default_sigint() -> None:
+    """Ctrl-C raises ``KeyboardInterrupt`` in the script even when the test run was started with
+    SIGINT ignored (a shell's background job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Crash(Callback):
